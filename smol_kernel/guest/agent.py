@@ -1,0 +1,398 @@
+"""smol-kernel guest agent: PID 1 inside every kernel VM.
+
+Stdlib only; shares nothing with the host code but ``protocol.py`` (copied next to this file
+in the guest image). It runs under our initramfs (after ``switch_root``) and under libkrun's
+init alike, so it mounts whatever is not mounted yet.
+
+Duties: mount the filesystems Python needs, bring up loopback, listen on the vsock control
+port (a successful connection *is* the readiness signal), start / signal / stop ipykernel on
+request, forward each channel stream to the kernel's loopback port, reap every zombie (it is
+PID 1), and power the VM off when asked or when the kernel has exited.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+try:  # in the host package (tests, linting)
+    from . import protocol as P
+except ImportError:  # in the guest: protocol.py sits next to this file
+    import protocol as P  # type: ignore[no-redef]
+
+AGENT_VERSION = "0.1.0"
+CONSOLE_BUDGET = 64 * 1024  # kernel stdout/stderr copied to the serial console, at most
+TAIL_BYTES = 8 * 1024  # kept for the kernel_exited event
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_BOOT_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    try:
+        with open("/dev/console", "w") as con:
+            con.write(f"smol-agent: {msg}\n")
+    except OSError:
+        sys.stderr.write(f"smol-agent: {msg}\n")
+
+
+# ---------------------------------------------------------------- system setup
+
+
+def _mounted() -> set[str]:
+    try:
+        with open("/proc/self/mounts") as f:
+            return {line.split()[1] for line in f}
+    except OSError:
+        return set()
+
+
+def _mount(src: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        err = ctypes.get_errno()
+        log(f"mount {fstype} on {target} failed: {os.strerror(err)}")
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+
+
+def setup_system() -> None:
+    if "/proc" not in _mounted():
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    have = _mounted()
+    wanted = [
+        ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+        ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ]
+    for src, target, fstype, flags, data in wanted:
+        if target not in have:
+            _mount(src, target, fstype, flags, data)
+    try:
+        socket.sethostname("smolvm")
+    except OSError:
+        pass
+    _loopback_up()
+
+
+def _loopback_up() -> None:
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def power_off() -> None:
+    log("powering off")
+    os.sync()
+    RB_POWER_OFF, RB_AUTOBOOT = 0x4321FEDC, 0x01234567
+    if os.getpid() == 1:
+        _libc.reboot(RB_POWER_OFF)
+        _libc.reboot(RB_AUTOBOOT)  # with -no-reboot / reboot=t the VMM exits either way
+    os._exit(0)
+
+
+# ---------------------------------------------------------------- the kernel process
+
+
+class Kernel:
+    """The one kernel process of this VM."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.pid: int | None = None
+        self.exit_status: int | None = None
+        self._tail = bytearray()
+        self._console_left = CONSOLE_BUDGET
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: str, connection: dict) -> int:
+        if self.pid is not None:
+            raise RuntimeError("a kernel is already running in this VM")
+        if not argv:
+            raise ValueError("empty kernel argv")
+        os.makedirs(os.path.dirname(P.GUEST_CONNECTION_FILE), exist_ok=True)
+        info = dict(connection)
+        info.update({"ip": "127.0.0.1", "transport": "tcp"})
+        info.update({f"{ch}_port": port for ch, port in P.KERNEL_PORTS.items()})
+        fd = os.open(P.GUEST_CONNECTION_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        argv = [a.replace("{connection_file}", P.GUEST_CONNECTION_FILE) for a in argv]
+        os.makedirs(cwd, exist_ok=True)
+        rfd, wfd = os.pipe()
+        prog = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH", ""))
+        old_cwd = os.getcwd()
+        os.chdir(cwd)  # posix_spawn has no cwd argument before 3.13
+        try:
+            self.pid = os.posix_spawn(
+                prog,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, wfd, 1),
+                    (os.POSIX_SPAWN_DUP2, wfd, 2),
+                    (os.POSIX_SPAWN_CLOSE, rfd),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.chdir(old_cwd)
+            os.close(wfd)
+        log(f"kernel started, pid {self.pid}: {' '.join(argv)}")
+        threading.Thread(target=self._copy_output, args=(rfd,), daemon=True).start()
+        threading.Thread(target=self._watch_ready, daemon=True).start()
+        self.agent.reaper.wake()
+        return self.pid
+
+    def _copy_output(self, rfd: int) -> None:
+        with os.fdopen(rfd, "rb", buffering=0) as pipe:
+            while data := pipe.read(65536):
+                self._tail += data
+                del self._tail[:-TAIL_BYTES]
+                if self._console_left > 0:
+                    chunk = data[: self._console_left]
+                    self._console_left -= len(chunk)
+                    try:
+                        with open("/dev/console", "wb") as con:
+                            con.write(chunk)
+                            if self._console_left <= 0:
+                                con.write(b"\n[smol-agent: further kernel output not logged]\n")
+                    except OSError:
+                        pass
+
+    def _watch_ready(self) -> None:
+        pending = dict(P.KERNEL_PORTS)
+        while pending and self.exit_status is None:
+            for ch, port in list(pending.items()):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        del pending[ch]
+            if pending:
+                time.sleep(0.05)
+        if not pending and self.exit_status is None:
+            self.agent.broadcast({"event": P.EV_KERNEL_READY, "pid": self.pid})
+
+    def signal(self, signum: int) -> None:
+        if self.pid is None or self.exit_status is not None:
+            raise ProcessLookupError("no kernel is running")
+        try:
+            os.killpg(self.pid, signum)  # the kernel leads its own session/process group
+        except ProcessLookupError:
+            os.kill(self.pid, signum)
+
+    def exited(self, status: int) -> None:
+        self.exit_status = status
+        time.sleep(0.05)  # let the output thread drain the pipe
+        tail = bytes(self._tail).decode("utf-8", "replace")
+        log(f"kernel exited with status {status}")
+        self.agent.broadcast({"event": P.EV_KERNEL_EXITED, "status": status, "tail": tail})
+
+
+def _which(name: str, path: str) -> str:
+    for d in (path or "/usr/local/bin:/usr/bin:/bin").split(":"):
+        cand = os.path.join(d, name)
+        if os.access(cand, os.X_OK):
+            return cand
+    raise FileNotFoundError(f"{name!r} not found on PATH {path!r}")
+
+
+class Reaper:
+    """PID 1 must reap every orphan; the kernel's exit is one of them."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._children = threading.Event()
+
+    def wake(self) -> None:
+        self._children.set()
+
+    def run(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                self._children.clear()
+                self._children.wait(1.0)
+                continue
+            kernel = self.agent.kernel
+            if pid == kernel.pid:
+                kernel.exited(os.waitstatus_to_exitcode(status))
+                self.agent.kernel_gone()
+
+
+# ---------------------------------------------------------------- vsock servers
+
+
+def _vsock_listener(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.bind((socket.VMADDR_CID_ANY, port))
+    s.listen(16)
+    return s
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes until EOF; blocking sendall gives backpressure instead of buffering."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _bridge(stream: socket.socket, port: int) -> None:
+    try:
+        tcp = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError:
+        stream.close()
+        return
+    tcp.settimeout(None)
+    t = threading.Thread(target=_pump, args=(tcp, stream), daemon=True)
+    t.start()
+    _pump(stream, tcp)
+    t.join()
+    stream.close()
+    tcp.close()
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.kernel = Kernel(self)
+        self.reaper = Reaper(self)
+        self._controls: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.poweroff_on_kernel_exit = True
+
+    # -- control
+    def broadcast(self, msg: dict) -> None:
+        data = P.encode(msg)
+        with self._lock:
+            for conn in list(self._controls):
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    self._controls.remove(conn)
+
+    def _reply(self, conn: socket.socket, req: dict, **fields) -> None:
+        msg = {"id": req.get("id"), "ok": True, **fields}
+        with self._lock:
+            conn.sendall(P.encode(msg))
+
+    def _error(self, conn: socket.socket, req: dict, error: str) -> None:
+        with self._lock:
+            conn.sendall(P.encode({"id": req.get("id"), "ok": False, "error": error}))
+
+    def handle(self, conn: socket.socket, req: dict) -> None:
+        op = req.get("op")
+        if op == P.OP_HELLO:
+            self._reply(
+                conn,
+                req,
+                protocol=P.PROTOCOL_VERSION,
+                agent_version=AGENT_VERSION,
+                kernel_release=os.uname().release,
+                uptime=_uptime(),
+                agent_seconds=time.monotonic() - _BOOT_T0,
+                pid=os.getpid(),
+            )
+        elif op == P.OP_PING:
+            self._reply(conn, req)
+        elif op == P.OP_START_KERNEL:
+            env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+            pid = self.kernel.start(
+                list(req["argv"]), env, str(req.get("cwd") or "/root"), dict(req["connection"])
+            )
+            self._reply(conn, req, pid=pid)
+        elif op == P.OP_SIGNAL:
+            self.kernel.signal(int(req["signum"]))
+            self._reply(conn, req)
+        elif op == P.OP_POWEROFF:
+            self._reply(conn, req)
+            power_off()
+        else:
+            self._error(conn, req, f"unknown op {op!r}")
+
+    def serve_control(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._controls.append(conn)
+        buf = b""
+        try:
+            while chunk := conn.recv(65536):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    req: dict = {}
+                    try:
+                        req = P.decode(line)
+                        self.handle(conn, req)
+                    except Exception as e:  # report, never die: we are PID 1
+                        self._error(conn, req, f"{type(e).__name__}: {e}")
+                if len(buf) > P.MAX_LINE:
+                    raise P.ProtocolError("control line too long")
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                if conn in self._controls:
+                    self._controls.remove(conn)
+            conn.close()
+
+    def kernel_gone(self) -> None:
+        if self.poweroff_on_kernel_exit:
+            time.sleep(0.2)  # let the host read kernel_exited
+            power_off()
+
+    # -- main
+    def run(self) -> None:
+        setup_system()
+        threading.Thread(target=self.reaper.run, daemon=True).start()
+        for ch, vport in P.CHANNEL_PORTS.items():
+            lsock = _vsock_listener(vport)
+            kport = P.KERNEL_PORTS[ch]
+            threading.Thread(target=_accept_loop, args=(lsock, _bridge, kport), daemon=True).start()
+        control = _vsock_listener(P.CONTROL_PORT)
+        log(f"ready after {_uptime():.2f}s of guest uptime")
+        _accept_loop(control, lambda conn: self.serve_control(conn))
+
+
+def _accept_loop(lsock: socket.socket, handler, *args) -> None:
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=handler, args=(conn, *args), daemon=True).start()
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError):
+        return -1.0
+
+
+def main() -> None:
+    try:
+        Agent().run()
+    except BaseException as e:  # as PID 1, dying panics the kernel: say why first
+        log(f"fatal: {type(e).__name__}: {e}")
+        power_off()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The host <-> guest agent protocol: the only module the guest agent shares with the host.
+
+Stdlib only, and importable on its own (the guest has no ``smol_kernel`` package).
+
+Transport: vsock streams. The host always opens the connection (host -> guest), so the same
+protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port mappings.
+
+* ``CONTROL_PORT`` carries newline-delimited JSON objects. A request has ``op`` and ``id``;
+  its reply echoes ``id`` and has ``ok`` (and ``error`` when false). Objects with ``event``
+  are unsolicited notifications from the agent (``kernel_ready``, ``kernel_exited``).
+* Each ``CHANNEL_PORTS`` entry carries raw bytes of one ZMQ connection: the agent connects
+  the stream to the kernel's TCP port on guest loopback and copies bytes both ways. ZMTP is
+  never parsed, so message signing and CurveZMQ work end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+PROTOCOL_VERSION = 1
+
+CONTROL_PORT = 1024
+CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "hb": 1029}
+# One kernel per VM, so the kernel's ports inside the guest can be fixed.
+KERNEL_PORTS = {"shell": 50001, "iopub": 50002, "stdin": 50003, "control": 50004, "hb": 50005}
+
+MAX_LINE = 1 << 20
+
+# Requests (host -> guest)
+OP_HELLO = "hello"
+OP_PING = "ping"
+OP_START_KERNEL = "start_kernel"
+OP_SIGNAL = "signal"
+OP_POWEROFF = "poweroff"
+
+# Events (guest -> host)
+EV_KERNEL_READY = "kernel_ready"
+EV_KERNEL_EXITED = "kernel_exited"
+
+# Guest paths
+GUEST_AGENT_DIR = "/opt/smol-kernel"
+GUEST_CONNECTION_FILE = "/run/smol-kernel/kernel.json"
+
+
+class ProtocolError(Exception):
+    """A malformed or oversized protocol message."""
+
+
+def encode(msg: dict) -> bytes:
+    """One message as a JSON line."""
+    data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_LINE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_LINE}")
+    return data
+
+
+def decode(line: bytes) -> dict:
+    """Parse one JSON line; raise ProtocolError unless it is a JSON object."""
+    try:
+        msg = json.loads(line)
+    except ValueError as e:
+        raise ProtocolError(f"not JSON: {line[:80]!r}") from e
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"not a JSON object: {line[:80]!r}")
+    return msg

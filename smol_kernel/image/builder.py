@@ -1,0 +1,366 @@
+"""Build a guest image: Debian root (mmdebstrap) + kernel + tiny initramfs + our agent.
+
+The build happens in a temporary directory next to the destination and is renamed into
+place only when complete, so a failed or interrupted build never leaves a half image (and
+never leaks its temp dir). An image is rebuilt only when its inputs change.
+"""
+
+from __future__ import annotations
+
+import bz2
+import errno
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from .. import __version__, paths
+from ..guest import agent as _agent_mod
+from ..guest import protocol as _protocol_mod
+from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
+from .initramfs import GUEST_MODULES, build_initramfs, resolve_modules
+from .progress import StageProgress
+from .store import DEFAULT_IMAGE, GuestImage, check_name
+from .tools import install_vhost_device_vsock
+
+BUILDER_VERSION = 1
+SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+BASE_PACKAGES = ("python3-minimal", "python3-ipykernel")
+MIN_FREE_BYTES = 2 << 30
+PIP_PLATFORMS = (
+    "manylinux_2_36_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64",
+    "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
+    "manylinux1_x86_64", "linux_x86_64",
+)  # fmt: skip
+
+
+class ImageBuildError(Exception):
+    """The image could not be built; the message says why and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def extract_vmlinux(bzimage: Path, out: Path) -> None:
+    """Decompress the ELF kernel inside a bzImage, for direct (PVH) boot."""
+    data = bzimage.read_bytes()
+    for magic, decompress in (
+        (b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor().decompress(d)),
+        (b"\x1f\x8b\x08", lambda d: gzip.GzipFile(fileobj=__import__("io").BytesIO(d)).read()),
+        (b"BZh", lambda d: bz2.BZ2Decompressor().decompress(d)),
+    ):
+        start = data.find(magic)
+        while start != -1:
+            try:
+                elf = decompress(data[start:])
+            except (lzma.LZMAError, OSError, EOFError, ValueError):
+                elf = b""
+            if elf.startswith(b"\x7fELF"):
+                out.write_bytes(elf)
+                return
+            start = data.find(magic, start + 1)
+    raise ImageBuildError(
+        f"cannot find an xz/gzip/bzip2-compressed ELF kernel in {bzimage.name}; "
+        "use a Debian linux-image package for amd64"
+    )
+
+
+class ImageBuilder:
+    """Builds one named guest image.
+
+    ``apt`` and ``pip`` are extra packages for the guest. pip packages are resolved on the
+    host (so the host's pip configuration applies) as wheels for the guest's Python and
+    copied into ``/usr/local/lib/python3.X/dist-packages``.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_IMAGE,
+        apt: list[str] | tuple[str, ...] = (),
+        pip: list[str] | tuple[str, ...] = (),
+        suite: str = "bookworm",
+        kernel_package: str = "linux-image-amd64",
+        images_root: Path | None = None,
+        mmdebstrap: str = "mmdebstrap",
+        progress: StageProgress | None = None,
+    ) -> None:
+        self.name = check_name(name)
+        self.apt = sorted(set(apt))
+        self.pip = sorted(set(pip))
+        if suite not in SUITE_PYTHON:
+            raise ValueError(f"unsupported suite {suite!r}; choose from {sorted(SUITE_PYTHON)}")
+        self.suite = suite
+        self.kernel_package = kernel_package
+        self.images_root = images_root or paths.images_dir()
+        self.mmdebstrap = mmdebstrap
+        self.progress = progress
+        for pkg in self.apt:
+            if not pkg or pkg.startswith("-") or any(c.isspace() for c in pkg):
+                raise ValueError(f"invalid apt package name {pkg!r}")
+        for pkg in self.pip:
+            if not pkg or pkg.startswith("-"):
+                raise ValueError(f"invalid pip requirement {pkg!r}")
+
+    # ---------------------------------------------------------------- inputs
+    def inputs(self) -> dict:
+        guest_files = {
+            "agent.py": hashlib.sha256(Path(_agent_mod.__file__).read_bytes()).hexdigest(),
+            "protocol.py": hashlib.sha256(Path(_protocol_mod.__file__).read_bytes()).hexdigest(),
+            "init.sh": hashlib.sha256(self._init_script()).hexdigest(),
+        }
+        return {
+            "builder_version": BUILDER_VERSION,
+            "suite": self.suite,
+            "apt": self.apt,
+            "pip": self.pip,
+            "kernel_package": self.kernel_package,
+            "modules": list(GUEST_MODULES),
+            "guest_files": guest_files,
+        }
+
+    def input_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def dest(self) -> Path:
+        return self.images_root / self.name
+
+    def current(self) -> GuestImage | None:
+        """The existing image if it was built from the same inputs."""
+        try:
+            image = GuestImage.load(self.name, self.images_root)
+        except Exception:
+            return None
+        return image if image.manifest.get("input_hash") == self.input_hash() else None
+
+    @staticmethod
+    def _init_script() -> bytes:
+        return resources.files("smol_kernel.image").joinpath("init.sh").read_bytes()
+
+    # ---------------------------------------------------------------- build
+    def build(self, force: bool = False) -> GuestImage:
+        if not force and (image := self.current()):
+            if self.progress:
+                self.progress.done(f"image {self.name!r} is up to date at {image.path}")
+            return image
+        self._preflight()
+        self.images_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{self.name}-", dir=self.images_root))
+        t0 = time.monotonic()
+        try:
+            image = self._build_in(work, t0)
+        except OSError as e:
+            if self.progress:
+                self.progress.fail()
+            if e.errno == errno.ENOSPC:
+                raise ImageBuildError(self._disk_full_message()) from e
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ImageBuildError(
+                    f"no permission to write the image ({e}). Make {self.images_root} "
+                    "writable or set SMOL_KERNEL_CACHE_DIR to a writable directory."
+                ) from e
+            raise
+        except BaseException:
+            if self.progress:
+                self.progress.fail()
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return image
+
+    def _disk_full_message(self) -> str:
+        free = shutil.disk_usage(self.images_root).free if self.images_root.exists() else 0
+        return (
+            f"disk full: {free >> 20} MiB free under {self.images_root}, a guest image needs "
+            f"about {MIN_FREE_BYTES >> 20} MiB while building. Free some space or set "
+            "SMOL_KERNEL_CACHE_DIR to a larger disk."
+        )
+
+    def _preflight(self) -> None:
+        if not shutil.which(self.mmdebstrap):
+            raise HostToolError(
+                f"{self.mmdebstrap} is not installed; it builds the guest's Debian root. "
+                "Install it with: sudo apt-get install mmdebstrap"
+            )
+        require_tool("mke2fs", "e2fsprogs")
+        require_tool("dpkg-deb", "dpkg")
+        # Find the nearest existing ancestor to check permissions and free space.
+        probe = self.images_root
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise ImageBuildError(
+                f"no permission to write under {probe}. Make it writable or set "
+                "SMOL_KERNEL_CACHE_DIR to a writable directory."
+            )
+        if shutil.disk_usage(probe).free < MIN_FREE_BYTES:
+            raise ImageBuildError(self._disk_full_message())
+
+    def _stage(self, title: str) -> None:
+        if self.progress:
+            self.progress.stage(title)
+
+    def _build_in(self, work: Path, t0: float) -> GuestImage:
+        out = work / "image"
+        out.mkdir()
+        versions: dict[str, str] = {}
+
+        self._stage("helper tools (vhost-device-vsock)")
+        install_vhost_device_vsock(log=lambda _m: None)
+
+        self._stage(f"download kernel ({self.kernel_package}) and busybox")
+        apt = Apt()
+        kernel_pkg = apt.resolve(self.kernel_package)
+        kdir, bdir = work / "kernel", work / "busybox"
+        unpack_deb(apt.download(kernel_pkg, work / "debs"), kdir)
+        unpack_deb(apt.download("busybox-static", work / "debs"), bdir)
+        releases = sorted((kdir / "lib" / "modules").iterdir())
+        if not releases:
+            raise ImageBuildError(f"{kernel_pkg} contains no kernel modules")
+        release = releases[-1].name
+        versions["kernel_package"] = kernel_pkg
+        versions["kernel_release"] = release
+
+        staging = None
+        if self.pip:
+            self._stage(f"pip packages for the guest ({', '.join(self.pip)})")
+            staging = work / "pip"
+            self._pip_install(staging)
+
+        self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
+        self._mmdebstrap(out / "root.ext4", work, staging)
+        vfile = work / "versions.txt"
+        for line in vfile.read_text().splitlines() if vfile.exists() else []:
+            pkg, _, ver = line.partition(" ")
+            versions[pkg] = ver
+
+        self._stage("kernel for direct boot (vmlinux)")
+        bzimage = next((kdir / "boot").glob("vmlinuz-*"))
+        extract_vmlinux(bzimage, out / "vmlinux")
+
+        self._stage("initramfs")
+        modules = resolve_modules(kdir / "lib" / "modules" / release, GUEST_MODULES)
+        build_initramfs(
+            bdir / "bin" / "busybox", self._init_script(), modules, out / "initramfs.cpio"
+        )
+
+        manifest = {
+            "name": self.name,
+            "smol_kernel_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - t0, 1),
+            "inputs": self.inputs(),
+            "input_hash": self.input_hash(),
+            "versions": versions,
+            "files": {
+                f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+                for f in sorted(out.iterdir())
+            },
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+        # Swap into place: the old image (if any) stays usable until the rename.
+        old = None
+        if self.dest.exists():
+            old = self.dest.with_name(f".old-{self.name}-{os.getpid()}")
+            self.dest.rename(old)
+        out.rename(self.dest)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        image = GuestImage.load(self.name, self.images_root)
+        if self.progress:
+            self.progress.done(f"built image {self.name!r} at {image.path}")
+        return image
+
+    def _run(self, cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        if proc.returncode != 0:
+            text = proc.stderr + proc.stdout
+            if "No space left on device" in text:
+                raise ImageBuildError(self._disk_full_message())
+            lines = text.strip().splitlines()
+            errors = [ln for ln in lines if ln.startswith(("E:", "ERROR:"))]
+            # apt's own "E:" lines say what is wrong (e.g. an unknown package); the lines
+            # just before mmdebstrap's first "E:" show a failing hook's own message.
+            first = next((i for i, ln in enumerate(lines) if ln.startswith("E:")), len(lines))
+            context = [ln for ln in lines[max(0, first - 5) : first] if not ln.startswith("I:")]
+            detail = "\n".join(context + errors) if errors else "\n".join(lines[-30:])
+            raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n{detail}")
+        return proc
+
+    def _pip_install(self, staging: Path) -> None:
+        pyver = SUITE_PYTHON[self.suite]
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
+            "--target", str(staging), "--only-binary=:all:", "--implementation", "cp",
+            "--python-version", pyver,
+        ]  # fmt: skip
+        for plat in PIP_PLATFORMS:
+            cmd += ["--platform", plat]
+        try:
+            self._run([*cmd, *self.pip], "pip install (for the guest)")
+        except ImageBuildError as e:
+            raise ImageBuildError(
+                f"{e}\n(guest pip packages must be available as wheels for CPython {pyver} "
+                "on x86_64 Linux)"
+            ) from None
+        shutil.rmtree(staging / "bin", ignore_errors=True)
+
+    def _mmdebstrap(self, root_image: Path, work: Path, pip_staging: Path | None) -> None:
+        pyver = SUITE_PYTHON[self.suite]
+        guest_dir = "/opt/smol-kernel"
+        agent_src = Path(_agent_mod.__file__)
+        proto_src = Path(_protocol_mod.__file__)
+        hooks = [
+            f'mkdir -p "$1{guest_dir}"',
+            f"copy-in {agent_src} {proto_src} {guest_dir}",
+        ]
+        site = f"/usr/local/lib/python{pyver}/dist-packages"
+        if pip_staging is not None:
+            hooks += [f'mkdir -p "$1{site}"', f"sync-in {pip_staging} {site}"]
+        compile_dirs = [guest_dir] + ([site] if pip_staging is not None else [])
+        hooks += [
+            f'chroot "$1" python3 -m compileall -q -j0 {" ".join(compile_dirs)} >/dev/null',
+            'mkdir -p "$1/root" "$1/run/smol-kernel"',
+            "chroot \"$1\" dpkg-query -W -f='${Package} ${Version}\\n' "
+            'python3 python3-ipykernel > "$1/tmp/versions.txt"',
+            f"copy-out /tmp/versions.txt {work}",
+            'rm -f "$1/tmp/versions.txt"',
+            # mke2fs runs inside mmdebstrap's namespace, so files keep root ownership even in
+            # unshare (non-root) mode. The copy leaves out the API filesystems mmdebstrap
+            # still has mounted. Read-only root: no journal, no reserved blocks.
+            f"set -e; t={work}/tree; mkdir $t; "
+            'tar -C "$1" --one-file-system -cf - . | tar -C $t -xpf -; '
+            "size=$(du -sm $t | cut -f1); "
+            "mke2fs -q -F -t ext4 -O ^has_journal -m 0 -L smolroot "
+            f'-d $t {root_image} "$((size * 5 / 4 + 96))M"; rm -rf $t',
+        ]
+        cmd = [
+            self.mmdebstrap,
+            "--variant=minbase",
+            "--include=" + ",".join([*BASE_PACKAGES, *self.apt]),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/info/*",
+            *[f"--customize-hook={h}" for h in hooks],
+            "--format=null",
+            self.suite,
+            "/dev/null",
+        ]
+        mirror = os.environ.get("SMOL_KERNEL_APT_SOURCES") or host_sources_file()
+        if mirror:
+            cmd.append(str(mirror))
+        self._run(cmd, "mmdebstrap (Debian root filesystem)")

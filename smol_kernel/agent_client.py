@@ -1,0 +1,114 @@
+"""Host side of the guest agent protocol (see ``guest/protocol.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+
+from .guest import protocol as P
+from .vm.base import Vm, VmError
+
+
+class AgentError(VmError):
+    """The guest agent refused a request or went away."""
+
+
+class GuestAgent:
+    """A control connection to the agent of one VM."""
+
+    def __init__(self, vm: Vm, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.vm = vm
+        self._reader, self._writer = reader, writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self.hello: dict = {}
+        self.kernel_ready = asyncio.Event()
+        self.kernel_exited = asyncio.Event()
+        self.kernel_exit_status: int | None = None
+        self.kernel_output_tail = ""
+        self.closed = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read_loop())
+
+    @classmethod
+    async def connect(cls, vm: Vm, timeout: float) -> GuestAgent:
+        """Wait until the agent listens (the guest has booted), then say hello.
+
+        Raises VmError with the tail of the guest console if the VM dies or the agent does
+        not answer within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if (status := vm.poll()) is not None:
+                raise VmError(
+                    f"VM {vm.id} exited ({status}) before its agent answered. "
+                    f"Guest console:\n{vm.console_tail()}"
+                )
+            try:
+                reader, writer = await vm.open_stream(P.CONTROL_PORT, timeout=2.0)
+                break
+            except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                raise VmError(
+                    f"VM {vm.id}: guest agent did not answer within {timeout:.0f}s. "
+                    f"Guest console:\n{vm.console_tail()}"
+                )
+            await asyncio.sleep(0.02)
+        agent = cls(vm, reader, writer)
+        try:
+            agent.hello = await agent.request(P.OP_HELLO, timeout=max(5.0, deadline - time.monotonic()))
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    async def _read_loop(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                msg = P.decode(line)
+                if "event" in msg:
+                    self._on_event(msg)
+                elif (fut := self._pending.pop(msg.get("id"), None)) and not fut.done():
+                    fut.set_result(msg)
+        except (OSError, P.ProtocolError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            self.closed.set()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(AgentError(f"VM {self.vm.id}: agent connection closed"))
+            self._pending.clear()
+
+    def _on_event(self, msg: dict) -> None:
+        if msg["event"] == P.EV_KERNEL_READY:
+            self.kernel_ready.set()
+        elif msg["event"] == P.EV_KERNEL_EXITED:
+            self.kernel_exit_status = int(msg.get("status", -1))
+            self.kernel_output_tail = str(msg.get("tail", ""))
+            self.kernel_exited.set()
+
+    async def request(self, op: str, timeout: float = 10.0, **fields) -> dict:
+        if self.closed.is_set():
+            raise AgentError(f"VM {self.vm.id}: agent connection is closed")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._writer.write(P.encode({"op": op, "id": rid, **fields}))
+        await self._writer.drain()
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.get("ok"):
+            raise AgentError(f"guest agent: {op} failed: {reply.get('error')}")
+        return reply
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()

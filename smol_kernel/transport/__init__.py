@@ -1,0 +1,1 @@
+"""Byte streams from the host to guest vsock ports."""

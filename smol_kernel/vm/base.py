@@ -1,0 +1,122 @@
+"""The VM interface every backend implements.
+
+A ``VmBackend`` turns a ``VmSpec`` into a running ``Vm``. The contract:
+
+* ``start`` returns once the VMM process runs; the guest may still be booting. Readiness is
+  the guest agent's business (``GuestAgent.connect``), not the backend's.
+* Every VM has its own runtime directory (sockets, writable overlay, console log) that
+  nothing else uses; ``close()`` kills what is left and removes it. ``close()`` is
+  idempotent and safe to call from any state.
+* The VMM and its helper processes die with the process that started them (parent-death
+  signal), and leftovers of a crashed owner are reaped by ``reap_orphans``.
+* ``isolation`` is what the VM really got -- never a guess.
+* ``open_stream(port)`` opens a byte stream to a guest vsock port, host -> guest.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import Isolation, VmSpec
+
+
+class VmError(Exception):
+    """A VM could not be started or used; the message says why."""
+
+
+class BackendUnavailable(VmError):
+    """The backend cannot run VMs on this host; ``reason`` and ``fix`` say why and what to do."""
+
+    def __init__(self, backend: str, reason: str, fix: str = "") -> None:
+        self.backend, self.reason, self.fix = backend, reason, fix
+        super().__init__(f"{backend}: {reason}" + (f" -- {fix}" if fix else ""))
+
+
+@dataclass
+class BackendStatus:
+    """What ``VmBackend.check`` found."""
+
+    backend: str
+    available: bool
+    isolation: Isolation | None
+    reason: str
+    fix: str = ""
+    steps: list[str] | None = None
+
+
+class Vm(abc.ABC):
+    """A running (or finished) microVM."""
+
+    id: str
+    spec: VmSpec
+    isolation: Isolation
+    runtime_dir: Path
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """PID of the VMM process (None once reaped)."""
+
+    @property
+    def console_log(self) -> Path:
+        return self.runtime_dir / "console.log"
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """None while the VMM runs, else its exit status. Never blocks."""
+
+    @abc.abstractmethod
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the VMM to exit; raise TimeoutError if it does not within ``timeout``."""
+
+    @abc.abstractmethod
+    def terminate(self) -> None:
+        """Ask the VMM to stop (the guest gets no say)."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the VMM now."""
+
+    @abc.abstractmethod
+    async def open_stream(
+        self, port: int, timeout: float = 5.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to guest vsock ``port``; ConnectionRefusedError if nobody listens."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Kill the VM if it runs, stop its helpers, remove its runtime dir. Idempotent."""
+
+    @property
+    def exit_status(self) -> int | None:
+        return self.poll()
+
+    def console_tail(self, max_bytes: int = 4096) -> str:
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class VmBackend(abc.ABC):
+    """Starts VMs of one kind (QEMU, libkrun)."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def check(self, image: str = "default") -> BackendStatus:
+        """Can this backend run VMs here, and with which isolation? Must not raise."""
+
+    @abc.abstractmethod
+    async def start(self, spec: VmSpec) -> Vm:
+        """Start a VM for ``spec``; raise VmSpecError, BackendUnavailable or VmError.
+
+        On failure nothing is left behind (no process, socket or directory).
+        """

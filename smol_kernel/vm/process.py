@@ -1,0 +1,179 @@
+"""Host processes behind a VM: spawning them so they die with their owner, the per-VM
+runtime directory and its ``state.json``, and reaping what a crashed owner left behind.
+
+Parent-death signal: Linux delivers ``PR_SET_PDEATHSIG`` when the *thread* that forked the
+child exits, not the process. jupyter_client runs provisioner hooks on short-lived threads
+(``run_sync``), so every spawn goes through one long-lived spawner thread. The signal then
+fires exactly when the owning process dies, however it dies (SIGKILL included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .. import paths
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # If the owner died between fork and prctl, nobody will ever signal us.
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``argv`` with stdout/stderr to ``log_path``; it is SIGKILLed if we die."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smol-spawner")
+
+    def _do() -> subprocess.Popen:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin")},
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+                start_new_session=True,  # no terminal signals (Ctrl-C) reach the VMM
+            )
+
+    return _spawner.submit(_do).result()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, to tell PID reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class RuntimeDir:
+    """``<runtime>/<vm-id>/``: everything one VM owns on the host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.id = path.name
+
+    @classmethod
+    def create(cls) -> RuntimeDir:
+        base = paths.runtime_dir()
+        while True:
+            path = base / secrets.token_hex(4)
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            rt = cls(path)
+            rt.write_state(owner_state())  # so a crash at any later point is reaped
+            return rt
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def write_state(self, state: dict) -> None:
+        tmp = self.path / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.rename(self.state_file)
+
+    def read_state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def owner_state() -> dict:
+    pid = os.getpid()
+    return {"owner_pid": pid, "owner_start": proc_start_time(pid)}
+
+
+def _alive(pid: int | None, start: int | None) -> bool:
+    if not pid:
+        return False
+    now = proc_start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def vm_processes(rt: RuntimeDir, state: dict) -> list[int]:
+    """PIDs of the VM's processes that still run (checked against the runtime dir path)."""
+    out = []
+    for pid in (state.get("pids") or {}).values():
+        if pid and str(rt.path) in _cmdline(pid):
+            out.append(pid)
+    return out
+
+
+def list_vms() -> list[tuple[RuntimeDir, dict]]:
+    base = paths.runtime_dir()
+    out = []
+    for d in sorted(base.iterdir()) if base.exists() else []:
+        if not d.is_dir():
+            continue
+        rt = RuntimeDir(d)
+        state = rt.read_state()
+        # A dir without state is either being created right now or a crash leftover.
+        if state or time.time() - d.stat().st_mtime > 60:
+            out.append((rt, state))
+    return out
+
+
+def kill_vm_dir(rt: RuntimeDir, state: dict, grace: float = 1.0) -> None:
+    """Kill a VM's processes (VMM first) and remove its runtime dir."""
+    pids = vm_processes(rt, state)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(proc_start_time(p) for p in pids):
+        for p in pids:  # reap if they are our children
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p, os.WNOHANG)
+        time.sleep(0.02)
+    rt.remove()
+
+
+def reap_orphans() -> list[str]:
+    """Kill VMs whose owner process is gone and remove their runtime dirs. Returns VM ids."""
+    reaped = []
+    for rt, state in list_vms():
+        if not _alive(state.get("owner_pid"), state.get("owner_start")):
+            kill_vm_dir(rt, state)
+            reaped.append(rt.id)
+    return reaped

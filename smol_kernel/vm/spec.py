@@ -1,0 +1,73 @@
+"""What a VM should be (``VmSpec``) and what isolation it got (``Isolation``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Isolation(str, Enum):
+    """How the guest is separated from the host.
+
+    ``kvm`` and ``hvf`` are hardware virtualization: a security boundary. ``tcg`` is QEMU's
+    software emulation, which QEMU's own security policy says is *not* one.
+    """
+
+    KVM = "kvm"
+    HVF = "hvf"
+    TCG = "tcg"
+
+    @property
+    def hardware(self) -> bool:
+        return self in (Isolation.KVM, Isolation.HVF)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MIN_MEMORY_MIB = 256
+MIN_DISK_MIB = 64
+
+
+class VmSpecError(ValueError):
+    """A VmSpec asks for something impossible; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """A request for one microVM.
+
+    image:      name of a built guest image (``smol-kernel image build --name NAME``)
+    vcpus:      virtual CPUs
+    memory_mib: guest RAM
+    disk_mib:   size cap of the per-VM writable overlay disk (sparse on the host)
+    accel:      ``auto`` (hardware if a guest really boots with it, else ``tcg``),
+                ``kvm`` or ``tcg``
+    label:      free text shown by ``smol-kernel ps`` (the kernel id, for kernels)
+    """
+
+    image: str = "default"
+    vcpus: int = 1
+    memory_mib: int = 512
+    disk_mib: int = 1024
+    accel: str = "auto"
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 64:
+            raise VmSpecError(f"vcpus={self.vcpus!r}: choose a whole number from 1 to 64")
+        if not isinstance(self.memory_mib, int) or self.memory_mib < MIN_MEMORY_MIB:
+            raise VmSpecError(
+                f"memory_mib={self.memory_mib!r} is too small: the guest (Linux, Python and "
+                f"ipykernel) needs at least {MIN_MEMORY_MIB} MiB"
+            )
+        if self.memory_mib > 1 << 20:
+            raise VmSpecError(f"memory_mib={self.memory_mib!r} is more than 1 TiB")
+        if not isinstance(self.disk_mib, int) or self.disk_mib < MIN_DISK_MIB:
+            raise VmSpecError(
+                f"disk_mib={self.disk_mib!r} is too small: the writable disk needs at least "
+                f"{MIN_DISK_MIB} MiB"
+            )
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise VmSpecError(f"accel={self.accel!r}: choose auto, kvm or tcg")

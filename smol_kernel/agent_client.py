@@ -58,7 +58,8 @@ class GuestAgent:
             await asyncio.sleep(0.02)
         agent = cls(vm, reader, writer)
         try:
-            agent.hello = await agent.request(P.OP_HELLO, timeout=max(5.0, deadline - time.monotonic()))
+            left = max(5.0, deadline - time.monotonic())
+            agent.hello = await agent.request(P.OP_HELLO, timeout=left)
         except BaseException:
             await agent.close()
             raise

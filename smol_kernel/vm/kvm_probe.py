@@ -45,9 +45,7 @@ def kvm_device_problem() -> str | None:
     return None
 
 
-def probe_kvm(
-    qemu: str, kernel: Path, initramfs: Path, use_cache: bool = True
-) -> tuple[bool, str]:
+def probe_kvm(qemu: str, kernel: Path, initramfs: Path, use_cache: bool = True) -> tuple[bool, str]:
     """(usable, explanation). Boots a throwaway guest with -enable-kvm unless cached."""
     problem = kvm_device_problem()
     if problem:

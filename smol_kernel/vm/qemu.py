@@ -147,8 +147,10 @@ class QemuBackend(VmBackend):
         steps.append(f"qemu: {self.qemu}")
         vhost = find_vhost_device_vsock()
         if not vhost:
-            return unavailable("vhost-device-vsock is not installed (it carries vsock for QEMU)",
-                               "smol-kernel image build (installs it into the tools dir)")  # fmt: skip
+            return unavailable(
+                "vhost-device-vsock is not installed (it carries vsock for QEMU)",
+                "smol-kernel image build (installs it into the tools dir)",
+            )
         steps.append(f"vhost-device-vsock: {vhost}")
         try:
             img = GuestImage.load(image)

@@ -8,6 +8,7 @@ import sys
 
 from .image.debian import HostToolError
 from .image.store import DEFAULT_IMAGE, ImageNotFound
+from .vm.base import VmError
 
 
 def _fmt_size(n: float) -> str:
@@ -64,6 +65,178 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ kernelspec
+
+
+def _provisioner_traits() -> dict:
+    from .provisioner import SmolVMProvisioner
+
+    return {
+        name: trait
+        for name, trait in SmolVMProvisioner.class_traits(config=True).items()
+        if trait.this_class is SmolVMProvisioner
+    }
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from importlib import resources
+    from pathlib import Path
+
+    from jupyter_client.kernelspec import KernelSpecManager
+    from traitlets import Bool
+
+    from .image.store import GuestImage
+
+    template = resources.files("smol_kernel.kernelspec")
+    spec = json.loads(template.joinpath("kernel.json").read_text())
+    spec["display_name"] = args.display_name
+    config: dict = {}
+    for name, trait in _provisioner_traits().items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        trait_value = bool(value) if isinstance(trait, Bool) else value
+        try:
+            trait.validate(None, trait_value)
+        except Exception as e:
+            raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        config[name] = trait_value
+    if args.env:
+        for item in args.env:
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--env {item!r}: use NAME=VALUE")
+            spec["env"][key] = val
+    spec["metadata"]["kernel_provisioner"]["config"] = config
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / args.name
+        src.mkdir()
+        (src / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        for res in template.iterdir():
+            if res.name.endswith((".png", ".svg")):
+                with resources.as_file(res) as f:
+                    shutil.copy(f, src / res.name)
+        prefix = sys.prefix if args.sys_prefix else args.prefix
+        dest = KernelSpecManager().install_kernel_spec(
+            str(src), args.name, user=args.user and not prefix, prefix=prefix
+        )
+    print(f"installed kernelspec {args.name!r} ({args.display_name}) in {dest}")
+    image = config.get("image", "default")
+    try:
+        GuestImage.load(image)
+    except ImageNotFound as e:
+        print(f"note: {e}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ doctor / ps / kill
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .vm.select import select_backend
+
+    sel = select_backend(args.backend, args.image, args.require_hardware_isolation)
+    print(f"backend selection (backend={args.backend}, image={args.image}, "
+          f"require_hardware_isolation={args.require_hardware_isolation}):")  # fmt: skip
+    for step in sel.steps:
+        print(f"  - {step}")
+    if sel.backend is None:
+        assert sel.error is not None
+        print(f"\nA kernel would NOT start: {sel.error.reason}")
+        if sel.error.fix:
+            print(f"To fix: {sel.error.fix}")
+        return 1
+    assert sel.status is not None and sel.status.isolation is not None
+    print(f"\nA kernel would run with backend {sel.backend.name}, isolation "
+          f"{sel.status.isolation}.")  # fmt: skip
+    if not sel.status.isolation.hardware:
+        print(
+            "WARNING: TCG is software emulation, not a security boundary. Run on a host "
+            "with working KVM for hardware isolation, or set require_hardware_isolation "
+            "to refuse TCG."
+        )
+    return 0
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import time
+
+    from .vm.process import _alive, list_vms, vm_processes
+
+    rows = []
+    for rt, state in list_vms():
+        pids = vm_processes(rt, state)
+        owner_alive = _alive(state.get("owner_pid"), state.get("owner_start"))
+        rows.append(
+            {
+                "vm": rt.id,
+                "kernel_id": state.get("label", ""),
+                "backend": state.get("backend", "?"),
+                "isolation": state.get("isolation", "?"),
+                "pid": (state.get("pids") or {}).get("vmm"),
+                "uptime_s": round(time.time() - state["created"], 1)
+                if "created" in state
+                else None,
+                "rss_mib": round(sum(_rss_kib(p) for p in pids) / 1024, 1),
+                "memory_mib": state.get("memory_mib"),
+                "state": "running" if pids and owner_alive else ("orphaned" if pids else "stale"),
+                "owner_pid": state.get("owner_pid"),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no kernel VMs running")
+        return 0
+    print(f"{'VM':<9} {'KERNEL ID':<37} {'BACKEND':<8} {'ISOL':<5} {'PID':>7} "
+          f"{'UPTIME':>8} {'RSS':>9} {'STATE':<8}")  # fmt: skip
+    for r in rows:
+        up = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "?"
+        print(f"{r['vm']:<9} {r['kernel_id'] or '-':<37} {r['backend']:<8} {r['isolation']:<5} "
+              f"{r['pid'] or '-':>7} {up:>8} {r['rss_mib']:>6.0f}MiB {r['state']:<8}")  # fmt: skip
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from .vm.process import kill_vm_dir, list_vms
+
+    status = 0
+    vms = list_vms()
+    for ident in args.ids:
+        matches = [
+            (rt, st) for rt, st in vms
+            if rt.id.startswith(ident) or (st.get("label") or "").startswith(ident)
+        ]  # fmt: skip
+        if not matches:
+            print(f"smol-kernel: no kernel VM matches {ident!r} (see: smol-kernel ps)",
+                  file=sys.stderr)  # fmt: skip
+            status = 1
+        elif len(matches) > 1:
+            ids = ", ".join(rt.id for rt, _ in matches)
+            print(f"smol-kernel: {ident!r} matches several VMs ({ids}); be more specific",
+                  file=sys.stderr)  # fmt: skip
+            status = 1
+        else:
+            rt, st = matches[0]
+            kill_vm_dir(rt, st)
+            print(f"killed VM {rt.id}" + (f" (kernel {st['label']})" if st.get("label") else ""))
+    return status
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -90,6 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     rm = isub.add_parser("rm", help="remove images")
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=cmd_image_rm)
+
+    from traitlets import Bool, Float, Integer
+
+    inst = sub.add_parser("install", help="install the 'Python (smolvm)' kernelspec")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
+    where.add_argument("--prefix", help="install under this prefix")
+    inst.add_argument("--name", default="smolvm", help="kernelspec name (default: %(default)s)")
+    inst.add_argument("--display-name", default="Python (smolvm)")
+    inst.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="environment variable for the kernel (repeatable)")  # fmt: skip
+    for name, trait in _provisioner_traits().items():
+        flag = "--" + name.replace("_", "-")
+        helptext = (trait.help or "").replace("%", "%%")
+        if isinstance(trait, Bool):
+            inst.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                              help=helptext)  # fmt: skip
+        else:
+            typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str
+            inst.add_argument(flag, type=typ, default=None, dest=name, help=helptext)
+    inst.set_defaults(func=cmd_install)
+
+    doc = sub.add_parser("doctor", help="say which backend and isolation a kernel would get")
+    doc.add_argument("--backend", default="auto", help="auto, qemu or libkrun")
+    doc.add_argument("--image", default=DEFAULT_IMAGE)
+    doc.add_argument("--require-hardware-isolation", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
+
+    ps = sub.add_parser("ps", help="list running kernel VMs")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_ps)
+
+    kill = sub.add_parser("kill", help="kill kernel VMs by VM id or kernel id (prefix)")
+    kill.add_argument("ids", nargs="+", metavar="ID")
+    kill.set_defaults(func=cmd_kill)
     return parser
 
 
@@ -98,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (HostToolError, ImageNotFound, ValueError) as e:
+    except (HostToolError, ImageNotFound, ValueError, VmError) as e:
         print(f"smol-kernel: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

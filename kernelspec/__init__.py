@@ -1,0 +1,1 @@
+"""The "Python (smolvm)" kernelspec template (installed by ``smol-kernel install``)."""

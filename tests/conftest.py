@@ -52,3 +52,33 @@ def processes_mentioning(text: str) -> list[int]:
 def runtime_entries() -> set[str]:
     base = paths.runtime_dir()
     return {p.name for p in base.iterdir()} if base.exists() else set()
+
+
+# ---------------------------------------------------------------- kernelspecs
+
+SECRET_ENV = "SMOL_TEST_HOST_SECRET"
+
+
+@pytest.fixture(scope="session")
+def jupyter_prefix(tmp_path_factory, image):
+    """A private Jupyter data dir holding test kernelspecs (installed with our CLI)."""
+    prefix = tmp_path_factory.mktemp("jupyter-prefix")
+    os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
+    # A host secret that must never reach a guest.
+    os.environ[SECRET_ENV] = "host-only-value"
+    return prefix
+
+
+def install_spec(prefix: Path, name: str, *args: str) -> str:
+    from smol_kernel.cli import main
+
+    assert main(["install", "--prefix", str(prefix), "--name", name, *args]) == 0
+    return name
+
+
+@pytest.fixture(scope="session")
+def smolvm_spec(jupyter_prefix) -> str:
+    return install_spec(
+        jupyter_prefix, "smolvm-test", "--env", "SMOL_SPEC_VAR=from-kernelspec",
+        "--memory-mib", "768",
+    )  # fmt: skip

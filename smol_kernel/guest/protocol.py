@@ -22,7 +22,8 @@ PROTOCOL_VERSION = 1
 CONTROL_PORT = 1024
 CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "hb": 1029}
 # One kernel per VM, so the kernel's ports inside the guest can be fixed.
-KERNEL_PORTS = {"shell": 50001, "iopub": 50002, "stdin": 50003, "control": 50004, "hb": 50005}
+# Below the ephemeral range (32768+), so no outgoing connection can hold one first.
+KERNEL_PORTS = {"shell": 20001, "iopub": 20002, "stdin": 20003, "control": 20004, "hb": 20005}
 
 MAX_LINE = 1 << 20
 

@@ -1,0 +1,71 @@
+"""Run cells through a real jupyter_client and collect what the kernel sent back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+
+@dataclass
+class CellResult:
+    status: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    data: list[dict] = field(default_factory=list)  # display_data / execute_result bundles
+    ename: str = ""
+    evalue: str = ""
+
+
+async def run_cell(
+    kc: AsyncKernelClient, code: str, timeout: float = 60, stdin_reply: str | None = None
+) -> CellResult:
+    result = CellResult()
+
+    def on_output(msg: dict) -> None:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            if content["name"] == "stdout":
+                result.stdout += content["text"]
+            else:
+                result.stderr += content["text"]
+        elif kind in ("display_data", "execute_result"):
+            result.data.append(content["data"])
+        elif kind == "error":
+            result.ename, result.evalue = content["ename"], content["evalue"]
+
+    def on_stdin(msg: dict) -> None:
+        kc.input(stdin_reply if stdin_reply is not None else "")
+
+    reply = await kc.execute_interactive(
+        code,
+        timeout=timeout,
+        output_hook=on_output,
+        allow_stdin=stdin_reply is not None,
+        stdin_hook=on_stdin if stdin_reply is not None else None,
+    )
+    result.status = reply["content"]["status"]
+    return result
+
+
+async def start_kernel(
+    kernel_name: str, manager_cls=AsyncKernelManager, **kw
+) -> tuple[AsyncKernelManager, AsyncKernelClient]:
+    km = manager_cls(kernel_name=kernel_name, **kw)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+    except BaseException:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+async def stop_kernel(km: AsyncKernelManager, kc: AsyncKernelClient) -> None:
+    kc.stop_channels()
+    if km.has_kernel:
+        await km.shutdown_kernel(now=False)

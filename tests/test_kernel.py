@@ -1,0 +1,232 @@
+"""The smolvm kernel through a real jupyter_client, against real VMs.
+
+Most tests share one kernel; restart, autorestart and shutdown boot their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+import zlib
+
+import pytest
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from .conftest import SECRET_ENV, processes_mentioning
+from .kernel_helpers import run_cell, start_kernel, stop_kernel
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+async def kernel(smolvm_spec):
+    km, kc = await start_kernel(smolvm_spec)
+    yield km, kc
+    rt = km.provisioner.vm.runtime_dir if km.provisioner and km.provisioner.vm else None
+    await stop_kernel(km, kc)
+    if rt is not None:
+        assert not rt.exists(), "shutdown must remove the VM's runtime dir"
+        assert processes_mentioning(str(rt)) == [], "shutdown must stop the VM"
+
+
+def tiny_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))  # fmt: skip
+
+
+async def test_execute_stdout_and_stderr_streams(kernel):
+    _, kc = kernel
+    r = await run_cell(kc, "import sys\nprint('out-' * 2)\nprint('err!', file=sys.stderr)")
+    assert r.status == "ok"
+    assert r.stdout == "out-out-\n"
+    assert "err!" in r.stderr
+
+
+async def test_execute_result_and_errors(kernel):
+    _, kc = kernel
+    r = await run_cell(kc, "6 * 7")
+    assert r.data and r.data[0]["text/plain"] == "42"
+    r = await run_cell(kc, "1 / 0")
+    assert r.status == "error" and r.ename == "ZeroDivisionError"
+
+
+async def test_kernel_runs_in_guest_with_reported_isolation(kernel, image, qemu_backend):
+    km, kc = kernel
+    r = await run_cell(
+        kc,
+        "import os, platform\n"
+        "print(platform.release(), os.environ['SMOL_KERNEL_ISOLATION'], os.getpid() < 1000)",
+    )
+    release, isolation, small_pid = r.stdout.split()
+    assert release == image.kernel_release
+    assert isolation == str(qemu_backend.check(image.name).isolation)
+    assert isolation == km.provisioner.isolation
+    assert small_pid == "True", "a fresh guest has small PIDs; a host kernel would not"
+
+
+async def test_kernelspec_env_passes_and_host_env_does_not(kernel):
+    _, kc = kernel
+    assert os.environ.get(SECRET_ENV), "the test host must have the secret set"
+    r = await run_cell(
+        kc,
+        "import os\n"
+        f"print(os.environ.get('SMOL_SPEC_VAR'), os.environ.get({SECRET_ENV!r}), "
+        "os.environ.get('HOME'), 'JUPYTER_PATH' in os.environ)",
+    )
+    assert r.stdout.split() == ["from-kernelspec", "None", "/root", "False"]
+
+
+async def test_host_files_are_not_visible(kernel, tmp_path):
+    _, kc = kernel
+    marker = tmp_path / "host-marker.txt"
+    marker.write_text("host secret")
+    r = await run_cell(kc, f"import os\nprint(os.path.exists({str(marker)!r}))")
+    assert r.stdout.strip() == "False"
+    assert marker.read_text() == "host secret"
+
+
+async def test_guest_has_only_loopback_and_no_route_out(kernel):
+    _, kc = kernel
+    r = await run_cell(
+        kc,
+        "import os, socket\n"
+        "print(sorted(os.listdir('/sys/class/net')))\n"
+        "s = socket.socket(); s.settimeout(3)\n"
+        "try:\n"
+        "    s.connect(('192.0.2.1', 80)); print('CONNECTED')\n"
+        "except OSError as e:\n"
+        "    print('blocked', e.errno)\n",
+    )
+    lines = r.stdout.splitlines()
+    assert lines[0] == "['lo']"
+    assert lines[1].startswith("blocked"), r.stdout
+
+
+async def test_display_data_png(kernel):
+    _, kc = kernel
+    code = (
+        "import zlib, struct\n"
+        "def chunk(k, d):\n"
+        "    b = k + d\n"
+        "    return struct.pack('>I', len(d)) + b + struct.pack('>I', zlib.crc32(b))\n"
+        "png = (b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 1, 1, 8, 2, 0,"
+        " 0, 0)) + chunk(b'IDAT', zlib.compress(b'\\x00\\xff\\x00\\x00')) + chunk(b'IEND', b''))\n"
+        "from IPython.display import Image, display\n"
+        "display(Image(data=png))\n"
+    )
+    r = await run_cell(kc, code)
+    assert r.status == "ok", r.evalue
+    pngs = [d["image/png"] for d in r.data if "image/png" in d]
+    assert pngs, r.data
+    assert base64.b64decode(pngs[0]) == tiny_png()
+
+
+async def test_input_over_stdin(kernel):
+    _, kc = kernel
+    r = await run_cell(kc, "name = input('who? ')\nprint('hello', name)", stdin_reply="smol")
+    assert r.status == "ok"
+    assert "hello smol" in r.stdout
+
+
+async def test_interrupt_sleeping_cell_keeps_state(kernel):
+    km, kc = kernel
+    await run_cell(kc, "kept = 41")
+    msg_id = kc.execute("import time\ntime.sleep(60)")
+    # Wait until the cell is really running, then interrupt it.
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            break
+    await asyncio.sleep(1.0)
+    await km.interrupt_kernel()
+    while True:
+        reply = await kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    # ipykernel aborts requests that arrive right after an error (stop_on_error); retry.
+    for _ in range(20):
+        r = await run_cell(kc, "print(kept + 1)")
+        if r.status != "aborted":
+            break
+        await asyncio.sleep(0.5)
+    assert r.stdout.strip() == "42", r
+
+
+async def test_two_clients_on_one_kernel(kernel):
+    km, kc = kernel
+    # A second, independent client (like a second browser tab or a console): its own
+    # connection-file load, sockets and session.
+    kc2 = AsyncKernelClient(connection_file=km.connection_file)
+    kc2.load_connection_file()
+    kc2.start_channels()
+    try:
+        await kc2.wait_for_ready(timeout=60)
+        # Drain what kc2 saw so far, then watch kc1's execution on kc2's iopub.
+        while True:
+            try:
+                await kc2.get_iopub_msg(timeout=0.5)
+            except Exception:
+                break
+        msg_id = kc.execute("print('seen-by-both')")
+        seen = ""
+        while "seen-by-both" not in seen:
+            msg = await kc2.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                seen += msg["content"]["text"]
+        r = await run_cell(kc2, "print('from-client-2')")
+        assert r.stdout.strip() == "from-client-2"
+        r = await run_cell(kc, "print('client-1-still-works')")
+        assert r.stdout.strip() == "client-1-still-works"
+    finally:
+        kc2.stop_channels()
+
+
+async def test_restart_gives_a_fresh_vm(smolvm_spec):
+    km, kc = await start_kernel(smolvm_spec)
+    try:
+        old_vm = km.provisioner.vm
+        await run_cell(kc, "state = 'old'")
+        await km.restart_kernel(now=False)
+        await kc.wait_for_ready(timeout=120)
+        r = await run_cell(kc, "print('state' in globals())")
+        assert r.stdout.strip() == "False"
+        assert km.provisioner.vm.id != old_vm.id
+        assert not old_vm.runtime_dir.exists()
+        assert processes_mentioning(str(old_vm.runtime_dir)) == []
+    finally:
+        await stop_kernel(km, kc)
+
+
+async def test_kernel_crash_is_autorestarted_in_a_fresh_vm(smolvm_spec):
+    km, kc = await start_kernel(smolvm_spec, manager_cls=AsyncIOLoopKernelManager)
+    try:
+        restarted = asyncio.Event()
+        km.add_restart_callback(restarted.set, "restart")
+        old_vm = km.provisioner.vm
+        await run_cell(kc, "state = 'old'")
+        kc.execute("import os\nos._exit(1)")
+        await asyncio.wait_for(restarted.wait(), 60)
+        deadline = asyncio.get_running_loop().time() + 120
+        while not (km.provisioner.vm and km.provisioner.vm.id != old_vm.id):
+            assert asyncio.get_running_loop().time() < deadline, "no new VM after the crash"
+            await asyncio.sleep(0.5)
+        kc.stop_channels()
+        kc = km.client()  # a quick crash gets new ports (newports), so reconnect
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=120)
+        r = await run_cell(kc, "print('state' in globals())")
+        assert r.stdout.strip() == "False"
+        assert not old_vm.runtime_dir.exists()
+        assert processes_mentioning(str(old_vm.runtime_dir)) == []
+    finally:
+        await stop_kernel(km, kc)

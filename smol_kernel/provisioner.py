@@ -28,7 +28,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Bool, Float, Integer, Unicode, validate
+from traitlets import Bool, Enum, Float, Integer, Unicode
 
 from .agent_client import GuestAgent
 from .guest import protocol as P
@@ -51,8 +51,9 @@ class KernelStartError(RuntimeError):
 class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Runs the kernel in its own microVM (libkrun or QEMU), relaying its channels."""
 
-    backend = Unicode(
-        "auto",
+    backend = Enum(
+        BACKENDS,
+        default_value="auto",
         config=True,
         help="VM backend: auto (libkrun, else QEMU with KVM, else QEMU with TCG), qemu, "
         "or libkrun.",
@@ -78,12 +79,6 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "TCG software emulation is not a security boundary.",
     )
     guest_cwd = Unicode("/root", config=True, help="Working directory of the kernel in the guest.")
-
-    @validate("backend")
-    def _valid_backend(self, proposal):
-        if proposal["value"] not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
-        return proposal["value"]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -1,0 +1,78 @@
+"""Every way a smolvm kernel can fail to start gives a clear error and leaks nothing."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from smol_kernel import paths
+from smol_kernel.vm.qemu import QemuBackend
+
+from .conftest import install_spec, processes_mentioning, runtime_entries
+
+
+async def expect_start_failure(spec: str, match: str, **km_kw) -> AsyncKernelManager:
+    before = runtime_entries()
+    vm_procs = set(processes_mentioning(str(paths.runtime_dir())))
+    km = AsyncKernelManager(kernel_name=spec, **km_kw)
+    with pytest.raises(Exception, match=match) as info:
+        await km.start_kernel()
+    assert runtime_entries() == before, "a failed start must not leave a runtime dir"
+    assert set(processes_mentioning(str(paths.runtime_dir()))) <= vm_procs, "VM left running"
+    await km.cleanup_resources()
+    return info
+
+
+async def test_image_not_built_names_the_build_command(jupyter_prefix):
+    spec = install_spec(jupyter_prefix, "smolvm-noimage", "--image", "not-built-yet")
+    await expect_start_failure(spec, r"smol-kernel image build --name not-built-yet")
+
+
+async def test_startup_timeout_shows_the_guest_console(jupyter_prefix):
+    spec = install_spec(jupyter_prefix, "smolvm-timeout", "--startup-timeout", "3")
+    info = await expect_start_failure(spec, r"did not answer within 3s")
+    assert "Guest console" in str(info.value)
+
+
+async def test_required_hardware_isolation_refuses_tcg(jupyter_prefix, image):
+    status = QemuBackend().check(image.name)
+    if status.isolation is not None and status.isolation.hardware:
+        pytest.skip(f"this host gives {status.isolation}: nothing to refuse here")
+    spec = install_spec(jupyter_prefix, "smolvm-hw", "--require-hardware-isolation")
+    info = await expect_start_failure(spec, r"hardware isolation is required")
+    assert "smol-kernel doctor" in str(info.value)
+
+
+async def test_unusable_backend_points_to_doctor(jupyter_prefix):
+    spec = install_spec(jupyter_prefix, "smolvm-krun", "--backend", "libkrun")
+    info = await expect_start_failure(spec, r"cannot start a Python \(smolvm\) kernel")
+    assert "smol-kernel doctor" in str(info.value)
+
+
+async def test_taken_port_fails_before_any_vm_boots(smolvm_spec):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        km = AsyncKernelManager(kernel_name=smolvm_spec, cache_ports=False)
+        km.shell_port = port
+        before = runtime_entries()
+        with pytest.raises(Exception, match=rf"cannot listen for the shell channel on .*:{port}"):
+            await km.start_kernel()
+        assert runtime_entries() == before
+        await km.cleanup_resources()
+    finally:
+        blocker.close()
+
+
+def test_invalid_setting_is_rejected_at_install(jupyter_prefix, capsys):
+    from smol_kernel.cli import main
+
+    assert main(["install", "--prefix", str(jupyter_prefix), "--name", "bad",
+                 "--backend", "warp"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(r"--backend: .*expected any of \['auto', 'qemu', 'libkrun'\]", err), err

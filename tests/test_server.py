@@ -1,0 +1,119 @@
+"""A real headless ``jupyter server``: REST + websocket like JupyterLab, then SIGKILL it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+import websocket
+
+from smol_kernel.vm.process import list_vms, reap_orphans
+
+from .conftest import processes_mentioning
+
+pytestmark = pytest.mark.vm
+TOKEN = "smol-test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, method: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(
+        f"{base}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        data = resp.read()
+    return json.loads(data) if data else {}
+
+
+def _execute(ws_url: str, code: str, timeout: float = 60) -> str:
+    ws = websocket.create_connection(ws_url, timeout=timeout,
+                                     header=[f"Authorization: token {TOKEN}"])  # fmt: skip
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
+                       "msg_type": "execute_request", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        }))  # fmt: skip
+        out = ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+        raise TimeoutError(f"no idle status for {code!r}")
+    finally:
+        ws.close()
+
+
+def test_server_session_executes_then_sigkill_leaves_no_vm(smolvm_spec, jupyter_prefix, tmp_path):
+    port = _free_port()
+    env = dict(os.environ)
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                specs = _api(base, "GET", "/api/kernelspecs")
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, "jupyter server did not come up"
+                time.sleep(0.3)
+        assert smolvm_spec in specs["kernelspecs"], "the smolvm kernelspec must be listed"
+        (tmp_path / "nb.ipynb").write_text("{}")
+        session = _api(base, "POST", "/api/sessions", {
+            "path": "nb.ipynb", "type": "notebook", "kernel": {"name": smolvm_spec}})  # fmt: skip
+        kernel_id = session["kernel"]["id"]
+        ws_url = f"ws://127.0.0.1:{port}/api/kernels/{kernel_id}/channels"
+        out = _execute(ws_url, "import os; print(os.environ['SMOL_KERNEL_ISOLATION'], 6 * 7)")
+        isolation, answer = out.split()
+        assert answer == "42" and isolation in ("kvm", "tcg", "hvf")
+
+        mine = [(rt, st) for rt, st in list_vms() if st.get("label") == kernel_id]
+        assert len(mine) == 1, "smol-kernel ps must show the kernel's VM under its kernel id"
+        rt = mine[0][0].path
+        assert len(processes_mentioning(str(rt))) == 2
+
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        deadline = time.monotonic() + 5
+        while processes_mentioning(str(rt)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_mentioning(str(rt)) == [], "the VM outlived the SIGKILLed server"
+        assert rt.name in reap_orphans(), "the next start reaps the crashed server's leftovers"
+        assert not rt.exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()

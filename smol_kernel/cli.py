@@ -237,6 +237,69 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return status
 
 
+# ------------------------------------------------------------------ run
+
+
+def _print_outputs(cell, index: int) -> None:
+    import base64
+
+    first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+    print(f"--- [{index}] {first[:90]}")
+    for out in cell.get("outputs", []):
+        kind = out.get("output_type")
+        if kind == "stream":
+            sys.stdout.write(out["text"])
+        elif kind in ("execute_result", "display_data"):
+            data = out.get("data", {})
+            for mime, value in data.items():
+                if mime == "text/plain":
+                    continue
+                if mime.startswith("image/"):
+                    size = len(base64.b64decode(value)) if isinstance(value, str) else 0
+                    print(f"[{mime}: {size} bytes]")
+                else:
+                    print(f"[{mime}]")
+            if "text/plain" in data:
+                print(data["text/plain"])
+        elif kind == "error":
+            print(f"{out['ename']}: {out['evalue']}")
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(args.notebook, as_version=4)
+    index = 0
+
+    def on_cell_executed(cell, cell_index, execute_reply):  # nbclient hook
+        nonlocal index
+        index += 1
+        _print_outputs(cell, index)
+
+    client = NotebookClient(
+        nb,
+        kernel_name=args.kernel,
+        timeout=args.timeout,
+        startup_timeout=args.startup_timeout,
+        allow_errors=args.allow_errors,
+        interrupt_on_timeout=True,
+        on_cell_executed=on_cell_executed,
+    )
+    try:
+        client.execute()
+        status = 0
+    except CellExecutionError as e:
+        print(f"smol-kernel: cell {index} failed: {e.ename}: {e.evalue}", file=sys.stderr)
+        status = 1
+    if args.output:
+        nbformat.write(nb, args.output)
+        print(f"wrote {args.output}")
+    return status
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -295,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="list running kernel VMs")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_ps)
+
+    run = sub.add_parser("run", help="execute a notebook in a smolvm kernel, print outputs")
+    run.add_argument("notebook")
+    run.add_argument("--kernel", default="smolvm", help="kernelspec name (default: %(default)s)")
+    run.add_argument("--timeout", type=float, default=600, help="per-cell timeout, seconds")
+    run.add_argument("--startup-timeout", type=float, default=300)
+    run.add_argument("--allow-errors", action="store_true", help="keep going after errors")
+    run.add_argument("--output", help="also write the executed notebook here")
+    run.set_defaults(func=cmd_run)
 
     kill = sub.add_parser("kill", help="kill kernel VMs by VM id or kernel id (prefix)")
     kill.add_argument("ids", nargs="+", metavar="ID")

@@ -71,7 +71,7 @@ def _execute(ws_url: str, code: str, timeout: float = 60) -> str:
 def test_server_session_executes_then_sigkill_leaves_no_vm(smolvm_spec, jupyter_prefix, tmp_path):
     port = _free_port()
     env = dict(os.environ)
-    log = open(tmp_path / "server.log", "wb")
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
          "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",

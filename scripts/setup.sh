@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything smol-kernel needs on a fresh Debian bookworm machine (idempotent):
+# Debian packages, the Python package with its test extras, and the default guest image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v mke2fs >/dev/null || need+=(e2fsprogs)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "setup: installing smol-kernel (pip, editable, with test extras)"
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+
+echo "setup: building the default guest image (skipped when up to date)"
+smol-kernel image build

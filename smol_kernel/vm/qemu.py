@@ -126,7 +126,7 @@ class QemuBackend(VmBackend):
 
     name = "qemu"
 
-    def __init__(self, qemu: str | None = None, tb_size_mib: int = 64) -> None:
+    def __init__(self, qemu: str | None = None, tb_size_mib: int = 32) -> None:
         self.qemu = qemu or find_qemu()
         self.tb_size_mib = tb_size_mib
 

@@ -39,31 +39,36 @@ class GuestAgent:
         not answer within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
+        # Wait for the agent's line on the console before connecting: vsock connects to a
+        # port nobody listens on yet are wasted, and hundreds of them during boot once left
+        # vhost-device-vsock unable to connect that port at all.
+        while P.READY_LINE not in vm.console_tail(8192).encode() and vm.poll() is None:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
         while True:
             if (status := vm.poll()) is not None:
                 raise VmError(
                     f"VM {vm.id} exited ({status}) before its agent answered. "
                     f"Guest console:\n{vm.console_tail()}"
                 )
+            agent = None
             try:
                 reader, writer = await vm.open_stream(P.CONTROL_PORT, timeout=2.0)
-                break
-            except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, OSError):
-                pass
+                agent = cls(vm, reader, writer)
+                # libkrun may accept on the host before the guest listens, then reset:
+                # only an answered hello counts as ready.
+                agent.hello = await agent.request(P.OP_HELLO, timeout=5.0)
+                return agent
+            except (OSError, AgentError, TimeoutError):
+                if agent is not None:
+                    await agent.close()
             if time.monotonic() >= deadline:
                 raise VmError(
                     f"VM {vm.id}: guest agent did not answer within {timeout:.0f}s. "
                     f"Guest console:\n{vm.console_tail()}"
                 )
-            await asyncio.sleep(0.02)
-        agent = cls(vm, reader, writer)
-        try:
-            left = max(5.0, deadline - time.monotonic())
-            agent.hello = await agent.request(P.OP_HELLO, timeout=left)
-        except BaseException:
-            await agent.close()
-            raise
-        return agent
+            await asyncio.sleep(0.1)
 
     async def _read_loop(self) -> None:
         try:

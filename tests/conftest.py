@@ -82,3 +82,20 @@ def smolvm_spec(jupyter_prefix) -> str:
         jupyter_prefix, "smolvm-test", "--env", "SMOL_SPEC_VAR=from-kernelspec",
         "--memory-mib", "768",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["qemu", "libkrun"])
+def backend_spec(request, jupyter_prefix, image) -> str:
+    """One kernelspec per backend: the kernel conformance tests run against each backend
+    that can boot a guest here, and skip the others with the reason doctor gives."""
+    from smol_kernel.vm.select import select_backend
+
+    name = request.param
+    sel = select_backend(name, image.name)
+    if sel.backend is None:
+        assert sel.error is not None
+        pytest.skip(f"{name} cannot boot a kernel VM on this host: {sel.error.reason}")
+    return install_spec(
+        jupyter_prefix, f"smolvm-{name}", "--backend", name,
+        "--env", "SMOL_SPEC_VAR=from-kernelspec", "--memory-mib", "768",
+    )  # fmt: skip

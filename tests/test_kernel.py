@@ -1,6 +1,7 @@
-"""The smolvm kernel through a real jupyter_client, against real VMs.
+"""The smolvm kernel through a real jupyter_client, against real VMs: one conformance suite,
+run once per backend that can boot a guest here (the others skip with doctor's reason).
 
-Most tests share one kernel; restart, autorestart and shutdown boot their own.
+Most tests share one kernel per backend; restart and autorestart boot their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
+from smol_kernel.vm.select import select_backend
+
 from .conftest import SECRET_ENV, processes_mentioning
 from .kernel_helpers import run_cell, start_kernel, stop_kernel
 
@@ -22,8 +25,8 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-async def kernel(smolvm_spec):
-    km, kc = await start_kernel(smolvm_spec)
+async def kernel(backend_spec):
+    km, kc = await start_kernel(backend_spec)
     yield km, kc
     rt = km.provisioner.vm.runtime_dir if km.provisioner and km.provisioner.vm else None
     await stop_kernel(km, kc)
@@ -58,7 +61,7 @@ async def test_execute_result_and_errors(kernel):
     assert r.status == "error" and r.ename == "ZeroDivisionError"
 
 
-async def test_kernel_runs_in_guest_with_reported_isolation(kernel, image, qemu_backend):
+async def test_kernel_runs_in_guest_with_reported_isolation(kernel, image):
     km, kc = kernel
     r = await run_cell(
         kc,
@@ -67,8 +70,8 @@ async def test_kernel_runs_in_guest_with_reported_isolation(kernel, image, qemu_
     )
     release, isolation, small_pid = r.stdout.split()
     assert release == image.kernel_release
-    assert isolation == str(qemu_backend.check(image.name).isolation)
-    assert isolation == km.provisioner.isolation
+    expected = select_backend(km.provisioner.backend, image.name).status.isolation
+    assert isolation == str(expected) == km.provisioner.isolation
     assert small_pid == "True", "a fresh guest has small PIDs; a host kernel would not"
 
 
@@ -191,8 +194,8 @@ async def test_two_clients_on_one_kernel(kernel):
         kc2.stop_channels()
 
 
-async def test_restart_gives_a_fresh_vm(smolvm_spec):
-    km, kc = await start_kernel(smolvm_spec)
+async def test_restart_gives_a_fresh_vm(backend_spec):
+    km, kc = await start_kernel(backend_spec)
     try:
         old_vm = km.provisioner.vm
         await run_cell(kc, "state = 'old'")
@@ -207,8 +210,8 @@ async def test_restart_gives_a_fresh_vm(smolvm_spec):
         await stop_kernel(km, kc)
 
 
-async def test_kernel_crash_is_autorestarted_in_a_fresh_vm(smolvm_spec):
-    km, kc = await start_kernel(smolvm_spec, manager_cls=AsyncIOLoopKernelManager)
+async def test_kernel_crash_is_autorestarted_in_a_fresh_vm(backend_spec):
+    km, kc = await start_kernel(backend_spec, manager_cls=AsyncIOLoopKernelManager)
     try:
         restarted = asyncio.Event()
         km.add_restart_callback(restarted.set, "restart")

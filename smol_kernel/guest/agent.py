@@ -368,7 +368,7 @@ class Agent:
             kport = P.KERNEL_PORTS[ch]
             threading.Thread(target=_accept_loop, args=(lsock, _bridge, kport), daemon=True).start()
         control = _vsock_listener(P.CONTROL_PORT)
-        log(f"ready after {_uptime():.2f}s of guest uptime")
+        log(f"ready after {_uptime():.2f}s of guest uptime")  # prints protocol.READY_LINE
         _accept_loop(control, lambda conn: self.serve_control(conn))
 
 

@@ -38,6 +38,9 @@ OP_POWEROFF = "poweroff"
 EV_KERNEL_READY = "kernel_ready"
 EV_KERNEL_EXITED = "kernel_exited"
 
+# The agent prints this on the console once it listens (a hint for the host, not a proof).
+READY_LINE = b"smol-agent: ready"
+
 # Guest paths
 GUEST_AGENT_DIR = "/opt/smol-kernel"
 GUEST_CONNECTION_FILE = "/run/smol-kernel/kernel.json"

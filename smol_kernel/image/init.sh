@@ -2,6 +2,9 @@
 # smol-kernel initramfs /init: load the few modules the guest needs, mount the read-only
 # root image with a per-VM writable overlay on top, and hand PID 1 to the guest agent.
 # Kernel command line knobs: smol.probe=1 (KVM probe: print a marker and power off).
+# Under libkrun this runs as PID 1 from a per-VM virtio-fs boot dir (env SMOL_LIBKRUN=1,
+# SMOL_PROBE=1 for the probe); the kernel has every driver built in, so modules.order is
+# empty, and the root is entered with chroot (switch_root needs an initramfs root).
 /bin/busybox mkdir -p /proc /sys /dev /ro /rw /newroot
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs dev /dev
@@ -12,7 +15,7 @@ fail() {
     /bin/busybox reboot -f
 }
 
-if /bin/busybox grep -q 'smol.probe=1' /proc/cmdline; then
+if [ "${SMOL_PROBE:-0}" = 1 ] || /bin/busybox grep -q 'smol.probe=1' /proc/cmdline; then
     say "SMOL-PROBE-OK"
     /bin/busybox poweroff -f
     /bin/busybox reboot -f
@@ -37,4 +40,8 @@ fi
     || fail "mount overlay"
 /bin/busybox umount /proc
 /bin/busybox umount /dev
-exec /bin/busybox switch_root /newroot /usr/bin/python3 -E -s -S /opt/smol-kernel/agent.py
+AGENT="/usr/bin/python3 -E -s -S /opt/smol-kernel/agent.py"
+if [ "${SMOL_LIBKRUN:-0}" = 1 ]; then
+    exec /bin/busybox chroot /newroot $AGENT
+fi
+exec /bin/busybox switch_root /newroot $AGENT

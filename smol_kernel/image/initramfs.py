@@ -147,3 +147,26 @@ def build_initramfs(busybox: Path, init_script: bytes, modules: list[Path], out:
     data = cpio.getvalue()
     out.write_bytes(data)
     return len(data)
+
+
+def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
+    """Entries (name, mode, data) of a newc archive such as the one we write."""
+    out = []
+    pos = 0
+    while pos + 110 <= len(data):
+        hdr = data[pos : pos + 110]
+        if hdr[:6] != b"070701":
+            raise ValueError(f"not a newc cpio archive at offset {pos}")
+        fields = [int(hdr[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        mode, filesize, namesize = fields[1], fields[6], fields[11]
+        name_start = pos + 110
+        name = data[name_start : name_start + namesize - 1].decode()
+        body_start = name_start + namesize
+        body_start += -body_start % 4
+        body = data[body_start : body_start + filesize]
+        pos = body_start + filesize
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            break
+        out.append((name, mode, body))
+    return out

@@ -1,0 +1,286 @@
+"""libkrun backend: hardware isolation (KVM on Linux, Hypervisor.framework on macOS).
+
+Per VM: one launcher process (``krun_launcher``) that becomes the VM. It boots libkrunfw's
+kernel with a tiny per-VM virtio-fs boot dir (busybox + our /init, unpacked from the image's
+initramfs; a private copy, because libkrun shares a root directory read-write), the image's
+root disk read-only and a fresh capped overlay disk -- the same image as the QEMU backend.
+The guest gets a vsock device with no TSI hijacking (so no network) and one host-listening
+unix socket per guest port the relay needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
+from ..image.initramfs import read_cpio
+from ..image.store import GuestImage, ImageNotFound
+from .base import BackendStatus, BackendUnavailable, Vm, VmBackend, VmError
+from .krun_binding import Krun, KrunLoadError
+from .kvm_probe import PROBE_MARKER, kvm_device_problem
+from .process import RuntimeDir, owner_state, reap_orphans, spawn
+from .qemu import QemuBackend
+from .spec import Isolation, VmSpec
+
+SUN_PATH_MAX = 107
+PROBE_TIMEOUT = 20.0
+INSTALL_HINT = (
+    "install libkrun >= 1.17 with block support: Fedora 'sudo dnf install libkrun', Arch "
+    "'sudo pacman -S libkrun', macOS 'brew tap slp/krun && brew install libkrun' "
+    "(see docs/libkrun.md); or set SMOL_KERNEL_LIBKRUN to its path"
+)
+
+
+def _isolation() -> Isolation:
+    return Isolation.HVF if sys.platform == "darwin" else Isolation.KVM
+
+
+def vsock_socket_path(rt_path: Path, port: int) -> Path:
+    path = rt_path / f"v-{port}.sock"
+    if len(str(path).encode()) > SUN_PATH_MAX:
+        raise VmError(
+            f"unix socket path {path} is longer than {SUN_PATH_MAX} bytes; set "
+            "SMOL_KERNEL_RUNTIME_DIR to a shorter directory"
+        )
+    return path
+
+
+def make_boot_dir(image: GuestImage, dest: Path) -> None:
+    """The per-VM virtio-fs root: the initramfs minus kernel modules and device nodes."""
+    dest.mkdir()
+    for name, mode, data in read_cpio(image.initramfs.read_bytes()):
+        if name.startswith("lib/modules/") or stat.S_ISCHR(mode):
+            continue
+        target = dest / name
+        if stat.S_ISDIR(mode):
+            target.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISLNK(mode):
+            target.symlink_to(data.decode())
+        elif stat.S_ISREG(mode):
+            target.write_bytes(b"" if name == "modules.order" else data)
+            target.chmod(stat.S_IMODE(mode))
+    (dest / "dev").mkdir(exist_ok=True)
+
+
+def launcher_config(
+    spec: VmSpec, image: GuestImage, rt_path: Path, krun: dict, probe: bool = False
+) -> dict:
+    """What the launcher builds. ``env`` is complete: the host environment never enters."""
+    ports = {} if probe else {
+        str(p): str(vsock_socket_path(rt_path, p)) for p in (CONTROL_PORT, *CHANNEL_PORTS.values())
+    }  # fmt: skip
+    env = {"KRUN_INIT_PID1": "1", "SMOL_LIBKRUN": "1", "PATH": "/bin"}
+    if probe:
+        env["SMOL_PROBE"] = "1"
+    return {
+        "libkrun": krun.get("libkrun"),
+        "libkrunfw": krun.get("libkrunfw"),
+        "parent_pid": os.getpid(),
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "root_dir": str(rt_path / "boot"),
+        "disks": [
+            {"id": "root", "path": str(image.root_disk), "read_only": True},
+            *(
+                []
+                if probe
+                else [{"id": "rw", "path": str(rt_path / "overlay.ext4"), "read_only": False}]
+            ),
+        ],
+        "vsock_ports": ports,
+        "console": str(rt_path / "console.log"),
+        "workdir": "/",
+        "exec": "/init",
+        "argv": [],
+        "env": env,
+    }
+
+
+def launcher_argv(config_path: Path) -> list[str]:
+    python = os.environ.get("SMOL_KERNEL_KRUN_PYTHON") or sys.executable
+    return [python, "-m", "smol_kernel.vm.krun_launcher", str(config_path)]
+
+
+class KrunVm(Vm):
+    def __init__(self, spec: VmSpec, rt: RuntimeDir, proc: subprocess.Popen) -> None:
+        self.spec, self.rt, self.id = spec, rt, rt.id
+        self.runtime_dir = rt.path
+        self.isolation = _isolation()
+        self._proc: subprocess.Popen | None = proc
+        self._status: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        if self._status is None and self._proc is not None:
+            self._status = self._proc.poll()
+        return self._status
+
+    async def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"VM {self.id} still running after {timeout}s")
+            await asyncio.sleep(0.05)
+        return status
+
+    def terminate(self) -> None:
+        if self._proc and self.poll() is None:
+            self._proc.terminate()
+
+    def kill(self) -> None:
+        if self._proc and self.poll() is None:
+            self._proc.kill()
+
+    async def open_stream(self, port: int, timeout: float = 5.0):
+        if self.poll() is not None:
+            raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
+        path = vsock_socket_path(self.runtime_dir, port)
+        return await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=1 << 20), timeout
+        )
+
+    async def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
+            self._status = self._proc.returncode
+            self._proc = None
+        self.rt.remove()
+
+
+class KrunBackend(VmBackend):
+    """Runs guests with libkrun, one launcher process per VM."""
+
+    name = "libkrun"
+
+    def __init__(self, libkrun: str | None = None, libkrunfw: str | None = None) -> None:
+        self.libkrun = libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN")
+        self.libkrunfw = libkrunfw or os.environ.get("SMOL_KERNEL_LIBKRUNFW")
+
+    @property
+    def _krun_cfg(self) -> dict:
+        return {"libkrun": self.libkrun, "libkrunfw": self.libkrunfw}
+
+    def check(self, image: str = "default", accel: str = "auto") -> BackendStatus:
+        steps: list[str] = []
+
+        def unavailable(reason: str, fix: str) -> BackendStatus:
+            steps.append(f"unavailable: {reason}")
+            return BackendStatus(self.name, False, None, reason, fix, steps)
+
+        if accel == "tcg":
+            return unavailable("libkrun has no software emulation (accel=tcg)", "use qemu")
+        try:
+            krun = Krun(self.libkrun, self.libkrunfw)
+        except KrunLoadError as e:
+            return unavailable(str(e), INSTALL_HINT)
+        steps.append(f"loaded {krun.path}")
+        features = krun.features()
+        steps.append("features: " + ", ".join(f"{k}={'yes' if v else 'no'}"
+                                              for k, v in features.items()))  # fmt: skip
+        if not features["blk"]:
+            return unavailable(
+                f"{krun.path} lacks block-device support (krun_add_disk2)",
+                "install a libkrun built with BLK=1 (Fedora's and Homebrew's are)",
+            )
+        if sys.platform.startswith("linux") and (problem := kvm_device_problem()):
+            return unavailable(problem, "enable KVM and give your user access to /dev/kvm")
+        try:
+            img = GuestImage.load(image)
+        except (ImageNotFound, ValueError) as e:
+            return unavailable(str(e), "smol-kernel image build")
+        ok, why = self._probe(img)
+        steps.append(f"boot probe: {why}")
+        if not ok:
+            return unavailable(f"libkrun loads but a guest does not boot: {why}",
+                               "use the qemu backend on this host")  # fmt: skip
+        return BackendStatus(self.name, True, _isolation(), why, "", steps)
+
+    def _probe(self, image: GuestImage) -> tuple[bool, str]:
+        """Boot a guest whose /init prints a marker and exits; cached like the KVM probe."""
+        from .kvm_probe import _cache_file
+
+        key = f"libkrun|{self.libkrun}|{self.libkrunfw}|{image.root_disk.stat().st_mtime}"
+        try:
+            cache = json.loads(_cache_file().read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return bool(cache[key]["ok"]), cache[key]["reason"] + " (cached)"
+        with tempfile.TemporaryDirectory(prefix="smol-krun-probe-") as tmp:
+            rt = Path(tmp)
+            make_boot_dir(image, rt / "boot")
+            cfg_path = rt / "launcher.json"
+            cfg = launcher_config(VmSpec(memory_mib=256), image, rt, self._krun_cfg, probe=True)
+            cfg_path.write_text(json.dumps(cfg))
+            t0 = time.monotonic()
+            console_file = rt / "console.log"
+            try:
+                proc = subprocess.run(
+                    launcher_argv(cfg_path), capture_output=True, text=True, timeout=PROBE_TIMEOUT
+                )
+                console = console_file.read_bytes() if console_file.exists() else b""
+                if PROBE_MARKER in console:
+                    ok, reason = True, f"a guest booted in {time.monotonic() - t0:.1f}s"
+                else:
+                    detail = proc.stderr or console.decode(errors="replace")
+                    ok, reason = False, f"launcher exited {proc.returncode}: {detail[-300:]}"
+            except subprocess.TimeoutExpired:
+                ok, reason = False, f"no guest output within {PROBE_TIMEOUT:.0f}s"
+        cache[key] = {"ok": ok, "reason": reason, "when": time.time()}
+        try:
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            _cache_file().write_text(json.dumps(cache, indent=1))
+        except OSError:
+            pass
+        return ok, reason
+
+    async def start(self, spec: VmSpec) -> KrunVm:
+        spec.validate()
+        image = GuestImage.load(spec.image)
+        status = await asyncio.to_thread(self.check, spec.image, spec.accel)
+        if not status.available:
+            raise BackendUnavailable(self.name, status.reason, status.fix)
+        await asyncio.to_thread(reap_orphans)
+        rt = RuntimeDir.create()
+        proc = None
+        try:
+            await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
+            await asyncio.to_thread(QemuBackend._make_overlay, rt.path / "overlay.ext4",
+                                    spec.disk_mib)  # fmt: skip
+            cfg = launcher_config(spec, image, rt.path, self._krun_cfg)
+            cfg_path = rt.path / "launcher.json"
+            cfg_path.write_text(json.dumps(cfg))
+            proc = await asyncio.to_thread(spawn, launcher_argv(cfg_path), rt.path / "launcher.log")
+            vm = KrunVm(spec, rt, proc)
+            rt.write_state({
+                **owner_state(), "id": rt.id, "backend": self.name,
+                "isolation": str(vm.isolation), "label": spec.label, "image": spec.image,
+                "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
+                "created": time.time(), "pids": {"vmm": proc.pid},
+            })  # fmt: skip
+            await asyncio.sleep(0.05)
+            if proc.poll() is not None:
+                log = (rt.path / "launcher.log").read_text(errors="replace").strip()
+                raise VmError(f"libkrun launcher exited at once ({proc.returncode}): {log[-1000:]}")
+            return vm
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait()
+            shutil.rmtree(rt.path, ignore_errors=True)
+            raise

@@ -1,0 +1,117 @@
+"""libkrun through cffi in ABI mode: ``dlopen("libkrun.so.1")``, our own declarations.
+
+Every negative return becomes ``KrunError`` naming the function and the errno. Optional
+symbols are probed, so a library without a feature says which one is missing instead of
+failing at the first call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from importlib import resources
+
+REQUIRED = (
+    "krun_set_log_level", "krun_create_ctx", "krun_free_ctx", "krun_set_vm_config",
+    "krun_set_root", "krun_set_workdir", "krun_set_exec", "krun_set_console_output",
+    "krun_add_vsock_port2", "krun_start_enter",
+)  # fmt: skip
+# Added in libkrun 1.17; without them TSI networking cannot be turned off.
+NO_NETWORK = ("krun_disable_implicit_vsock", "krun_add_vsock")
+FEATURE_SYMBOLS = {"blk": "krun_add_disk2"}
+KRUN_DISK_FORMAT_RAW = 0
+DEFAULT_SONAME = "libkrun.1.dylib" if sys.platform == "darwin" else "libkrun.so.1"
+LIBKRUNFW_SONAME = "libkrunfw.5.dylib" if sys.platform == "darwin" else "libkrunfw.so.5"
+
+
+class KrunLoadError(Exception):
+    """libkrun could not be loaded, or lacks what smol-kernel needs; the message says what."""
+
+
+class KrunError(OSError):
+    """A krun_* call returned a negative errno."""
+
+    def __init__(self, function: str, rc: int) -> None:
+        self.function = function
+        code = -rc
+        name = errno.errorcode.get(code, f"errno {code}")
+        super().__init__(code, f"{function} failed: {name} ({os.strerror(code)})")
+
+
+def declarations() -> str:
+    return resources.files("smol_kernel.native").joinpath("krun.h").read_text()
+
+
+class Krun:
+    """A loaded libkrun. ``path`` overrides the soname; ``libkrunfw`` is preloaded by path
+    (so libkrun's own dlopen of ``libkrunfw.so.5`` finds it)."""
+
+    def __init__(self, path: str | None = None, libkrunfw: str | None = None) -> None:
+        try:
+            import cffi
+        except ImportError as e:
+            raise KrunLoadError(
+                "the libkrun backend needs cffi: pip install 'smol-kernel[krun]'"
+            ) from e
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(declarations())
+        self.path = path or DEFAULT_SONAME
+        self._keep: list = []  # C buffers that must outlive the calls using them
+        if libkrunfw:
+            try:
+                self.ffi.dlopen(libkrunfw, self.ffi.RTLD_NOW | self.ffi.RTLD_GLOBAL)
+            except OSError as e:
+                raise KrunLoadError(f"cannot load libkrunfw from {libkrunfw}: {e}") from e
+        try:
+            self.lib = self.ffi.dlopen(self.path, self.ffi.RTLD_NOW)
+        except OSError as e:
+            raise KrunLoadError(f"cannot load {self.path}: {e}") from e
+        missing = [s for s in REQUIRED if not self.has(s)]
+        if missing:
+            raise KrunLoadError(
+                f"{self.path} is not a usable libkrun v1 library: missing {', '.join(missing)}"
+            )
+        too_old = [s for s in NO_NETWORK if not self.has(s)]
+        if too_old:
+            raise KrunLoadError(
+                f"{self.path} is too old: it lacks {', '.join(too_old)} (libkrun >= 1.17), "
+                "without which the guest cannot be kept off the network. Upgrade libkrun."
+            )
+
+    def has(self, symbol: str) -> bool:
+        try:
+            getattr(self.lib, symbol)
+        except (AttributeError, NotImplementedError):
+            return False
+        return True
+
+    def features(self) -> dict[str, bool]:
+        return {name: self.has(sym) for name, sym in FEATURE_SYMBOLS.items()}
+
+    def require(self, feature: str) -> None:
+        if not self.has(FEATURE_SYMBOLS[feature]):
+            raise KrunLoadError(
+                f"{self.path} was built without the '{feature}' feature "
+                f"({FEATURE_SYMBOLS[feature]} is missing); smol-kernel boots its guest image "
+                f"from a disk, so it needs libkrun built with {feature.upper()}=1"
+            )
+
+    # ---------------------------------------------------------------- calls
+    def call(self, name: str, *args) -> int:
+        rc = getattr(self.lib, name)(*args)
+        if rc < 0:
+            raise KrunError(name, rc)
+        return rc
+
+    def cstr(self, s: str):
+        buf = self.ffi.new("char[]", s.encode())
+        self._keep.append(buf)
+        return buf
+
+    def cstr_array(self, items: list[str]):
+        """A NULL-terminated ``const char *const[]``."""
+        bufs = [self.cstr(s) for s in items]
+        arr = self.ffi.new("const char *[]", [*bufs, self.ffi.NULL])
+        self._keep.append(arr)
+        return arr

@@ -1,0 +1,95 @@
+"""One libkrun VM per process: ``python -m smol_kernel.vm.krun_launcher CONFIG.json``.
+
+``krun_start_enter`` never returns on success: the process *becomes* the VM and ends with
+``_exit(<guest exit code>)``, so the parent learns the guest's status with ``waitpid``.
+Before building the context the launcher closes every inherited descriptor and makes sure
+it dies with its parent. A failing krun_* call is reported on stderr as
+``smol-kernel launcher: <function> failed: <ERRNO> (...)`` and ends the process with
+``LAUNCHER_FAILED``.
+
+Call sequence (see docs/libkrun.md for why):
+  set_log_level, create_ctx, set_vm_config, set_root (per-VM boot dir), add_disk2 (root image
+  read-only, then the per-VM overlay), disable_implicit_vsock, add_vsock(0) -- no TSI
+  hijacking, so no network --, add_vsock_port2(listen=true) per port, set_console_output,
+  set_workdir, set_exec (explicit env, never the host's), start_enter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+LAUNCHER_FAILED = 70
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(LAUNCHER_FAILED)
+        return
+
+    def watch() -> None:  # macOS has no parent-death signal: poll
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(LAUNCHER_FAILED)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def build_and_start(cfg: dict) -> int:
+    from .krun_binding import KRUN_DISK_FORMAT_RAW, Krun
+
+    k = Krun(cfg.get("libkrun"), cfg.get("libkrunfw"))
+    if cfg.get("disks"):
+        k.require("blk")
+    k.call("krun_set_log_level", int(cfg.get("log_level", 0)))
+    ctx = k.call("krun_create_ctx")
+    try:
+        k.call("krun_set_vm_config", ctx, int(cfg["vcpus"]), int(cfg["memory_mib"]))
+        k.call("krun_set_root", ctx, k.cstr(cfg["root_dir"]))
+        for disk in cfg.get("disks", []):
+            k.call("krun_add_disk2", ctx, k.cstr(disk["id"]), k.cstr(disk["path"]),
+                   KRUN_DISK_FORMAT_RAW, bool(disk["read_only"]))  # fmt: skip
+        k.call("krun_disable_implicit_vsock", ctx)
+        k.call("krun_add_vsock", ctx, 0)  # no TSI_HIJACK_INET / _UNIX: no network
+        for port, path in sorted(cfg.get("vsock_ports", {}).items(), key=lambda p: int(p[0])):
+            k.call("krun_add_vsock_port2", ctx, int(port), k.cstr(path), True)
+        k.call("krun_set_console_output", ctx, k.cstr(cfg["console"]))
+        k.call("krun_set_workdir", ctx, k.cstr(cfg.get("workdir", "/")))
+        env = [f"{key}={val}" for key, val in cfg.get("env", {}).items()]
+        k.call("krun_set_exec", ctx, k.cstr(cfg["exec"]), k.cstr_array(cfg.get("argv", [])),
+               k.cstr_array(env))  # fmt: skip
+    except BaseException:
+        k.lib.krun_free_ctx(ctx)
+        raise
+    k.call("krun_start_enter", ctx)  # only returns on failure
+    return LAUNCHER_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m smol_kernel.vm.krun_launcher CONFIG.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        cfg = json.load(f)
+    _die_with_parent(int(cfg.get("parent_pid") or os.getppid()))
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
+    from .krun_binding import KrunError, KrunLoadError
+
+    try:
+        return build_and_start(cfg)
+    except (KrunError, KrunLoadError) as e:
+        print(f"smol-kernel launcher: {e}", file=sys.stderr, flush=True)
+        return LAUNCHER_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

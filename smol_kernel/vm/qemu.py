@@ -126,9 +126,11 @@ class QemuBackend(VmBackend):
 
     name = "qemu"
 
-    def __init__(self, qemu: str | None = None, tb_size_mib: int = 32) -> None:
+    def __init__(self, qemu: str | None = None, tb_size_mib: int | None = None) -> None:
         self.qemu = qemu or find_qemu()
-        self.tb_size_mib = tb_size_mib
+        # TCG translation cache: smaller saves host RSS, but below ~64 MiB ipykernel's
+        # start-up code no longer fits and kernel start slows down ~3x.
+        self.tb_size_mib = tb_size_mib or int(os.environ.get("SMOL_KERNEL_TCG_TB_MIB", "64"))
 
     # ------------------------------------------------------------------ check
     def check(self, image: str = "default", accel: str = "auto") -> BackendStatus:

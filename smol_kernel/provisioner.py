@@ -79,6 +79,12 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "TCG software emulation is not a security boundary.",
     )
     guest_cwd = Unicode("/root", config=True, help="Working directory of the kernel in the guest.")
+    max_lifetime = Float(
+        0.0,
+        config=True,
+        help="Stop the kernel's VM this many seconds after it started (0: no limit). The "
+        "kernel is then reported dead, like any other exit.",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -167,8 +173,18 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         except BaseException:
             await self._teardown()
             raise
+        if self.max_lifetime > 0:
+            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
         self.log.info("kernel %s: ready in VM %s", self.kernel_id, vm.id)
         return self.connection_info
+
+    def _expire(self, vm: Vm) -> None:
+        if self.vm is vm and vm.poll() is None:
+            self.log.warning(
+                "kernel %s: max_lifetime of %.0fs reached, stopping VM %s",
+                self.kernel_id, self.max_lifetime, vm.id,
+            )  # fmt: skip
+            vm.kill()
 
     async def _wait_kernel_ready(self, deadline: float) -> None:
         assert self.agent is not None and self.vm is not None

@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -30,6 +31,10 @@ except ImportError:  # in the guest: protocol.py sits next to this file
 AGENT_VERSION = "0.1.0"
 CONSOLE_BUDGET = 64 * 1024  # kernel stdout/stderr copied to the serial console, at most
 TAIL_BYTES = 8 * 1024  # kept for the kernel_exited event
+
+# PID 1 ignores these so a stray signal (or a cell's os.kill(1, ...)) cannot take the VM
+# down; the kernel's own process gets default handling back at spawn.
+GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _BOOT_T0 = time.monotonic()
@@ -147,6 +152,7 @@ class Kernel:
                     (os.POSIX_SPAWN_CLOSE, rfd),
                 ],
                 setsid=True,
+                setsigdef=GUARDED_SIGNALS,  # the kernel must get SIGINT (interrupts) again
             )
         finally:
             os.chdir(old_cwd)
@@ -361,6 +367,9 @@ class Agent:
 
     # -- main
     def run(self) -> None:
+        if os.getpid() == 1:
+            for sig in GUARDED_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
         setup_system()
         threading.Thread(target=self.reaper.run, daemon=True).start()
         for ch, vport in P.CHANNEL_PORTS.items():

@@ -85,6 +85,11 @@ class QemuVm(Vm):
     def poll(self) -> int | None:
         if self._status is None and self._qemu is not None:
             self._status = self._qemu.poll()
+            if self._status is not None and self._vhost is not None:
+                # Helpers die with their VM, not later at close().
+                if self._vhost.poll() is None:
+                    self._vhost.kill()
+                self._vhost.wait()
         return self._status
 
     async def wait(self, timeout: float | None = None) -> int:

@@ -46,6 +46,7 @@ class VsockRelay:
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0  # total client connections relayed, for tests and ps
+        self.peak_buffered = 0  # largest write buffer seen on any relayed stream, bytes
 
     def _ipc_path(self, channel: str) -> Path:
         return Path(f"{self.ip}-{self.ports[channel]}")
@@ -101,8 +102,8 @@ class VsockRelay:
                 return  # guest gone: the client sees a closed connection and retries
             self._writers.add(g_writer)
             self.connections += 1
-            up = asyncio.ensure_future(_pump(c_reader, g_writer))
-            down = asyncio.ensure_future(_pump(g_reader, c_writer))
+            up = asyncio.ensure_future(self._pump(c_reader, g_writer))
+            down = asyncio.ensure_future(self._pump(g_reader, c_writer))
             # No half-close across vsock: when either side ends, end both.
             _, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
             for p in pending:
@@ -140,9 +141,11 @@ class VsockRelay:
             for t in pending:
                 t.cancel()
 
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(CHUNK):
+                writer.write(data)
+                self.peak_buffered = max(
+                    self.peak_buffered, writer.transport.get_write_buffer_size()
+                )
+                await writer.drain()

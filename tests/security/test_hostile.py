@@ -182,14 +182,8 @@ except OSError as e:
 
 
 async def test_printing_lots_of_output_keeps_host_memory_bounded(attacker, bystander):
-    _, kc = attacker
-
-    def rss_kib() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-
-    before = rss_kib()
-    peak = before
+    km, kc = attacker
+    relay = km.provisioner.relay
     total = 0
     msg_id = kc.execute("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * 1_000_000)")
     while True:
@@ -198,11 +192,13 @@ async def test_printing_lots_of_output_keeps_host_memory_bounded(attacker, bysta
             continue
         if msg["msg_type"] == "stream":
             total += len(msg["content"]["text"])
-            peak = max(peak, rss_kib())
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     assert total == 100_000_000
-    assert (peak - before) < 96 * 1024, f"host process grew {(peak - before) >> 10} MiB"
+    # All of it went through the relay, which held at most a few chunks at any moment
+    # (user-space write buffers; 0 means the sockets took every chunk at once).
+    assert relay.connections > 0
+    assert relay.peak_buffered <= 1 << 20, f"relay buffered {relay.peak_buffered} bytes"
     await assert_bystander_fine(bystander)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -69,3 +70,23 @@ async def stop_kernel(km: AsyncKernelManager, kc: AsyncKernelClient) -> None:
     kc.stop_channels()
     if km.has_kernel:
         await km.shutdown_kernel(now=False)
+
+
+async def crash_and_reconnect(km, kc, code: str, timeout: float = 180):
+    """Run ``code`` (which kills the kernel or its VM), wait until the autorestarter has a
+    fresh VM up, and return (the old VM, a client connected to the new kernel)."""
+    old_vm = km.provisioner.vm
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    kc.execute(code)
+    await asyncio.wait_for(restarted.wait(), 60)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (km.provisioner.vm and km.provisioner.vm.id != old_vm.id):
+        assert loop.time() < deadline, "no fresh VM after the kernel died"
+        await asyncio.sleep(0.5)
+    kc.stop_channels()
+    kc = km.client()  # a quick death gets new ports (newports), so reconnect
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=timeout)
+    return old_vm, kc

@@ -19,7 +19,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from smol_kernel.vm.select import select_backend
 
 from .conftest import SECRET_ENV, processes_mentioning
-from .kernel_helpers import run_cell, start_kernel, stop_kernel
+from .kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel
 
 pytestmark = pytest.mark.vm
 
@@ -213,20 +213,8 @@ async def test_restart_gives_a_fresh_vm(backend_spec):
 async def test_kernel_crash_is_autorestarted_in_a_fresh_vm(backend_spec):
     km, kc = await start_kernel(backend_spec, manager_cls=AsyncIOLoopKernelManager)
     try:
-        restarted = asyncio.Event()
-        km.add_restart_callback(restarted.set, "restart")
-        old_vm = km.provisioner.vm
         await run_cell(kc, "state = 'old'")
-        kc.execute("import os\nos._exit(1)")
-        await asyncio.wait_for(restarted.wait(), 60)
-        deadline = asyncio.get_running_loop().time() + 120
-        while not (km.provisioner.vm and km.provisioner.vm.id != old_vm.id):
-            assert asyncio.get_running_loop().time() < deadline, "no new VM after the crash"
-            await asyncio.sleep(0.5)
-        kc.stop_channels()
-        kc = km.client()  # a quick crash gets new ports (newports), so reconnect
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=120)
+        old_vm, kc = await crash_and_reconnect(km, kc, "import os\nos._exit(1)")
         r = await run_cell(kc, "print('state' in globals())")
         assert r.stdout.strip() == "False"
         assert not old_vm.runtime_dir.exists()

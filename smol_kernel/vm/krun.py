@@ -24,10 +24,10 @@ from pathlib import Path
 from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
 from ..image.store import GuestImage, ImageNotFound
-from .base import BackendStatus, BackendUnavailable, Vm, VmBackend, VmError
+from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, kvm_device_problem
-from .process import RuntimeDir, owner_state, reap_orphans, spawn
+from .process import ProcessVm, RuntimeDir, owner_state, reap_orphans, spawn
 from .qemu import QemuBackend
 from .spec import Isolation, VmSpec
 
@@ -110,55 +110,15 @@ def launcher_argv(config_path: Path) -> list[str]:
     return [python, "-m", "smol_kernel.vm.krun_launcher", str(config_path)]
 
 
-class KrunVm(Vm):
-    def __init__(self, spec: VmSpec, rt: RuntimeDir, proc: subprocess.Popen) -> None:
-        self.spec, self.rt, self.id = spec, rt, rt.id
-        self.runtime_dir = rt.path
-        self.isolation = _isolation()
-        self._proc: subprocess.Popen | None = proc
-        self._status: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        if self._status is None and self._proc is not None:
-            self._status = self._proc.poll()
-        return self._status
-
-    async def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (status := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"VM {self.id} still running after {timeout}s")
-            await asyncio.sleep(0.05)
-        return status
-
-    def terminate(self) -> None:
-        if self._proc and self.poll() is None:
-            self._proc.terminate()
-
-    def kill(self) -> None:
-        if self._proc and self.poll() is None:
-            self._proc.kill()
+class KrunVm(ProcessVm):
+    """The launcher process is the VMM (it became the VM in krun_start_enter)."""
 
     async def open_stream(self, port: int, timeout: float = 5.0):
-        if self.poll() is not None:
-            raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
+        self._check_running()
         path = vsock_socket_path(self.runtime_dir, port)
         return await asyncio.wait_for(
             asyncio.open_unix_connection(str(path), limit=1 << 20), timeout
         )
-
-    async def close(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            await asyncio.to_thread(self._proc.wait)
-            self._status = self._proc.returncode
-            self._proc = None
-        self.rt.remove()
 
 
 class KrunBackend(VmBackend):
@@ -265,7 +225,7 @@ class KrunBackend(VmBackend):
             cfg_path = rt.path / "launcher.json"
             cfg_path.write_text(json.dumps(cfg))
             proc = await asyncio.to_thread(spawn, launcher_argv(cfg_path), rt.path / "launcher.log")
-            vm = KrunVm(spec, rt, proc)
+            vm = KrunVm(spec, rt, _isolation(), proc)
             rt.write_state({
                 **owner_state(), "id": rt.id, "backend": self.name,
                 "isolation": str(vm.isolation), "label": spec.label, "image": spec.image,

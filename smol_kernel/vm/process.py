@@ -9,6 +9,7 @@ fires exactly when the owning process dies, however it dies (SIGKILL included).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -24,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import paths
+from .base import Vm
+from .spec import Isolation, VmSpec
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -177,3 +180,71 @@ def reap_orphans() -> list[str]:
             kill_vm_dir(rt, state)
             reaped.append(rt.id)
     return reaped
+
+
+class ProcessVm(Vm):
+    """A VM that is one VMM process, plus helper processes that must die with it."""
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        rt: RuntimeDir,
+        isolation: Isolation,
+        vmm: subprocess.Popen,
+        helpers: tuple[subprocess.Popen, ...] = (),
+    ) -> None:
+        self.spec, self.rt, self.id = spec, rt, rt.id
+        self.runtime_dir = rt.path
+        self.isolation = isolation
+        self._vmm: subprocess.Popen | None = vmm
+        self._helpers = list(helpers)
+        self._status: int | None = None
+        self.started = time.time()
+
+    @property
+    def pid(self) -> int | None:
+        return self._vmm.pid if self._vmm else None
+
+    def poll(self) -> int | None:
+        if self._status is None and self._vmm is not None:
+            self._status = self._vmm.poll()
+            if self._status is not None:
+                self._stop_helpers()  # they die with their VM, not later at close()
+        return self._status
+
+    def _stop_helpers(self) -> None:
+        for proc in self._helpers:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    async def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"VM {self.id} still running after {timeout}s")
+            await asyncio.sleep(0.05)
+        return status
+
+    def terminate(self) -> None:
+        if self._vmm and self.poll() is None:
+            self._vmm.terminate()
+
+    def kill(self) -> None:
+        if self._vmm and self.poll() is None:
+            self._vmm.kill()
+
+    def _check_running(self) -> None:
+        if self.poll() is not None:
+            raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
+
+    async def close(self) -> None:
+        if self._vmm is not None:
+            if self._vmm.poll() is None:
+                self._vmm.kill()
+            await asyncio.to_thread(self._vmm.wait)
+            self._status = self._vmm.returncode
+            self._vmm = None
+        await asyncio.to_thread(self._stop_helpers)
+        self._helpers = []
+        self.rt.remove()

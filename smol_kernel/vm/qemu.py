@@ -19,9 +19,9 @@ from pathlib import Path
 from ..image.store import GuestImage, ImageNotFound
 from ..image.tools import find_vhost_device_vsock
 from ..transport.vhost_user_vsock import open_vsock_stream
-from .base import BackendStatus, BackendUnavailable, Vm, VmBackend, VmError
+from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
-from .process import RuntimeDir, owner_state, reap_orphans, spawn
+from .process import ProcessVm, RuntimeDir, owner_state, reap_orphans, spawn
 from .spec import Isolation, VmSpec
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
@@ -55,75 +55,16 @@ def find_qemu() -> str | None:
     return os.environ.get("SMOL_KERNEL_QEMU") or shutil.which("qemu-system-x86_64")
 
 
-class QemuVm(Vm):
-    def __init__(
-        self,
-        spec: VmSpec,
-        rt: RuntimeDir,
-        isolation: Isolation,
-        qemu: subprocess.Popen,
-        vhost: subprocess.Popen,
-    ) -> None:
-        self.spec = spec
-        self.rt = rt
-        self.id = rt.id
-        self.runtime_dir = rt.path
-        self.isolation = isolation
-        self._qemu: subprocess.Popen | None = qemu
-        self._vhost: subprocess.Popen | None = vhost
-        self._status: int | None = None
-        self.started = time.time()
-
-    @property
-    def pid(self) -> int | None:
-        return self._qemu.pid if self._qemu else None
+class QemuVm(ProcessVm):
+    """QEMU is the VMM; vhost-device-vsock is its one helper."""
 
     @property
     def vsock_path(self) -> Path:
         return self.runtime_dir / "vsock.sock"
 
-    def poll(self) -> int | None:
-        if self._status is None and self._qemu is not None:
-            self._status = self._qemu.poll()
-            if self._status is not None and self._vhost is not None:
-                # Helpers die with their VM, not later at close().
-                if self._vhost.poll() is None:
-                    self._vhost.kill()
-                self._vhost.wait()
-        return self._status
-
-    async def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (status := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"VM {self.id} still running after {timeout}s")
-            await asyncio.sleep(0.05)
-        return status
-
-    def terminate(self) -> None:
-        if self._qemu and self.poll() is None:
-            self._qemu.terminate()
-
-    def kill(self) -> None:
-        if self._qemu and self.poll() is None:
-            self._qemu.kill()
-
     async def open_stream(self, port: int, timeout: float = 5.0):
-        if self.poll() is not None:
-            raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
+        self._check_running()
         return await open_vsock_stream(self.vsock_path, port, timeout)
-
-    async def close(self) -> None:
-        for proc in (self._qemu, self._vhost):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-        for proc in (self._qemu, self._vhost):
-            if proc is not None:
-                await asyncio.to_thread(proc.wait)
-        if self._qemu is not None:
-            self._status = self._qemu.returncode
-        self._qemu = self._vhost = None
-        self.rt.remove()
 
 
 class QemuBackend(VmBackend):
@@ -216,7 +157,7 @@ class QemuBackend(VmBackend):
                 await asyncio.sleep(0.01)
             argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock)
             qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log")
-            vm = QemuVm(spec, rt, status.isolation, qemu, vhost)
+            vm = QemuVm(spec, rt, status.isolation, qemu, (vhost,))
             rt.write_state(
                 {
                     **owner_state(),

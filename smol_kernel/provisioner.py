@@ -270,10 +270,12 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if self._loaded:
                 self._kill_loaded()
             return
+        if self.agent is None:
+            self.vm.terminate()
+            return
         try:
-            assert self.agent is not None
             await self.agent.request(P.OP_SIGNAL, signum=signal.SIGTERM, timeout=5.0)
-        except (AssertionError, VmError, TimeoutError):
+        except (VmError, TimeoutError):
             self.vm.terminate()
 
     async def cleanup(self, restart: bool = False) -> None:

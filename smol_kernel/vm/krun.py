@@ -27,7 +27,7 @@ from ..image.store import GuestImage, ImageNotFound
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, kvm_device_problem
-from .process import ProcessVm, RuntimeDir, owner_state, reap_orphans, spawn
+from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
 from .qemu import QemuBackend
 from .spec import Isolation, VmSpec
 
@@ -226,16 +226,8 @@ class KrunBackend(VmBackend):
             cfg_path.write_text(json.dumps(cfg))
             proc = await asyncio.to_thread(spawn, launcher_argv(cfg_path), rt.path / "launcher.log")
             vm = KrunVm(spec, rt, _isolation(), proc)
-            rt.write_state({
-                **owner_state(), "id": rt.id, "backend": self.name,
-                "isolation": str(vm.isolation), "label": spec.label, "image": spec.image,
-                "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
-                "created": time.time(), "pids": {"vmm": proc.pid},
-            })  # fmt: skip
-            await asyncio.sleep(0.05)
-            if proc.poll() is not None:
-                log = (rt.path / "launcher.log").read_text(errors="replace").strip()
-                raise VmError(f"libkrun launcher exited at once ({proc.returncode}): {log[-1000:]}")
+            vm.record_state(self.name)
+            await vm.confirm_started("libkrun launcher", rt.path / "launcher.log")
             return vm
         except BaseException:
             if proc is not None and proc.poll() is None:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import paths
-from .base import Vm
+from .base import Vm, VmError
 from .spec import Isolation, VmSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -233,6 +233,24 @@ class ProcessVm(Vm):
     def kill(self) -> None:
         if self._vmm and self.poll() is None:
             self._vmm.kill()
+
+    def record_state(self, backend: str) -> None:
+        """Write what ``smol-kernel ps`` and orphan reaping need to find this VM."""
+        spec = self.spec
+        pids = {"vmm": self.pid, **{f"helper{i}": p.pid for i, p in enumerate(self._helpers)}}
+        self.rt.write_state({
+            **owner_state(), "id": self.id, "backend": backend,
+            "isolation": str(self.isolation), "label": spec.label, "image": spec.image,
+            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
+            "created": self.started, "pids": pids,
+        })  # fmt: skip
+
+    async def confirm_started(self, what: str, log: Path) -> None:
+        """Fail with the VMM's own words if it exited right away (bad arguments, no KVM)."""
+        await asyncio.sleep(0.05)
+        if self._vmm is not None and (rc := self._vmm.poll()) is not None:
+            text = log.read_text(errors="replace").strip() if log.exists() else ""
+            raise VmError(f"{what} exited at once ({rc}): {text[-1000:]}")
 
     def _check_running(self) -> None:
         if self.poll() is not None:

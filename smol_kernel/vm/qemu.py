@@ -21,7 +21,7 @@ from ..image.tools import find_vhost_device_vsock
 from ..transport.vhost_user_vsock import open_vsock_stream
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
-from .process import ProcessVm, RuntimeDir, owner_state, reap_orphans, spawn
+from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
 from .spec import Isolation, VmSpec
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
@@ -158,25 +158,8 @@ class QemuBackend(VmBackend):
             argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock)
             qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log")
             vm = QemuVm(spec, rt, status.isolation, qemu, (vhost,))
-            rt.write_state(
-                {
-                    **owner_state(),
-                    "id": rt.id,
-                    "backend": self.name,
-                    "isolation": str(status.isolation),
-                    "label": spec.label,
-                    "image": spec.image,
-                    "vcpus": spec.vcpus,
-                    "memory_mib": spec.memory_mib,
-                    "disk_mib": spec.disk_mib,
-                    "created": vm.started,
-                    "pids": {"vmm": qemu.pid, "vhost": vhost.pid},
-                }
-            )
-            await asyncio.sleep(0.05)
-            if qemu.poll() is not None:
-                log = (rt.path / "qemu.log").read_text(errors="replace").strip()
-                raise VmError(f"QEMU exited at once ({qemu.returncode}): {log[-1000:]}")
+            vm.record_state(self.name)
+            await vm.confirm_started("QEMU", rt.path / "qemu.log")
             return vm
         except BaseException:
             for proc in (qemu, vhost):

@@ -26,7 +26,7 @@ from ..image.initramfs import read_cpio
 from ..image.store import GuestImage, ImageNotFound
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import Krun, KrunLoadError
-from .kvm_probe import PROBE_MARKER, kvm_device_problem
+from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
 from .qemu import QemuBackend
 from .spec import Isolation, VmSpec
@@ -171,15 +171,10 @@ class KrunBackend(VmBackend):
 
     def _probe(self, image: GuestImage) -> tuple[bool, str]:
         """Boot a guest whose /init prints a marker and exits; cached like the KVM probe."""
-        from .kvm_probe import _cache_file
-
         key = f"libkrun|{self.libkrun}|{self.libkrunfw}|{image.root_disk.stat().st_mtime}"
-        try:
-            cache = json.loads(_cache_file().read_text())
-        except (OSError, ValueError):
-            cache = {}
-        if key in cache:
-            return bool(cache[key]["ok"]), cache[key]["reason"] + " (cached)"
+        return cached_probe(key, lambda: self._boot_probe(image))
+
+    def _boot_probe(self, image: GuestImage) -> tuple[bool, str]:
         with tempfile.TemporaryDirectory(prefix="smol-krun-probe-") as tmp:
             rt = Path(tmp)
             make_boot_dir(image, rt / "boot")
@@ -192,21 +187,13 @@ class KrunBackend(VmBackend):
                 proc = subprocess.run(
                     launcher_argv(cfg_path), capture_output=True, text=True, timeout=PROBE_TIMEOUT
                 )
-                console = console_file.read_bytes() if console_file.exists() else b""
-                if PROBE_MARKER in console:
-                    ok, reason = True, f"a guest booted in {time.monotonic() - t0:.1f}s"
-                else:
-                    detail = proc.stderr or console.decode(errors="replace")
-                    ok, reason = False, f"launcher exited {proc.returncode}: {detail[-300:]}"
             except subprocess.TimeoutExpired:
-                ok, reason = False, f"no guest output within {PROBE_TIMEOUT:.0f}s"
-        cache[key] = {"ok": ok, "reason": reason, "when": time.time()}
-        try:
-            _cache_file().parent.mkdir(parents=True, exist_ok=True)
-            _cache_file().write_text(json.dumps(cache, indent=1))
-        except OSError:
-            pass
-        return ok, reason
+                return False, f"no guest output within {PROBE_TIMEOUT:.0f}s"
+            console = console_file.read_bytes() if console_file.exists() else b""
+            if PROBE_MARKER in console:
+                return True, f"a guest booted in {time.monotonic() - t0:.1f}s"
+            detail = proc.stderr or console.decode(errors="replace")
+            return False, f"launcher exited {proc.returncode}: {detail[-300:]}"
 
     async def start(self, spec: VmSpec) -> KrunVm:
         spec.validate()

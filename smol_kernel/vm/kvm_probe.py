@@ -15,6 +15,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import paths
@@ -45,21 +46,17 @@ def kvm_device_problem() -> str | None:
     return None
 
 
-def probe_kvm(qemu: str, kernel: Path, initramfs: Path, use_cache: bool = True) -> tuple[bool, str]:
-    """(usable, explanation). Boots a throwaway guest with -enable-kvm unless cached."""
-    problem = kvm_device_problem()
-    if problem:
-        return False, problem
-    key = _key(qemu, kernel)
+def cached_probe(key: str, run: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+    """``run()``'s (ok, reason), remembered under ``key`` in the cache dir."""
     cache: dict = {}
     try:
         cache = json.loads(_cache_file().read_text())
     except (OSError, ValueError):
         pass
-    if use_cache and key in cache:
+    if key in cache:
         entry = cache[key]
         return bool(entry["ok"]), entry["reason"] + " (cached)"
-    ok, reason = _boot_probe(qemu, kernel, initramfs)
+    ok, reason = run()
     cache[key] = {"ok": ok, "reason": reason, "when": time.time()}
     try:
         _cache_file().parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +66,14 @@ def probe_kvm(qemu: str, kernel: Path, initramfs: Path, use_cache: bool = True) 
     except OSError:
         pass
     return ok, reason
+
+
+def probe_kvm(qemu: str, kernel: Path, initramfs: Path) -> tuple[bool, str]:
+    """(usable, explanation). Boots a throwaway guest with -enable-kvm unless cached."""
+    problem = kvm_device_problem()
+    if problem:
+        return False, problem
+    return cached_probe(_key(qemu, kernel), lambda: _boot_probe(qemu, kernel, initramfs))
 
 
 def _boot_probe(qemu: str, kernel: Path, initramfs: Path) -> tuple[bool, str]:

@@ -7,8 +7,11 @@
  *   krun_set_log_level, krun_create_ctx, krun_free_ctx, krun_set_vm_config, krun_set_root,
  *   krun_disable_implicit_vsock, krun_add_vsock, krun_add_vsock_port2, krun_set_workdir,
  *   krun_set_exec, krun_set_console_output, krun_start_enter
- * Optional (probed; built only with libkrun's BLK=1 feature):
- *   krun_add_disk2
+ * Optional (probed; a feature is refused with a reason when its symbol is missing):
+ *   krun_add_disk2           BLK=1 builds: the guest image is a disk (always needed)
+ *   krun_add_net_unixstream  NET=1 builds, >= 1.15: network=True (passt)
+ *   krun_add_virtiofs        host folder shares, read-write
+ *   krun_add_virtiofs3       >= 1.18: read-only shares, enforced on the host
  */
 int32_t krun_set_log_level(uint32_t level);
 int32_t krun_create_ctx(void);
@@ -24,4 +27,9 @@ int32_t krun_set_exec(uint32_t ctx_id, const char *exec_path, const char *const 
 int32_t krun_set_console_output(uint32_t ctx_id, const char *c_filepath);
 int32_t krun_add_disk2(uint32_t ctx_id, const char *block_id, const char *disk_path,
                        uint32_t disk_format, bool read_only);
+int32_t krun_add_net_unixstream(uint32_t ctx_id, const char *c_path, int fd, uint8_t *const c_mac,
+                                uint32_t features, uint32_t flags);
+int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char *c_path);
+int32_t krun_add_virtiofs3(uint32_t ctx_id, const char *c_tag, const char *c_path,
+                           uint64_t shm_size, bool read_only);
 int32_t krun_start_enter(uint32_t ctx_id);

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
 import sys
 
 from .image.debian import HostToolError
@@ -85,9 +87,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jupyter_client.kernelspec import KernelSpecManager
-    from traitlets import Bool
+    from traitlets import Bool, List
 
     from .image.store import GuestImage
+    from .vm.share import ShareError, split_share
 
     template = resources.files("smol_kernel.kernelspec")
     spec = json.loads(template.joinpath("kernel.json").read_text())
@@ -98,11 +101,27 @@ def cmd_install(args: argparse.Namespace) -> int:
         if value is None:
             continue
         trait_value = bool(value) if isinstance(trait, Bool) else value
+        if isinstance(trait, List):  # strings from argparse, checked below
+            config[name] = list(value)
+            continue
         try:
             trait.validate(None, trait_value)
         except Exception as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         config[name] = trait_value
+    for server in config.get("dns_servers", []):
+        try:
+            ipaddress.IPv4Address(server)
+        except ValueError:
+            raise ValueError(f"--dns-server {server!r}: not an IPv4 address") from None
+    for text in config.get("shares", []):
+        try:
+            host = split_share(text)[0]
+        except ShareError as e:
+            raise ValueError(f"--share: {e}") from None
+        if os.path.isabs(os.path.expanduser(host)) and not os.path.isdir(os.path.expanduser(host)):
+            print(f"warning: --share {text!r}: {host} does not exist yet; kernels will not "
+                  "start until it does", file=sys.stderr)  # fmt: skip
     if args.env:
         for item in args.env:
             key, sep, val = item.partition("=")
@@ -327,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=cmd_image_rm)
 
-    from traitlets import Bool, Float, Integer
+    from traitlets import Bool, Enum, Float, Integer, List
 
     inst = sub.add_parser("install", help="install the 'Python (smolvm)' kernelspec")
     where = inst.add_mutually_exclusive_group()
@@ -343,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = (trait.help or "").replace("%", "%%")
         if isinstance(trait, Bool):
             inst.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                              help=helptext)  # fmt: skip
+        elif isinstance(trait, List):  # --shares -> repeatable --share
+            inst.add_argument(flag.rstrip("s"), action="append", default=None, dest=name,
+                              metavar="HOST:GUEST[:ro|rw]",
+                              help=helptext + " (repeatable)")  # fmt: skip
+        elif isinstance(trait, Enum):
+            inst.add_argument(flag, choices=list(trait.values or ()), default=None, dest=name,
                               help=helptext)  # fmt: skip
         else:
             typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str

@@ -28,7 +28,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Bool, Enum, Float, Integer, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
 from .agent_client import GuestAgent
 from .guest import protocol as P
@@ -37,6 +37,7 @@ from .relay import VsockRelay
 from .vm.base import Vm, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, proc_start_time, reap_orphans
 from .vm.select import BACKENDS, select_backend
+from .vm.share import Share, ShareError, parse_share
 from .vm.spec import VmSpec
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -78,12 +79,50 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         help="Refuse to start unless the VM gets hardware virtualization (kvm or hvf); "
         "TCG software emulation is not a security boundary.",
     )
-    guest_cwd = Unicode("/root", config=True, help="Working directory of the kernel in the guest.")
+    guest_cwd = Unicode(
+        "",
+        config=True,
+        help="Working directory of the kernel in the guest. Empty: the shared notebook "
+        "folder when share_cwd is on, else /root.",
+    )
     max_lifetime = Float(
         0.0,
         config=True,
         help="Stop the kernel's VM this many seconds after it started (0: no limit). The "
         "kernel is then reported dead, like any other exit.",
+    )
+
+    network = Bool(
+        False,
+        config=True,
+        help="Give the kernel outbound network (TCP, UDP, DNS) through a per-VM passt proxy. "
+        "Off: the guest has loopback only. Even on, the host's loopback (and so the Jupyter "
+        "server) stays unreachable.",
+    )
+    dns_servers = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="With network on: IPv4 DNS servers the guest asks directly (they must not be "
+        "host addresses, which the guest cannot reach). Empty: the host's resolver, "
+        "forwarded by passt.",
+    )
+    shares = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="Host folders to show in the guest, as HOST:GUEST[:ro|rw] (read-only unless "
+        ":rw). A relative HOST is relative to the notebook's folder.",
+    )
+    share_cwd = Enum(
+        ["off", "ro", "rw"],
+        default_value="off",
+        config=True,
+        help="Share the folder the kernel starts in (the notebook's folder) at cwd_guest_path "
+        "and start the kernel there: off, ro (read-only) or rw.",
+    )
+    cwd_guest_path = Unicode(
+        "/work", config=True, help="Where share_cwd mounts the notebook's folder in the guest."
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -96,6 +135,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.backend_name: str | None = None
         self._guest_env: dict[str, str] = {}
         self._guest_argv: list[str] = []
+        self._shares: tuple[Share, ...] = ()
+        self._cwd = "/root"
         self._exit_status: int | None = None
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
 
@@ -116,7 +157,25 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             env["KERNEL_ID"] = self.kernel_id
         self._guest_env = env
         self._guest_argv = list(self.kernel_spec.argv) + extra
+        self._shares, self._cwd = self._resolve_shares(kwargs.get("cwd"))
         return kwargs
+
+    def _resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
+        """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
+        shares = []
+        try:
+            for text in self.shares:
+                shares.append(parse_share(text, host_cwd))
+            if self.share_cwd != "off":
+                shares.append(
+                    parse_share(f"{host_cwd or '.'}:{self.cwd_guest_path}:{self.share_cwd}")
+                )
+        except ShareError as e:
+            raise KernelStartError(
+                f"cannot start a {self.kernel_spec.display_name} kernel: {e}"
+            ) from None
+        cwd = self.guest_cwd or (shares[-1].guest if self.share_cwd != "off" else "/root")
+        return tuple(shares), cwd
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         return await on_io_loop(self._launch())
@@ -149,6 +208,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 memory_mib=self.memory_mib,
                 disk_mib=self.disk_mib,
                 label=self.kernel_id or "",
+                network=self.network,
+                dns=tuple(self.dns_servers),
+                shares=self._shares,
             )
             self.vm = vm = await selection.backend.start(spec)
             self.isolation = str(vm.isolation)
@@ -165,7 +227,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 P.OP_START_KERNEL,
                 argv=self._guest_argv,
                 env=env,
-                cwd=self.guest_cwd,
+                cwd=self._cwd,
                 connection=_guest_connection(ci),
             )
             await self._wait_kernel_ready(deadline)

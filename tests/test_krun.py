@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from smol_kernel.guest.protocol import CHANNEL_PORTS, CONTROL_PORT
-from smol_kernel.vm.base import VmError
+from smol_kernel.vm.base import BackendUnavailable, VmError
 from smol_kernel.vm.krun import KrunBackend, launcher_config, make_boot_dir, vsock_socket_path
-from smol_kernel.vm.krun_binding import Krun, KrunError, KrunLoadError
+from smol_kernel.vm.krun_binding import COMPAT_NET_FEATURES, Krun, KrunError, KrunLoadError
 from smol_kernel.vm.krun_launcher import LAUNCHER_FAILED
+from smol_kernel.vm.network import GUEST_MAC
 from smol_kernel.vm.select import select_backend
+from smol_kernel.vm.share import parse_share
 from smol_kernel.vm.spec import VmSpec
 
 STUB_SRC = Path(__file__).parent / "krun_stub" / "krun_stub.c"
@@ -34,7 +37,12 @@ def stubs(tmp_path_factory) -> dict[str, str]:
         pytest.skip("no C compiler to build the libkrun stand-in (apt-get install gcc)")
     out = tmp_path_factory.mktemp("krun-stub")
     libs = {}
-    for name, flags in (("full", []), ("old", ["-DSTUB_OLD"]), ("noblk", ["-DSTUB_NO_BLK"])):
+    for name, flags in (
+        ("full", []),
+        ("old", ["-DSTUB_OLD"]),
+        ("noblk", ["-DSTUB_NO_BLK"]),
+        ("noextras", ["-DSTUB_NO_EXTRAS"]),
+    ):
         lib = out / f"libkrun-{name}.so.1"
         subprocess.run([cc, "-shared", "-fPIC", "-Wall", *flags, "-o", str(lib), str(STUB_SRC)],
                        check=True)  # fmt: skip
@@ -42,7 +50,9 @@ def stubs(tmp_path_factory) -> dict[str, str]:
     return libs
 
 
-def run_launcher(cfg: dict, tmp_path: Path, extra_env: dict | None = None):
+def run_launcher(
+    cfg: dict, tmp_path: Path, extra_env: dict | None = None, pass_fds: tuple[int, ...] = ()
+):
     cfg_path = tmp_path / "launcher.json"
     cfg_path.write_text(json.dumps(cfg))
     log = tmp_path / "calls.jsonl"
@@ -53,7 +63,7 @@ def run_launcher(cfg: dict, tmp_path: Path, extra_env: dict | None = None):
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "smol_kernel.vm.krun_launcher", str(cfg_path)],
-            env=env, capture_output=True, text=True, pass_fds=(r,), timeout=60,
+            env=env, capture_output=True, text=True, pass_fds=(r, *pass_fds), timeout=60,
         )  # fmt: skip
     finally:
         os.close(r)
@@ -107,6 +117,50 @@ def test_launcher_call_sequence(stubs, image, vm_dir, tmp_path):
     assert not any("SMOL_TEST_HOST_SECRET" in e for e in ex["envp"]), "host env leaked"
     assert by["krun_set_console_output"]["path"] == str(vm_dir / "console.log")
     assert by["krun_start_enter"]["open_fds"] == [0, 1, 2], "inherited fds must be closed"
+
+
+def test_launcher_adds_network_and_shares(stubs, image, vm_dir, tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    shares = (parse_share(f"{tmp_path}/ro:/data"), parse_share(f"{tmp_path}/rw:/out:rw"))
+    spec = VmSpec(network=True, shares=shares)
+    vm_end, passt_end = socket.socketpair()
+    with vm_end, passt_end:
+        fd = vm_end.fileno()
+        cfg = launcher_config(spec, image, vm_dir, {"libkrun": stubs["full"]}, net_fd=fd)
+        proc, calls = run_launcher(cfg, tmp_path, pass_fds=(fd,))
+    assert proc.returncode == 0, proc.stderr
+    names = [c["fn"] for c in calls]
+    assert names.index("krun_add_virtiofs3") > names.index("krun_set_root")
+    assert names.index("krun_add_net_unixstream") > names.index("krun_add_vsock")
+    assert names.index("krun_add_net_unixstream") < names.index("krun_start_enter")
+    by = {c["fn"]: c for c in calls}
+    ro, rw = by["krun_add_virtiofs3"], by["krun_add_virtiofs"]
+    assert (ro["tag"], ro["path"], ro["read_only"]) == ("smol0", f"{tmp_path}/ro", True)
+    assert (rw["tag"], rw["path"]) == ("smol1", f"{tmp_path}/rw")
+    net = by["krun_add_net_unixstream"]
+    assert net["path"] is None and net["fd"] == fd and net["fd_target"].startswith("socket:")
+    assert net["mac"] == GUEST_MAC and net["features"] == COMPAT_NET_FEATURES
+    assert by["krun_add_vsock"]["tsi_features"] == 0, "network goes through passt, not TSI"
+    assert by["krun_start_enter"]["open_fds"] == [0, 1, 2, fd], "only the net link is kept"
+    env = by["krun_set_exec"]["envp"]
+    assert "SMOL_SHARES=smol0:/data:ro,smol1:/out:rw" in env
+    assert any(e.startswith("SMOL_NET=10.0.2.15/24,") for e in env)
+
+
+def test_missing_network_or_readonly_share_support_is_refused(stubs, image, tmp_path, vm_dir):
+    backend = KrunBackend(libkrun=stubs["noextras"])
+    with pytest.raises(BackendUnavailable, match="NET=1"):
+        backend._check_features(VmSpec(network=True))
+    ro = parse_share(f"{tmp_path}:/data")
+    with pytest.raises(BackendUnavailable, match=r"1\.18.*:rw"):
+        backend._check_features(VmSpec(shares=(ro,)))
+    backend._check_features(VmSpec(shares=(parse_share(f"{tmp_path}:/data:rw"),)))
+    # The launcher checks too, and never falls back to a writable share.
+    cfg = launcher_config(VmSpec(shares=(ro,)), image, vm_dir, {"libkrun": stubs["noextras"]})
+    proc, calls = run_launcher(cfg, tmp_path)
+    assert proc.returncode == LAUNCHER_FAILED and "krun_add_virtiofs3" in proc.stderr
+    assert not any(c["fn"].startswith("krun_add_virtiofs") for c in calls)
 
 
 @pytest.mark.parametrize(

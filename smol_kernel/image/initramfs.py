@@ -20,6 +20,9 @@ GUEST_MODULES = (
     "ext4",
     "overlay",
     "vmw_vsock_virtio_transport",
+    "virtio_net",  # network=True (passt)
+    "9pnet_virtio",  # shares (virtio-9p under QEMU)
+    "9p",
 )
 
 

@@ -5,7 +5,9 @@ kernel with a tiny per-VM virtio-fs boot dir (busybox + our /init, unpacked from
 initramfs; a private copy, because libkrun shares a root directory read-write), the image's
 root disk read-only and a fresh capped overlay disk -- the same image as the QEMU backend.
 The guest gets a vsock device with no TSI hijacking (so no network) and one host-listening
-unix socket per guest port the relay needs.
+unix socket per guest port the relay needs. Opt-in: ``network`` adds a virtio-net device on
+the same guarded passt link as QEMU (``network.py``); ``shares`` become virtio-fs devices,
+read-only ones enforced by libkrun (``krun_add_virtiofs3``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
 from ..image.store import GuestImage, ImageNotFound
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
-from .krun_binding import Krun, KrunLoadError
+from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
+from .network import GUEST_MAC, start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
 from .qemu import QemuBackend
-from .spec import Isolation, VmSpec
+from .spec import Isolation, VmSpec, share_tag
 
 SUN_PATH_MAX = 107
 PROBE_TIMEOUT = 20.0
@@ -71,16 +74,31 @@ def make_boot_dir(image: GuestImage, dest: Path) -> None:
     (dest / "dev").mkdir(exist_ok=True)
 
 
+def required_features(spec: VmSpec) -> list[str]:
+    """libkrun features a VM needs beyond booting (see ``krun_binding.FEATURE_SYMBOLS``)."""
+    out = ["net"] if spec.network else []
+    out += sorted({"virtiofs_ro" if s.read_only else "virtiofs" for s in spec.shares})
+    return out
+
+
 def launcher_config(
-    spec: VmSpec, image: GuestImage, rt_path: Path, krun: dict, probe: bool = False
+    spec: VmSpec,
+    image: GuestImage,
+    rt_path: Path,
+    krun: dict,
+    probe: bool = False,
+    net_fd: int | None = None,
 ) -> dict:
-    """What the launcher builds. ``env`` is complete: the host environment never enters."""
+    """What the launcher builds. ``env`` is complete: the host environment never enters.
+    ``net_fd`` is the launcher's inherited end of the guarded passt link."""
     ports = {} if probe else {
         str(p): str(vsock_socket_path(rt_path, p)) for p in (CONTROL_PORT, *CHANNEL_PORTS.values())
     }  # fmt: skip
     env = {"KRUN_INIT_PID1": "1", "SMOL_LIBKRUN": "1", "PATH": "/bin"}
     if probe:
         env["SMOL_PROBE"] = "1"
+    else:
+        env.update(spec.boot_env())
     return {
         "libkrun": krun.get("libkrun"),
         "libkrunfw": krun.get("libkrunfw"),
@@ -96,6 +114,11 @@ def launcher_config(
                 else [{"id": "rw", "path": str(rt_path / "overlay.ext4"), "read_only": False}]
             ),
         ],
+        "shares": [
+            {"tag": share_tag(i), "path": s.host, "read_only": s.read_only}
+            for i, s in enumerate(spec.shares)
+        ],
+        "net": None if net_fd is None else {"fd": net_fd, "mac": GUEST_MAC},
         "vsock_ports": ports,
         "console": str(rt_path / "console.log"),
         "workdir": "/",
@@ -201,25 +224,50 @@ class KrunBackend(VmBackend):
         status = await asyncio.to_thread(self.check, spec.image, spec.accel)
         if not status.available:
             raise BackendUnavailable(self.name, status.reason, status.fix)
+        self._check_features(spec)
         await asyncio.to_thread(reap_orphans)
         rt = RuntimeDir.create()
-        proc = None
+        proc = net_sock = None
+        net_procs: list[subprocess.Popen] = []
         try:
             await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
             await asyncio.to_thread(QemuBackend._make_overlay, rt.path / "overlay.ext4",
                                     spec.disk_mib)  # fmt: skip
-            cfg = launcher_config(spec, image, rt.path, self._krun_cfg)
+            if spec.network:
+                net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
+            net_fd = net_sock.fileno() if net_sock else None
+            cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd)
             cfg_path = rt.path / "launcher.json"
             cfg_path.write_text(json.dumps(cfg))
-            proc = await asyncio.to_thread(spawn, launcher_argv(cfg_path), rt.path / "launcher.log")
-            vm = KrunVm(spec, rt, _isolation(), proc)
+            proc = await asyncio.to_thread(
+                spawn, launcher_argv(cfg_path), rt.path / "launcher.log", None,
+                () if net_fd is None else (net_fd,),
+            )  # fmt: skip
+            vm = KrunVm(spec, rt, _isolation(), proc, tuple(net_procs))
             vm.record_state(self.name)
             await vm.confirm_started("libkrun launcher", rt.path / "launcher.log")
             return vm
         except BaseException:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-            if proc is not None:
-                proc.wait()
+            for p in (proc, *net_procs):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                if p is not None:
+                    p.wait()
             shutil.rmtree(rt.path, ignore_errors=True)
             raise
+        finally:
+            if net_sock is not None:
+                net_sock.close()  # the launcher has its own copy
+
+    def _check_features(self, spec: VmSpec) -> None:
+        """Refuse before booting when the library cannot give what the spec asks for."""
+        needed = required_features(spec)
+        if not needed:
+            return
+        try:
+            features = Krun(self.libkrun, self.libkrunfw).features()
+        except KrunLoadError as e:
+            raise BackendUnavailable(self.name, str(e), INSTALL_HINT) from None
+        for feature in needed:
+            if not features.get(feature):
+                raise BackendUnavailable(self.name, FEATURE_NEEDS[feature], INSTALL_HINT)

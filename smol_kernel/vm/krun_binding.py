@@ -19,8 +19,24 @@ REQUIRED = (
 )  # fmt: skip
 # Added in libkrun 1.17; without them TSI networking cannot be turned off.
 NO_NETWORK = ("krun_disable_implicit_vsock", "krun_add_vsock")
-FEATURE_SYMBOLS = {"blk": "krun_add_disk2"}
+FEATURE_SYMBOLS = {
+    "blk": "krun_add_disk2",
+    "net": "krun_add_net_unixstream",
+    "virtiofs": "krun_add_virtiofs",
+    "virtiofs_ro": "krun_add_virtiofs3",
+}
+# What each feature is for, and what to install, when it is missing.
+FEATURE_NEEDS = {
+    "blk": "smol-kernel boots its guest image from a disk, so it needs libkrun built with BLK=1",
+    "net": "network=True needs libkrun >= 1.15 built with NET=1",
+    "virtiofs": "host folder shares need libkrun's virtio-fs",
+    "virtiofs_ro": "read-only shares need libkrun >= 1.18 (krun_add_virtiofs3); use a newer "
+    "libkrun, or share the folder :rw",
+}
 KRUN_DISK_FORMAT_RAW = 0
+# virtio-net features passt expects (libkrun.h's COMPAT_NET_FEATURES): CSUM, GUEST_CSUM,
+# GUEST_TSO4, GUEST_UFO, HOST_TSO4, HOST_UFO.
+COMPAT_NET_FEATURES = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 10) | (1 << 11) | (1 << 14)
 DEFAULT_SONAME = "libkrun.1.dylib" if sys.platform == "darwin" else "libkrun.so.1"
 LIBKRUNFW_SONAME = "libkrunfw.5.dylib" if sys.platform == "darwin" else "libkrunfw.so.5"
 
@@ -92,9 +108,8 @@ class Krun:
     def require(self, feature: str) -> None:
         if not self.has(FEATURE_SYMBOLS[feature]):
             raise KrunLoadError(
-                f"{self.path} was built without the '{feature}' feature "
-                f"({FEATURE_SYMBOLS[feature]} is missing); smol-kernel boots its guest image "
-                f"from a disk, so it needs libkrun built with {feature.upper()}=1"
+                f"{self.path} lacks the '{feature}' feature ({FEATURE_SYMBOLS[feature]} is "
+                f"missing): {FEATURE_NEEDS[feature]}"
             )
 
     # ---------------------------------------------------------------- calls
@@ -106,6 +121,12 @@ class Krun:
 
     def cstr(self, s: str):
         buf = self.ffi.new("char[]", s.encode())
+        self._keep.append(buf)
+        return buf
+
+    def mac(self, text: str):
+        """A ``uint8_t[6]`` from ``aa:bb:cc:dd:ee:ff``."""
+        buf = self.ffi.new("uint8_t[6]", bytes.fromhex(text.replace(":", "")))
         self._keep.append(buf)
         return buf
 

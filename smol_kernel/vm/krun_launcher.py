@@ -9,9 +9,11 @@ it dies with its parent. A failing krun_* call is reported on stderr as
 
 Call sequence (see docs/libkrun.md for why):
   set_log_level, create_ctx, set_vm_config, set_root (per-VM boot dir), add_disk2 (root image
-  read-only, then the per-VM overlay), disable_implicit_vsock, add_vsock(0) -- no TSI
-  hijacking, so no network --, add_vsock_port2(listen=true) per port, set_console_output,
-  set_workdir, set_exec (explicit env, never the host's), start_enter.
+  read-only, then the per-VM overlay), add_virtiofs3/add_virtiofs per share,
+  disable_implicit_vsock, add_vsock(0) -- no TSI hijacking --, add_net_unixstream (only with
+  network=True: an inherited fd to the guarded passt link), add_vsock_port2(listen=true) per
+  port, set_console_output, set_workdir, set_exec (explicit env, never the host's),
+  start_enter.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 def build_and_start(cfg: dict) -> int:
-    from .krun_binding import KRUN_DISK_FORMAT_RAW, Krun
+    from .krun_binding import COMPAT_NET_FEATURES, KRUN_DISK_FORMAT_RAW, Krun
 
     k = Krun(cfg.get("libkrun"), cfg.get("libkrunfw"))
     if cfg.get("disks"):
         k.require("blk")
+    if cfg.get("net"):
+        k.require("net")
+    for share in cfg.get("shares", []):
+        k.require("virtiofs_ro" if share["read_only"] else "virtiofs")
     k.call("krun_set_log_level", int(cfg.get("log_level", 0)))
     ctx = k.call("krun_create_ctx")
     try:
@@ -57,8 +63,17 @@ def build_and_start(cfg: dict) -> int:
         for disk in cfg.get("disks", []):
             k.call("krun_add_disk2", ctx, k.cstr(disk["id"]), k.cstr(disk["path"]),
                    KRUN_DISK_FORMAT_RAW, bool(disk["read_only"]))  # fmt: skip
+        for share in cfg.get("shares", []):
+            tag, path = k.cstr(share["tag"]), k.cstr(share["path"])
+            if share["read_only"]:
+                k.call("krun_add_virtiofs3", ctx, tag, path, 0, True)
+            else:
+                k.call("krun_add_virtiofs", ctx, tag, path)
         k.call("krun_disable_implicit_vsock", ctx)
-        k.call("krun_add_vsock", ctx, 0)  # no TSI_HIJACK_INET / _UNIX: no network
+        k.call("krun_add_vsock", ctx, 0)  # no TSI_HIJACK_INET / _UNIX
+        if net := cfg.get("net"):
+            k.call("krun_add_net_unixstream", ctx, k.ffi.NULL, int(net["fd"]), k.mac(net["mac"]),
+                   COMPAT_NET_FEATURES, 0)  # fmt: skip
         for port, path in sorted(cfg.get("vsock_ports", {}).items(), key=lambda p: int(p[0])):
             k.call("krun_add_vsock_port2", ctx, int(port), k.cstr(path), True)
         k.call("krun_set_console_output", ctx, k.cstr(cfg["console"]))
@@ -81,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0]) as f:
         cfg = json.load(f)
     _die_with_parent(int(cfg.get("parent_pid") or os.getppid()))
-    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
+    max_fd = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
+    keep = int(cfg["net"]["fd"]) if cfg.get("net") else None
+    if keep is None:
+        os.closerange(3, max_fd)
+    else:  # the network link is the one descriptor the VM inherits on purpose
+        os.closerange(3, keep)
+        os.closerange(keep + 1, max_fd)
     from .krun_binding import KrunError, KrunLoadError
 
     try:

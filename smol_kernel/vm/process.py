@@ -42,8 +42,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         os._exit(1)
 
 
-def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``argv`` with stdout/stderr to ``log_path``; it is SIGKILLed if we die."""
+def spawn(
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen:
+    """Start ``argv`` with stdout/stderr to ``log_path``; it is SIGKILLed if we die.
+    Only ``pass_fds`` (same numbers) are inherited besides stdio."""
     global _spawner
     with _spawner_lock:
         if _spawner is None:
@@ -59,6 +65,7 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) ->
                 env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin")},
                 preexec_fn=_die_with_parent,
                 close_fds=True,
+                pass_fds=pass_fds,
                 start_new_session=True,  # no terminal signals (Ctrl-C) reach the VMM
             )
 
@@ -137,8 +144,14 @@ def _alive(pid: int | None, start: int | None) -> bool:
 def vm_processes(rt: RuntimeDir, state: dict) -> list[int]:
     """PIDs of the VM's processes that still run (checked against the runtime dir path)."""
     out = []
-    for pid in (state.get("pids") or {}).values():
-        if pid and str(rt.path) in _cmdline(pid):
+    starts = state.get("starts") or {}
+    for name, pid in (state.get("pids") or {}).items():
+        if not pid:
+            continue
+        # Same process, not a reused PID: its start time matches, or (older state files)
+        # its command line names the runtime dir.
+        start = starts.get(name)
+        if (start is not None and proc_start_time(pid) == start) or str(rt.path) in _cmdline(pid):
             out.append(pid)
     return out
 
@@ -238,11 +251,13 @@ class ProcessVm(Vm):
         """Write what ``smol-kernel ps`` and orphan reaping need to find this VM."""
         spec = self.spec
         pids = {"vmm": self.pid, **{f"helper{i}": p.pid for i, p in enumerate(self._helpers)}}
+        starts = {name: proc_start_time(pid) for name, pid in pids.items() if pid}
         self.rt.write_state({
             **owner_state(), "id": self.id, "backend": backend,
             "isolation": str(self.isolation), "label": spec.label, "image": spec.image,
             "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
-            "created": self.started, "pids": pids,
+            "network": spec.network, "shares": [str(s) for s in spec.shares],
+            "created": self.started, "pids": pids, "starts": starts,
         })  # fmt: skip
 
     async def confirm_started(self, what: str, log: Path) -> None:

@@ -4,6 +4,9 @@ Per VM: one ``qemu-system-x86_64 -M microvm`` with no default devices and ``-san
 the image's root disk attached read-only, a fresh sparse ext4 overlay disk capped at
 ``disk_mib`` (the guest's only writable storage), and one ``vhost-device-vsock`` daemon that
 carries vsock (its own process and group, so no two guests can talk to each other).
+Opt-in: a ``passt`` per VM behind a virtio-net device (``VmSpec.network``), and host folders
+over virtio-9p (``VmSpec.shares``; the generic Debian kernel has the 9p modules, the cloud
+kernel does not -- which is why images use the generic one).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from ..image.tools import find_vhost_device_vsock
 from ..transport.vhost_user_vsock import open_vsock_stream
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
+from .network import GUEST_MAC, start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
-from .spec import Isolation, VmSpec
+from .spec import Isolation, VmSpec, share_tag
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
 KERNEL_CMDLINE = "console=ttyS0 quiet reboot=t panic=-1 initcall_blacklist=i8042_init"
@@ -134,8 +138,11 @@ class QemuBackend(VmBackend):
         await asyncio.to_thread(reap_orphans)
 
         rt = RuntimeDir.create()
-        vhost = qemu = None
+        vhost = qemu = net_sock = None
+        net_procs: list[subprocess.Popen] = []
         try:
+            if spec.network:
+                net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
             overlay = rt.path / "overlay.ext4"
             await asyncio.to_thread(self._make_overlay, overlay, spec.disk_mib)
             vu_sock = rt.path / "vu.sock"
@@ -155,20 +162,26 @@ class QemuBackend(VmBackend):
                         + (rt.path / "vhost.log").read_text(errors="replace")[-500:]
                     )
                 await asyncio.sleep(0.01)
-            argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock)
-            qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log")
-            vm = QemuVm(spec, rt, status.isolation, qemu, (vhost,))
+            net_fd = net_sock.fileno() if net_sock else None
+            argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock, net_fd)
+            qemu = await asyncio.to_thread(
+                spawn, argv, rt.path / "qemu.log", None, () if net_fd is None else (net_fd,)
+            )
+            vm = QemuVm(spec, rt, status.isolation, qemu, (vhost, *net_procs))
             vm.record_state(self.name)
             await vm.confirm_started("QEMU", rt.path / "qemu.log")
             return vm
         except BaseException:
-            for proc in (qemu, vhost):
+            for proc in (qemu, vhost, *net_procs):
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                 if proc is not None:
                     proc.wait()
             rt.remove()
             raise
+        finally:
+            if net_sock is not None:
+                net_sock.close()  # QEMU has its own copy
 
     @staticmethod
     def _make_overlay(path: Path, size_mib: int) -> None:
@@ -190,12 +203,27 @@ class QemuBackend(VmBackend):
         rt: RuntimeDir,
         overlay: Path,
         vu_sock: Path,
+        net_fd: int | None = None,
     ) -> list[str]:
         assert self.qemu is not None
         mem = f"{spec.memory_mib}M"
         cmdline = KERNEL_CMDLINE
         if isolation is Isolation.TCG:
             cmdline += " " + tcg_clock_cmdline()
+        # name=value words the kernel does not know become /init's environment.
+        cmdline += "".join(f" {k}={v}" for k, v in spec.boot_env().items())
+        extra: list[str] = []
+        if net_fd is not None:
+            extra += [
+                "-netdev", f"stream,id=net0,server=off,addr.type=fd,addr.str={net_fd}",
+                "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+            ]  # fmt: skip
+        for i, share in enumerate(spec.shares):
+            extra += [
+                "-fsdev", f"local,id=fs{i},path={_opt(share.host)},security_model=none"
+                          + (",readonly=on" if share.read_only else ""),
+                "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
+            ]  # fmt: skip
         accel = ["-accel", "kvm", "-cpu", "host"] if isolation is Isolation.KVM else [
             "-accel", f"tcg,tb-size={self.tb_size_mib}"]  # fmt: skip
         return [
@@ -218,4 +246,10 @@ class QemuBackend(VmBackend):
             "-device", "virtio-blk-device,drive=rw",
             "-chardev", f"socket,id=vsock,path={vu_sock}",
             "-device", "vhost-user-vsock-device,chardev=vsock",
+            *extra,
         ]  # fmt: skip
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+
+from .share import Share, ShareError, check_shares
 
 
 class Isolation(str, Enum):
@@ -44,6 +47,10 @@ class VmSpec:
     accel:      ``auto`` (hardware if a guest really boots with it, else ``tcg``),
                 ``kvm`` or ``tcg``
     label:      free text shown by ``smol-kernel ps`` (the kernel id, for kernels)
+    network:    give the guest outbound network through a per-VM passt (default: loopback only)
+    dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
+                through passt
+    shares:     host folders visible in the guest (see ``share.py``)
     """
 
     image: str = "default"
@@ -52,6 +59,9 @@ class VmSpec:
     disk_mib: int = 1024
     accel: str = "auto"
     label: str = ""
+    network: bool = False
+    dns: tuple[str, ...] = ()
+    shares: tuple[Share, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -71,3 +81,33 @@ class VmSpec:
             )
         if self.accel not in ("auto", "kvm", "tcg"):
             raise VmSpecError(f"accel={self.accel!r}: choose auto, kvm or tcg")
+        for server in self.dns:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise VmSpecError(
+                    f"DNS server {server!r} is not an IPv4 address (e.g. 192.0.2.53)"
+                ) from None
+        try:
+            check_shares(self.shares)
+        except ShareError as e:
+            raise VmSpecError(str(e)) from None
+
+    def boot_env(self) -> dict[str, str]:
+        """Settings the guest's /init reads from its environment (kernel command line under
+        QEMU, the exec environment under libkrun): network addressing and share mounts."""
+        from .network import guest_net_config
+
+        env = {}
+        if self.network:
+            env["SMOL_NET"] = guest_net_config(self.dns)
+        if self.shares:
+            env["SMOL_SHARES"] = ",".join(
+                f"{share_tag(i)}:{s.guest}:{s.mode}" for i, s in enumerate(self.shares)
+            )
+        return env
+
+
+def share_tag(index: int) -> str:
+    """The 9p mount tag / virtio-fs tag of the index-th share."""
+    return f"smol{index}"

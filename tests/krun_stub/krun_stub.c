@@ -6,7 +6,8 @@
  * $KRUN_STUB_FAIL="krun_name:-errno" makes that function fail. krun_start_enter logs, then
  * _exit($KRUN_STUB_EXIT), like the real one ends the process with the guest's status.
  * Build variants: -DSTUB_OLD (no krun_disable_implicit_vsock/krun_add_vsock, i.e. < 1.17),
- * -DSTUB_NO_BLK (no krun_add_disk2).
+ * -DSTUB_NO_BLK (no krun_add_disk2), -DSTUB_NO_EXTRAS (no krun_add_net_unixstream and no
+ * krun_add_virtiofs3, like a 1.17 build without NET=1).
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -107,6 +108,35 @@ int32_t krun_add_disk2(uint32_t ctx, const char *id, const char *path, uint32_t 
     END("krun_add_disk2")
 }
 #endif
+#ifndef STUB_NO_EXTRAS
+int32_t krun_add_net_unixstream(uint32_t ctx, const char *path, int fd, uint8_t *const mac,
+                                uint32_t features, uint32_t flags) {
+    char link[64] = "", target[128] = "";
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n > 0) target[n] = 0;
+    BEGIN("krun_add_net_unixstream")
+    fprintf(f, ",\"ctx\":%u,\"fd\":%d,\"features\":%u,\"flags\":%u,\"path\":", ctx, fd, features, flags);
+    put_str(f, path);
+    fprintf(f, ",\"mac\":\"%02x:%02x:%02x:%02x:%02x:%02x\",\"fd_target\":", mac[0], mac[1], mac[2],
+            mac[3], mac[4], mac[5]);
+    put_str(f, target);
+    END("krun_add_net_unixstream")
+}
+int32_t krun_add_virtiofs3(uint32_t ctx, const char *tag, const char *path, uint64_t shm,
+                           bool ro) {
+    BEGIN("krun_add_virtiofs3")
+    fprintf(f, ",\"ctx\":%u,\"shm_size\":%llu,\"read_only\":%s,\"tag\":", ctx,
+            (unsigned long long)shm, ro ? "true" : "false");
+    put_str(f, tag); fputs(",\"path\":", f); put_str(f, path);
+    END("krun_add_virtiofs3")
+}
+#endif
+int32_t krun_add_virtiofs(uint32_t ctx, const char *tag, const char *path) {
+    BEGIN("krun_add_virtiofs") fprintf(f, ",\"ctx\":%u,\"tag\":", ctx); put_str(f, tag);
+    fputs(",\"path\":", f); put_str(f, path);
+    END("krun_add_virtiofs")
+}
 int32_t krun_start_enter(uint32_t ctx) {
     FILE *f = logf_();
     if (f) {

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import threading
 
 import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from ..conftest import install_spec, processes_mentioning
 from ..kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel
+from .host_listeners import HostServer
 
 pytestmark = pytest.mark.vm
 
@@ -44,28 +43,6 @@ async def attacker(attack_spec, bystander):
     km, kc = await start_kernel(attack_spec)
     yield km, kc
     await stop_kernel(km, kc)
-
-
-class HostServer:
-    """A TCP server on host loopback that records whether anyone connected."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_server((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 CONNECT = """

@@ -1,0 +1,98 @@
+"""Opt-in guest network: one ``passt`` user-space proxy per VM.
+
+passt turns the guest's Ethernet frames into ordinary host sockets, so the guest gets
+outbound TCP, UDP and ICMP echo with the host user's rights and no privileges or bridges.
+How it is configured, and why:
+
+* fixed guest addressing (slirp's 10.0.2.0/24), set up by the guest's /init from
+  ``SMOL_NET`` -- no DHCP round trip during boot;
+* ``--no-map-gw``: by default passt maps the gateway address to the *host's loopback*; that
+  is exactly what must stay unreachable (the Jupyter server listens there);
+* ``--dns-forward``: DNS sent to 10.0.2.3 goes to the host's first resolver (UDP port 53
+  only), the one host service a guest may use -- unless ``VmSpec.dns`` names servers, which
+  the guest then asks directly (passt 2023.03 does not forward to ``--dns`` servers);
+* ``-t none -u none``: nothing on the host forwards *into* the guest;
+* ``-4``: IPv4 only, one address family to reason about;
+* no direct line to the VMM: guest frames pass ``netfilter`` first, which drops anything
+  aimed at the host (passt alone forwards raw frames for 127.0.0.1 to the host's loopback);
+* passt and the guard are helpers of their VM, killed when the VMM exits and with the
+  owner (parent-death signal); passt also exits when its link closes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .base import VmError
+
+GUEST_ADDR = "10.0.2.15"
+PREFIX = 24
+GATEWAY = "10.0.2.2"
+DNS = "10.0.2.3"
+GUEST_MAC = "52:54:00:12:34:56"
+INSTALL_HINT = "install passt: sudo apt-get install passt (Debian/Ubuntu), sudo dnf install passt"
+
+
+def find_passt() -> str | None:
+    return os.environ.get("SMOL_KERNEL_PASST") or shutil.which("passt")
+
+
+def guest_net_config(dns: tuple[str, ...] = ()) -> str:
+    """What the guest's /init reads from ``SMOL_NET``: ``ADDR/PREFIX,GATEWAY,DNS[,DNS...]``.
+    Without ``dns`` the guest asks passt's DNS address, forwarded to the host's resolver;
+    given servers are asked directly (like any other outside address, so never the host)."""
+    return ",".join((f"{GUEST_ADDR}/{PREFIX}", GATEWAY, *(dns or (DNS,))))
+
+
+def passt_argv(passt: str, fd: int) -> list[str]:
+    return [
+        passt, "--foreground", "--quiet", "--stderr", "--fd", str(fd),
+        "--ipv4-only", "--address", GUEST_ADDR, "--netmask", str(PREFIX),
+        "--gateway", GATEWAY, "--no-map-gw", "--dns-forward", DNS,
+        "--tcp-ports", "none", "--udp-ports", "none",
+        "--no-dhcpv6", "--no-ndp", "--no-ra",
+    ]  # fmt: skip
+
+
+def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.socket]:
+    """Start passt and its guard (``netfilter``) for one VM; ``spawn`` is process.spawn.
+
+    Returns both processes and the VMM's end of the guarded link, a connected unix stream
+    socket the VMM must inherit (close it here once it has). Socket pairs rather than
+    ``passt --socket PATH``: passt started as root drops to ``nobody`` before binding, and
+    nobody must not be able to enter the VM's runtime dir.
+    """
+    passt = find_passt()
+    if not passt:
+        raise VmError(f"network=True needs passt, which is not installed; {INSTALL_HINT}")
+    vmm_end, guard_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guard_passt, passt_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    procs: list[subprocess.Popen] = []
+    try:
+        fd = passt_end.fileno()
+        procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))
+        fds = (guard_vm.fileno(), guard_passt.fileno())
+        argv = [sys.executable, "-m", "smol_kernel.vm.netfilter", *map(str, fds)]
+        procs.append(spawn(argv, rt_path / "netfilter.log", pass_fds=fds))
+        time.sleep(0.05)
+        for proc, log in zip(procs, ("passt.log", "netfilter.log"), strict=True):
+            if proc.poll() is not None:
+                text = (rt_path / log).read_text(errors="replace")
+                raise VmError(f"the guest's network proxy exited at once: {text[-500:]}")
+    except BaseException:
+        vmm_end.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        raise
+    finally:
+        for s in (guard_vm, guard_passt, passt_end):
+            s.close()
+    return procs, vmm_end

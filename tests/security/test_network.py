@@ -1,0 +1,268 @@
+"""network=True: the guest reaches the outside (a test host in a network namespace, by name),
+and still never the host itself -- loopback, gateway tricks, the host's own addresses,
+link-local, or raw Ethernet frames. Each attack asserts containment and a fine bystander."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smol_kernel.vm.netfilter import host_addresses
+from smol_kernel.vm.process import proc_start_time
+
+from ..conftest import install_spec
+from ..kernel_helpers import run_cell, start_kernel, stop_kernel
+from .host_listeners import HostServer, HostUdpServer
+
+pytestmark = pytest.mark.vm
+SERVICES = Path(__file__).with_name("netns_services.py")
+TEST_HOST_NAME = "smol-test-host.internal"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def test_host():
+    """A host in its own network namespace behind a veth pair: HTTP on :8080 and DNS."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("the test host needs root and iproute2 (ip netns + veth); CI runs as root")
+    n = os.getpid() % 200 + 20
+    ns, host_if, ns_if = f"smoltest{n}", f"smolh{n}", f"smoln{n}"
+    host_ip, ns_ip = f"10.203.{n}.1", f"10.203.{n}.2"
+    marker = f"marker-{os.getpid()}"
+    proc = None
+    try:
+        _ip("netns", "add", ns)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", ns)
+        _ip("addr", "add", f"{host_ip}/24", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", f"{ns_ip}/24", "dev", ns_if)
+        _ip("-n", ns, "link", "set", ns_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(SERVICES), ns_ip, "8080",
+             TEST_HOST_NAME, marker],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield {"ip": ns_ip, "marker": marker}
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def net_spec(jupyter_prefix, test_host) -> str:
+    return install_spec(jupyter_prefix, "smolvm-net", "--network",
+                        "--dns-server", test_host["ip"], "--memory-mib", "512")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def bystander(jupyter_prefix):
+    spec = install_spec(jupyter_prefix, "smolvm-net-bystander", "--memory-mib", "512")
+    km, kc = await start_kernel(spec)
+    await run_cell(kc, "secret_state = 'bystander'")
+    yield km, kc
+    await stop_kernel(km, kc)
+
+
+async def assert_bystander_fine(bystander) -> None:
+    _, kc = bystander
+    r = await run_cell(kc, "print(secret_state)", timeout=60)
+    assert r.stdout.strip() == "bystander"
+
+
+@pytest.fixture(scope="module")
+async def net_kernel(net_spec, bystander):
+    km, kc = await start_kernel(net_spec)
+    yield km, kc
+    await stop_kernel(km, kc)
+
+
+FETCH = f"""
+import socket, urllib.request
+print(socket.gethostbyname({TEST_HOST_NAME!r}))
+print(urllib.request.urlopen('http://{TEST_HOST_NAME}:8080/marker', timeout=30).read().decode())
+"""
+
+
+async def test_guest_reaches_a_test_host_by_name(net_kernel, test_host, bystander):
+    _, kc = net_kernel
+    r = await run_cell(kc, FETCH, timeout=120)
+    assert r.status == "ok", (r.ename, r.evalue)
+    assert r.stdout.split() == [test_host["ip"], test_host["marker"]]
+    await assert_bystander_fine(bystander)
+
+
+ASK_PASST_DNS = """
+import socket, struct
+q = b'\\x12\\x34\\x01\\x00\\x00\\x01' + bytes(6)
+q += b''.join(bytes([len(p)]) + p.encode() for p in {name!r}.split('.'))
+q += b'\\x00\\x00\\x01\\x00\\x01'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10)
+s.sendto(q, ('10.0.2.3', 53))
+r = s.recv(2048)
+pos, addrs = len(q), []
+for _ in range(struct.unpack_from('!H', r, 6)[0]):
+    pos += 2  # compressed name pointer
+    rtype, _, _, rdlen = struct.unpack_from('!HHIH', r, pos); pos += 10
+    if rtype == 1:
+        addrs.append(socket.inet_ntoa(r[pos:pos + 4]))
+    pos += rdlen
+print(sorted(addrs))
+"""
+
+
+async def test_default_dns_is_the_hosts_resolver(net_kernel, bystander):
+    """Without dns_servers, 10.0.2.3 is the host's resolver (passt --dns-forward)."""
+    for name in ("pypi.org", "deb.debian.org"):
+        try:
+            host_view = sorted(set(socket.gethostbyname_ex(name)[2]))
+            break
+        except OSError:
+            continue
+    else:
+        pytest.skip("the host itself cannot resolve pypi.org or deb.debian.org")
+    _, kc = net_kernel
+    r = await run_cell(kc, ASK_PASST_DNS.format(name=name), timeout=60)
+    assert r.status == "ok", (r.ename, r.evalue)
+    assert r.stdout.strip() == str(host_view)
+    await assert_bystander_fine(bystander)
+
+
+# Ethernet frames built by hand, as root in the guest can: the guest kernel never sends
+# 127.0.0.1 out of eth0, but a raw socket can.
+RAW_FRAMES = """
+import socket, struct, time
+def csum(b):
+    if len(b) % 2: b += b'\\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+def ip(dst, proto, payload):
+    h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0,
+                    socket.inet_aton('10.0.2.15'), socket.inet_aton(dst))
+    return h[:10] + struct.pack('!H', csum(h)) + h[12:] + payload
+def l4(dst, proto, dport, payload=b''):
+    if proto == 6:
+        seg = struct.pack('!HHIIBBHHH', 40000, dport, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+    else:
+        seg = struct.pack('!HHHH', 40001, dport, 8 + len(payload), 0) + payload
+    pseudo = (socket.inet_aton('10.0.2.15') + socket.inet_aton(dst)
+              + struct.pack('!BBH', 0, proto, len(seg)))
+    at = 16 if proto == 6 else 6
+    return seg[:at] + struct.pack('!H', csum(pseudo + seg)) + seg[at + 2:]
+arp = [l.split() for l in open('/proc/net/arp').read().splitlines()[1:]]
+gw_mac = bytes.fromhex(arp[0][3].replace(':', '')) if arp else b'\\xff' * 6
+my_mac = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind(('eth0', 0))
+for dst in {dsts!r}:
+    for proto, port in ((6, {tcp_port}), (17, {udp_port})):
+        raw.send(gw_mac + my_mac + b'\\x08\\x00' + ip(dst, proto, l4(dst, proto, port, b'hi')))
+time.sleep(2)
+print('sent')
+"""
+
+SOCKETS = """
+import socket, time
+reached = []
+for host in {hosts!r}:
+    s = socket.socket(); s.settimeout(2)
+    try:
+        s.connect((host, {tcp_port})); reached.append(host)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b'hi', (host, {udp_port})); u.close()
+time.sleep(2)
+print('reached', reached)
+"""
+
+
+async def test_host_stays_unreachable_with_network_on(net_kernel, test_host, bystander):
+    km, kc = net_kernel
+    # Listeners on host loopback and on every host address (a server bound to all interfaces).
+    tcp_lo, udp_lo = HostServer("127.0.0.1"), HostUdpServer("127.0.0.1")
+    tcp_any = HostServer("0.0.0.0", 0)
+    udp_any = HostUdpServer("0.0.0.0", 0)
+    try:
+        host_ips = sorted(str(a) for a in host_addresses())
+        assert test_host["ip"] not in host_ips
+        for tcp, udp in ((tcp_lo, udp_lo), (tcp_any, udp_any)):
+            hosts = ["10.0.2.2", "10.0.2.3", "169.254.169.254", *host_ips]
+            r = await run_cell(kc, SOCKETS.format(hosts=hosts, tcp_port=tcp.port,
+                                                  udp_port=udp.port), timeout=180)  # fmt: skip
+            assert r.stdout.strip() == "reached []", r.stdout
+            raw = RAW_FRAMES.format(dsts=["127.0.0.1", *host_ips], tcp_port=tcp.port,
+                                    udp_port=udp.port)  # fmt: skip
+            r = await run_cell(kc, raw)
+            assert r.stdout.strip() == "sent", (r.stdout, r.evalue)
+        # The Jupyter side of this very kernel: its shell port on host loopback.
+        shell = km.get_connection_info()["shell_port"]
+        r = await run_cell(kc, RAW_FRAMES.format(dsts=["127.0.0.1"], tcp_port=shell,
+                                                 udp_port=shell))  # fmt: skip
+        assert r.stdout.strip() == "sent"
+        await asyncio.sleep(1)
+        assert (tcp_lo.connections, udp_lo.datagrams) == (0, 0), "reached host loopback"
+        assert (tcp_any.connections, udp_any.datagrams) == (0, 0), "reached a host address"
+    finally:
+        for server in (tcp_lo, udp_lo, tcp_any, udp_any):
+            server.close()
+    # The attacks broke nothing: the kernel still has its network, the bystander is fine.
+    r = await run_cell(kc, FETCH, timeout=120)
+    assert test_host["marker"] in r.stdout
+    await assert_bystander_fine(bystander)
+
+
+def _running(pid: int, start: int | None) -> bool:
+    """Still running as the same process (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and proc_start_time(pid) == start
+
+
+async def _wait_gone(pids: dict[int, int | None], timeout: float) -> list[int]:
+    for _ in range(int(timeout * 10)):
+        if not any(_running(p, s) for p, s in pids.items()):
+            break
+        await asyncio.sleep(0.1)
+    return [p for p, s in pids.items() if _running(p, s)]
+
+
+async def test_network_helpers_end_with_their_vm(net_spec, bystander):
+    km, kc = await start_kernel(net_spec)
+    try:
+        vm = km.provisioner.vm
+        pids = vm.rt.read_state()["pids"]
+        helpers = {pid: proc_start_time(pid) for name, pid in pids.items() if name != "vmm"}
+        assert len(helpers) == 3, "vsock device, passt and its guard"
+        net = {p: s for p, s in helpers.items() if p in (pids["helper1"], pids["helper2"])}
+        os.kill(vm.pid, signal.SIGKILL)  # the VMM dies; nothing of ours has noticed yet
+        # passt and the guard see their link close and exit by themselves ...
+        assert await _wait_gone(net, 10) == [], "the network proxy outlived its VM"
+        # ... and the VM's poll ends whatever helper is left.
+        assert vm.poll() is not None
+        assert await _wait_gone(helpers, 5) == []
+    finally:
+        await stop_kernel(km, kc)
+    await assert_bystander_fine(bystander)

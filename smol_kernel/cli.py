@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=cmd_image_rm)
 
-    from traitlets import Bool, Enum, Float, Integer, List
+    from traitlets import Bool, Float, Integer, List
 
     inst = sub.add_parser("install", help="install the 'Python (smolvm)' kernelspec")
     where = inst.add_mutually_exclusive_group()
@@ -367,9 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
             inst.add_argument(flag.rstrip("s"), action="append", default=None, dest=name,
                               metavar="HOST:GUEST[:ro|rw]",
                               help=helptext + " (repeatable)")  # fmt: skip
-        elif isinstance(trait, Enum):
-            inst.add_argument(flag, choices=list(trait.values or ()), default=None, dest=name,
-                              help=helptext)  # fmt: skip
         else:
             typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str
             inst.add_argument(flag, type=typ, default=None, dest=name, help=helptext)

@@ -51,10 +51,11 @@ async def run_cell(
 
 
 async def start_kernel(
-    kernel_name: str, manager_cls=AsyncKernelManager, **kw
+    kernel_name: str, manager_cls=AsyncKernelManager, cwd: str | None = None, **kw
 ) -> tuple[AsyncKernelManager, AsyncKernelClient]:
+    """``cwd``: where the kernel starts, as a server passes a notebook's folder."""
     km = manager_cls(kernel_name=kernel_name, **kw)
-    await km.start_kernel()
+    await km.start_kernel(**({"cwd": cwd} if cwd else {}))
     kc = km.client()
     kc.start_channels()
     try:

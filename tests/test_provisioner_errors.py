@@ -14,12 +14,14 @@ from smol_kernel.vm.qemu import QemuBackend
 from .conftest import install_spec, processes_mentioning, runtime_entries
 
 
-async def expect_start_failure(spec: str, match: str, **km_kw) -> AsyncKernelManager:
+async def expect_start_failure(
+    spec: str, match: str, start_kw: dict | None = None, **km_kw
+) -> AsyncKernelManager:
     before = runtime_entries()
     vm_procs = set(processes_mentioning(str(paths.runtime_dir())))
     km = AsyncKernelManager(kernel_name=spec, **km_kw)
     with pytest.raises(Exception, match=match) as info:
-        await km.start_kernel()
+        await km.start_kernel(**(start_kw or {}))
     assert runtime_entries() == before, "a failed start must not leave a runtime dir"
     assert set(processes_mentioning(str(paths.runtime_dir()))) <= vm_procs, "VM left running"
     await km.cleanup_resources()
@@ -76,3 +78,32 @@ def test_invalid_setting_is_rejected_at_install(jupyter_prefix, capsys):
                  "--backend", "warp"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert re.search(r"--backend: .*expected any of \['auto', 'qemu', 'libkrun'\]", err), err
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--share", "data"], r"--share: share 'data': expected HOST:GUEST"),
+        (["--share", "/tmp:/proc"], r"guest system folder"),
+        (["--share-cwd", "yes"], r"--share-cwd: .*expected any of \['off', 'ro', 'rw'\]"),
+        (["--dns-server", "dns.example"], r"--dns-server 'dns.example': not an IPv4 address"),
+    ],
+)
+def test_invalid_network_and_share_settings_are_rejected_at_install(jupyter_prefix, capsys,
+                                                                    args, match):  # fmt: skip
+    from smol_kernel.cli import main
+
+    assert main(["install", "--prefix", str(jupyter_prefix), "--name", "bad", *args]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+async def test_missing_share_folder_fails_before_any_vm_boots(jupyter_prefix, tmp_path):
+    spec = install_spec(jupyter_prefix, "smolvm-badshare", "--share", f"{tmp_path}/gone:/data")
+    info = await expect_start_failure(spec, r"host folder .*/gone does not exist; create it")
+    assert "cannot start a Python (smolvm) kernel" in str(info.value)
+
+
+async def test_relative_share_is_relative_to_the_notebook_folder(jupyter_prefix, tmp_path):
+    spec = install_spec(jupyter_prefix, "smolvm-relshare", "--share", "data:/data")
+    await expect_start_failure(spec, rf"host folder {tmp_path}/data does not exist",
+                               start_kw={"cwd": str(tmp_path)})  # fmt: skip

@@ -1,0 +1,143 @@
+"""Host folder shares, attacked from a real kernel: a read-only share stays read-only even
+for root in the guest (remount included), and no symlink -- planted on the host or made in
+the guest -- reaches a host file outside the shared folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ..conftest import install_spec
+from ..kernel_helpers import run_cell, start_kernel, stop_kernel
+
+pytestmark = pytest.mark.vm
+SECRET = "outside-secret-" + "9157"  # split so this file's text in a cell cannot match
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shares")
+    ro, rw, notebook, outside = (root / n for n in ("ro", "rw", "notebook", "outside"))
+    for d in (ro, rw, notebook, outside):
+        d.mkdir()
+    (outside / "secret.txt").write_text(SECRET)
+    (ro / "data.csv").write_text("a,b\n1,2\n")
+    (ro / "rel-link").symlink_to("../outside/secret.txt")
+    (ro / "abs-link").symlink_to(outside / "secret.txt")
+    (ro / "dir-link").symlink_to(outside)
+    (notebook / "analysis.ipynb").write_text("{}")
+    return {"ro": ro, "rw": rw, "notebook": notebook, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+async def shared_kernel(jupyter_prefix, folders):
+    spec = install_spec(
+        jupyter_prefix, "smolvm-shares", "--memory-mib", "512",
+        "--share", f"{folders['ro']}:/data", "--share", f"{folders['rw']}:/out:rw",
+        "--share-cwd", "ro",
+    )  # fmt: skip
+    km, kc = await start_kernel(spec, cwd=str(folders["notebook"]))
+    yield km, kc
+    await stop_kernel(km, kc)
+
+
+def snapshot(path) -> dict:
+    return {
+        str(p.relative_to(path)): (p.is_symlink(), p.read_bytes() if p.is_file() else None)
+        for p in sorted(path.rglob("*"))
+    }
+
+
+async def test_shares_are_mounted_where_asked_and_cwd_is_the_notebook_folder(shared_kernel):
+    _, kc = shared_kernel
+    r = await run_cell(kc, """
+import os
+print(os.getcwd(), sorted(os.listdir('.')))
+print(open('/data/data.csv').read().splitlines())
+mounts = {l.split()[1]: l.split()[3].split(',')[0] for l in open('/proc/mounts') if ' 9p ' in l}
+print(sorted(mounts.items()))
+""")  # fmt: skip
+    lines = r.stdout.splitlines()
+    assert lines[0] == "/work ['analysis.ipynb']"
+    assert lines[1] == "['a,b', '1,2']"
+    assert lines[2] == "[('/data', 'ro'), ('/out', 'rw'), ('/work', 'ro')]"
+
+
+async def test_read_only_share_resists_root_in_the_guest(shared_kernel, folders):
+    _, kc = shared_kernel
+    before = snapshot(folders["ro"])
+    r = await run_cell(kc, """
+import os, subprocess
+attempts = {
+    'write': lambda: open('/data/data.csv', 'a').write('x'),
+    'create': lambda: open('/data/new.txt', 'w').write('x'),
+    'unlink': lambda: os.unlink('/data/data.csv'),
+    'rename': lambda: os.rename('/data/data.csv', '/data/moved.csv'),
+    'chmod': lambda: os.chmod('/data/data.csv', 0o777),
+    'mkdir': lambda: os.mkdir('/data/newdir'),
+    'symlink': lambda: os.symlink('/', '/data/root-link'),
+}
+def run_all(tag):
+    for name, attempt in attempts.items():
+        try:
+            attempt(); print(tag, name, 'SUCCEEDED')
+        except OSError as e:
+            print(tag, name, 'refused', e.errno)
+run_all('mounted-ro')
+# Root can remount the guest's view read-write; the host side must still refuse.
+rc = subprocess.run(['mount', '-o', 'remount,rw', '/data'], capture_output=True).returncode
+print('remount rc', rc)
+run_all('remounted')
+""")  # fmt: skip
+    assert "SUCCEEDED" not in r.stdout, r.stdout
+    assert r.stdout.count("refused") == 14, r.stdout
+    assert snapshot(folders["ro"]) == before, "the read-only folder changed on the host"
+
+
+async def test_symlinks_never_reach_host_files_outside_the_share(shared_kernel, folders):
+    _, kc = shared_kernel
+    r = await run_cell(kc, f"""
+import os, subprocess
+for link in ('/data/rel-link', '/data/abs-link', '/data/dir-link/secret.txt'):
+    try:
+        print(link, repr(open(link).read()[:40]))
+    except OSError as e:
+        print(link, 'error', e.errno)
+# Links made in the guest, in the writable share, pointing at the host paths.
+os.symlink({str(folders['outside'] / 'secret.txt')!r}, '/out/abs-made')
+os.symlink('../outside/secret.txt', '/out/rel-made')
+os.symlink('/', '/out/root-made')
+for link in ('/out/abs-made', '/out/rel-made'):
+    try:
+        print(link, repr(open(link).read()[:40]))
+    except OSError as e:
+        print(link, 'error', e.errno)
+print('dotdot', sorted(os.listdir('/data/..'))[:3])
+needle = 'outside-secret-' + '9157'
+found = subprocess.run(['grep', '-rls', needle, '/data/', '/out/', '/work/', '/out/root-made/tmp'],
+                       capture_output=True, text=True).stdout
+print('found', repr(found))
+""")  # fmt: skip
+    assert r.status == "ok", (r.ename, r.evalue)
+    assert SECRET not in r.stdout.replace("found ''", ""), r.stdout
+    assert "found ''" in r.stdout
+    # The guest's links are plain symlinks on the host, nothing more.
+    assert os.readlink(folders["rw"] / "root-made") == "/"
+    assert (folders["outside"] / "secret.txt").read_text() == SECRET
+
+
+async def test_writable_share_round_trips_both_ways(shared_kernel, folders):
+    _, kc = shared_kernel
+    (folders["rw"] / "from-host.txt").write_text("written on the host")
+    r = await run_cell(kc, """
+print(open('/out/from-host.txt').read())
+with open('/out/from-guest.txt', 'w') as f:
+    f.write('written in the guest')
+""")  # fmt: skip
+    assert r.stdout.strip() == "written on the host"
+    assert (folders["rw"] / "from-guest.txt").read_text() == "written in the guest"
+    # The notebook folder was shared read-only: the guest could not write next to it.
+    r = await run_cell(kc, "open('/work/out.txt', 'w')")
+    assert r.ename == "OSError" and "Read-only" in r.evalue
+    assert sorted(p.name for p in folders["notebook"].iterdir()) == ["analysis.ipynb"]

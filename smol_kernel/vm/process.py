@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import paths
+from . import console
 from .base import Vm, VmError
 from .spec import Isolation, VmSpec
 
@@ -213,6 +214,7 @@ class ProcessVm(Vm):
         self._helpers = list(helpers)
         self._status: int | None = None
         self.started = time.time()
+        console.watch(self.console_log)
 
     @property
     def pid(self) -> int | None:
@@ -280,4 +282,5 @@ class ProcessVm(Vm):
             self._vmm = None
         await asyncio.to_thread(self._stop_helpers)
         self._helpers = []
+        console.unwatch(self.console_log)
         self.rt.remove()

@@ -239,7 +239,9 @@ class QemuBackend(VmBackend):
             "-kernel", str(image.kernel),
             "-initrd", str(image.initramfs),
             "-append", cmdline,
-            "-serial", f"file:{rt.path / 'console.log'}",
+            # append=on: O_APPEND, so the console cap (console.py) can cut the log back.
+            "-chardev", f"file,id=con,path={_opt(rt.path / 'console.log')},append=on",
+            "-serial", "chardev:con",
             "-drive", f"id=root,file={image.root_disk},format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-drive", f"id=rw,file={overlay},format=raw,if=none,discard=unmap",

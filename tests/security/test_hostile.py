@@ -165,7 +165,7 @@ async def test_printing_lots_of_output_keeps_host_memory_bounded(attacker, bysta
     # Flushed per MiB: unflushed, ipykernel itself buffers it all and the guest OOM-kills it.
     code = (
         "import sys\n"
-        "for _ in range(100):\n"
+        "for _ in range(200):\n"
         "    sys.stdout.write('x' * 1_000_000)\n"
         "    sys.stdout.flush()\n"
     )
@@ -178,11 +178,38 @@ async def test_printing_lots_of_output_keeps_host_memory_bounded(attacker, bysta
             total += len(msg["content"]["text"])
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
-    assert total == 100_000_000
+    assert total == 200_000_000
     # All of it went through the relay, which held at most a few chunks at any moment
     # (user-space write buffers; 0 means the sockets took every chunk at once).
     assert relay.connections > 0
     assert relay.peak_buffered <= 1 << 20, f"relay buffered {relay.peak_buffered} bytes"
+    await assert_bystander_fine(bystander)
+
+
+async def test_flooding_the_console_keeps_the_host_log_bounded(attacker, bystander,
+                                                               monkeypatch):  # fmt: skip
+    km, kc = attacker
+    cap = 256 << 10
+    monkeypatch.setenv("SMOL_KERNEL_CONSOLE_LOG_KIB", str(cap >> 10))
+    log = km.provisioner.vm.console_log
+    # Root writes the console device directly, bypassing the kernel's output budget.
+    r = await run_cell(kc, """
+import os, time
+fd = os.open('/dev/console', os.O_WRONLY | os.O_NOCTTY)
+chunk = b'flood ' * 10000 + b'\\n'
+written, end = 0, time.monotonic() + 15
+while time.monotonic() < end:
+    written += os.write(fd, chunk)
+os.close(fd)
+print(written)
+""", timeout=120)  # fmt: skip
+    written = int(r.stdout.strip())
+    assert written > 4 * cap, f"the guest wrote only {written} bytes: nothing was tested"
+    await asyncio.sleep(1.5)  # the watcher's next rounds
+    assert log.stat().st_blocks * 512 <= cap + (64 << 10), "the console log outgrew its cap"
+    assert b"bytes of console output dropped" in log.read_bytes()
+    r = await run_cell(kc, "print('still here')")
+    assert r.stdout.strip() == "still here"
     await assert_bystander_fine(bystander)
 
 

@@ -211,6 +211,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
                 else None,
                 "rss_mib": round(sum(_rss_kib(p) for p in pids) / 1024, 1),
                 "memory_mib": state.get("memory_mib"),
+                "network": bool(state.get("network")),
+                "shares": state.get("shares") or [],
                 "state": "running" if pids and owner_alive else ("orphaned" if pids else "stale"),
                 "owner_pid": state.get("owner_pid"),
             }
@@ -222,11 +224,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print("no kernel VMs running")
         return 0
     print(f"{'VM':<9} {'KERNEL ID':<37} {'BACKEND':<8} {'ISOL':<5} {'PID':>7} "
-          f"{'UPTIME':>8} {'RSS':>9} {'STATE':<8}")  # fmt: skip
+          f"{'UPTIME':>8} {'RSS':>9} {'STATE':<8} {'NET':<3} SHARES")  # fmt: skip
     for r in rows:
         up = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "?"
+        net = "on" if r["network"] else "off"
         print(f"{r['vm']:<9} {r['kernel_id'] or '-':<37} {r['backend']:<8} {r['isolation']:<5} "
-              f"{r['pid'] or '-':>7} {up:>8} {r['rss_mib']:>6.0f}MiB {r['state']:<8}")  # fmt: skip
+              f"{r['pid'] or '-':>7} {up:>8} {r['rss_mib']:>6.0f}MiB {r['state']:<8} {net:<3} "
+              f"{' '.join(r['shares']) or '-'}")  # fmt: skip
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from typing import Any
@@ -367,7 +368,16 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         return max(recommended, 30.0)
 
     def resolve_path(self, path_str: str) -> str | None:
-        return None  # the guest sees no host files, so no kernel path maps to the server
+        """Map a guest path inside a share to the host path; anything else is guest-only."""
+        import posixpath
+
+        guest = posixpath.normpath(posixpath.join(self._cwd, path_str))
+        for share in self._shares:
+            if guest == share.guest or guest.startswith(share.guest + "/"):
+                host = os.path.realpath(share.host + guest[len(share.guest) :])
+                inside = host == share.host or host.startswith(share.host + os.sep)
+                return host if inside and os.path.exists(host) else None
+        return None
 
     # ------------------------------------------------------------------ persistence
     async def get_provisioner_info(self) -> dict:

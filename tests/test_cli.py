@@ -46,6 +46,7 @@ async def test_ps_lists_and_kill_stops_a_kernel_vm(smolvm_spec, capsys):
         row = mine[0]
         assert row["state"] == "running" and row["isolation"] in ("kvm", "tcg")
         assert row["rss_mib"] > 10 and row["pid"] > 1
+        assert row["network"] is False and row["shares"] == [], "nothing opted in"
         assert main(["ps"]) == 0
         assert km.kernel_id in capsys.readouterr().out
 

@@ -5,6 +5,7 @@ link-local, or raw Ethernet frames. Each attack asserts containment and a fine b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from smol_kernel.cli import main as cli_main
 from smol_kernel.vm.netfilter import host_addresses
 from smol_kernel.vm.process import proc_start_time
 
@@ -100,11 +102,14 @@ print(urllib.request.urlopen('http://{TEST_HOST_NAME}:8080/marker', timeout=30).
 """
 
 
-async def test_guest_reaches_a_test_host_by_name(net_kernel, test_host, bystander):
-    _, kc = net_kernel
+async def test_guest_reaches_a_test_host_by_name(net_kernel, test_host, bystander, capsys):
+    km, kc = net_kernel
     r = await run_cell(kc, FETCH, timeout=120)
     assert r.status == "ok", (r.ename, r.evalue)
     assert r.stdout.split() == [test_host["ip"], test_host["marker"]]
+    assert cli_main(["ps", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["kernel_id"] == km.kernel_id]
+    assert rows[0]["network"] is True, "ps shows which kernels have network"
     await assert_bystander_fine(bystander)
 
 

@@ -49,7 +49,8 @@ def snapshot(path) -> dict:
     }
 
 
-async def test_shares_are_mounted_where_asked_and_cwd_is_the_notebook_folder(shared_kernel):
+async def test_shares_are_mounted_where_asked_and_cwd_is_the_notebook_folder(shared_kernel,
+                                                                             folders):  # fmt: skip
     _, kc = shared_kernel
     r = await run_cell(kc, """
 import os
@@ -60,6 +61,12 @@ print(sorted(mounts.items()))
 """)  # fmt: skip
     lines = r.stdout.splitlines()
     assert lines[0] == "/work ['analysis.ipynb']"
+    # The server can map the kernel's paths inside shares back to host files.
+    prov = shared_kernel[0].provisioner
+    assert prov.resolve_path("analysis.ipynb") == str(folders["notebook"] / "analysis.ipynb")
+    assert prov.resolve_path("/data/data.csv") == str(folders["ro"] / "data.csv")
+    assert prov.resolve_path("/etc/passwd") is None and prov.resolve_path("/data/nope") is None
+    assert prov.resolve_path("/data/abs-link") is None, "a link out of the share maps nowhere"
     assert lines[1] == "['a,b', '1,2']"
     assert lines[2] == "[('/data', 'ro'), ('/out', 'rw'), ('/work', 'ro')]"
 

@@ -11,6 +11,8 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
+command -v passt >/dev/null || need+=(passt)  # network=True kernels
+command -v ip >/dev/null || need+=(iproute2)  # the network tests' namespace test host
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq

@@ -4,6 +4,7 @@ Measures, N times each:
 * VM cold boot to agent-ready (QEMU start -> the guest agent answers on vsock)
 * smolvm kernel start to kernel_info reply (jupyter_client, full provisioner path)
 * local ipykernel start to kernel_info reply (the baseline)
+* the same VM boot with network=True (passt + its guard: boot overhead and their RSS)
 and the host memory of an idle VM: RSS of QEMU + vhost-device-vsock, split into what is
 private to the VM (anon + guest RAM) and shared file pages (kernel image, binaries).
 
@@ -98,6 +99,11 @@ async def main() -> None:
         t, m = await vm_boot(backend, VmSpec())
         boots.append(t)
         mems.append(m)
+    net_boots, net_mems = [], []
+    for _ in range(args.runs):
+        t, m = await vm_boot(backend, VmSpec(network=True))
+        net_boots.append(t)
+        net_mems.append(m)
     local, local_rss, smol, smol_rss = [], [], [], []
     for _ in range(args.runs):
         t, r = await kernel_start(args.local_kernel)
@@ -114,6 +120,10 @@ async def main() -> None:
     print(f"idle VM host RSS (qemu + vhost)  : {m['rss']:.0f} MiB  (target <= 150 MiB)")
     print(f"   private: anon {m['anon']:.0f} MiB + guest RAM touched {m['shmem']:.0f} MiB; "
           f"shared file pages {m['file']:.0f} MiB")  # fmt: skip
+    net_rss = med([x["rss"] for x in net_mems]) / mib
+    print(f"  with network=True              : boot median {med(net_boots):.2f}s "
+          f"({med(net_boots) - med(boots):+.2f}s), RSS {net_rss:.0f} MiB "
+          f"({net_rss - m['rss']:+.0f} MiB for passt + guard)")  # fmt: skip
     print(f"local ipykernel start to ready   : median {med(local):.2f}s, RSS "
           f"{med(local_rss) / mib:.0f} MiB")  # fmt: skip
     print(f"smolvm kernel start to ready     : median {med(smol):.2f}s, RSS "

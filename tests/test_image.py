@@ -13,7 +13,7 @@ import pytest
 from smol_kernel.cli import main
 from smol_kernel.image.builder import ImageBuilder, ImageBuildError, extract_vmlinux
 from smol_kernel.image.debian import HostToolError
-from smol_kernel.image.initramfs import CpioWriter, ModuleError, resolve_modules
+from smol_kernel.image.initramfs import CpioWriter, ModuleError, read_cpio, resolve_modules
 from smol_kernel.image.store import GuestImage, ImageNotFound, check_name
 
 
@@ -26,6 +26,18 @@ def test_built_image_has_manifest_with_inputs_versions_and_hashes(image):
         assert m["files"][name]["size"] == (image.path / name).stat().st_size
         assert len(m["files"][name]["sha256"]) == 64
     assert (image.path / "vmlinux").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_network_and_share_modules_load_only_when_asked_for(image):
+    files = {name: data for name, _, data in read_cpio(image.initramfs.read_bytes())}
+    lists = {n: files[n].decode().split() for n in ("modules.order", "modules.net", "modules.9p")}
+    assert "virtio_blk.ko" in lists["modules.order"] and "ext4.ko" in lists["modules.order"]
+    assert lists["modules.net"][-1] == "virtio_net.ko" and "failover.ko" in lists["modules.net"]
+    assert lists["modules.9p"][-1] == "9p.ko" and "9pnet_virtio.ko" in lists["modules.9p"]
+    base = set(lists["modules.order"])
+    assert not base & (set(lists["modules.net"]) | set(lists["modules.9p"])), "loaded twice"
+    for names in lists.values():
+        assert all(f"lib/modules/{n}" in files for n in names)
 
 
 def test_unchanged_inputs_do_not_rebuild(image):

@@ -26,7 +26,7 @@ from .. import __version__, paths
 from ..guest import agent as _agent_mod
 from ..guest import protocol as _protocol_mod
 from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
-from .initramfs import GUEST_MODULES, build_initramfs, resolve_modules
+from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
 from .progress import StageProgress
 from .store import DEFAULT_IMAGE, GuestImage, check_name
 from .tools import install_vhost_device_vsock
@@ -128,6 +128,7 @@ class ImageBuilder:
             "pip": self.pip,
             "kernel_package": self.kernel_package,
             "modules": list(GUEST_MODULES),
+            "optional_modules": OPTIONAL_MODULES,
             "guest_files": guest_files,
         }
 
@@ -252,10 +253,16 @@ class ImageBuilder:
         extract_vmlinux(bzimage, out / "vmlinux")
 
         self._stage("initramfs")
-        modules = resolve_modules(kdir / "lib" / "modules" / release, GUEST_MODULES)
+        mdir = kdir / "lib" / "modules" / release
+        modules = resolve_modules(mdir, GUEST_MODULES)
+        optional = {  # each group's modules and deps, minus those always loaded
+            group: [ko for ko in resolve_modules(mdir, names) if ko not in modules]
+            for group, names in OPTIONAL_MODULES.items()
+        }
         build_initramfs(
-            bdir / "bin" / "busybox", self._init_script(), modules, out / "initramfs.cpio"
-        )
+            bdir / "bin" / "busybox", self._init_script(), modules, out / "initramfs.cpio",
+            optional,
+        )  # fmt: skip
 
         manifest = {
             "name": self.name,

@@ -6,8 +6,8 @@
 #   SMOL_NET=ADDR/PREFIX,GATEWAY,DNS[,DNS..]  configure eth0 (per-VM passt), resolv.conf
 #   SMOL_SHARES=TAG:GUESTPATH:ro|rw,... mount host shares (9p under QEMU, virtio-fs libkrun)
 # Under libkrun this runs as PID 1 from a per-VM virtio-fs boot dir (env SMOL_LIBKRUN=1,
-# SMOL_PROBE=1 for the probe); the kernel has every driver built in, so modules.order is
-# empty, and the root is entered with chroot (switch_root needs an initramfs root).
+# SMOL_PROBE=1 for the probe); the kernel has every driver built in, so the modules.* lists
+# are empty, and the root is entered with chroot (switch_root needs an initramfs root).
 /bin/busybox mkdir -p /proc /sys /dev /ro /rw /newroot
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs dev /dev
@@ -24,9 +24,15 @@ if [ "${SMOL_PROBE:-0}" = 1 ] || /bin/busybox grep -q 'smol.probe=1' /proc/cmdli
     /bin/busybox reboot -f
 fi
 
-while read -r mod; do
-    /bin/busybox insmod "/lib/modules/$mod" || fail "insmod $mod"
-done < /modules.order
+load_modules() {  # $1: a list of .ko names in load order (empty under libkrun)
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        /bin/busybox insmod "/lib/modules/$mod" || fail "insmod $mod"
+    done < "$1"
+}
+load_modules /modules.order
+[ -n "${SMOL_NET:-}" ] && load_modules /modules.net
+[ -n "${SMOL_SHARES:-}" ] && [ "${SMOL_LIBKRUN:-0}" != 1 ] && load_modules /modules.9p
 
 # virtio-mmio devices appear asynchronously after the driver loads.
 i=0

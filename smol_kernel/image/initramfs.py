@@ -20,10 +20,12 @@ GUEST_MODULES = (
     "ext4",
     "overlay",
     "vmw_vsock_virtio_transport",
-    "virtio_net",  # network=True (passt)
-    "9pnet_virtio",  # shares (virtio-9p under QEMU)
-    "9p",
 )
+# Loaded by /init only when asked for (``modules.<group>``), so default boots pay nothing.
+OPTIONAL_MODULES = {
+    "net": ("virtio_net",),  # network=True (passt)
+    "9p": ("9pnet_virtio", "9p"),  # shares under QEMU
+}
 
 
 class ModuleError(Exception):
@@ -132,8 +134,15 @@ class CpioWriter:
         return data + b"\0" * (-len(data) % 512)
 
 
-def build_initramfs(busybox: Path, init_script: bytes, modules: list[Path], out: Path) -> int:
-    """Write the initramfs to ``out``; return its size in bytes."""
+def build_initramfs(
+    busybox: Path,
+    init_script: bytes,
+    modules: list[Path],
+    out: Path,
+    optional: dict[str, list[Path]] | None = None,
+) -> int:
+    """Write the initramfs to ``out``; return its size in bytes. ``modules`` are listed in
+    ``modules.order`` (always loaded), each optional group in ``modules.<group>``."""
     cpio = CpioWriter()
     for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "ro", "rw", "newroot"):
         cpio.dir(d)
@@ -142,11 +151,17 @@ def build_initramfs(busybox: Path, init_script: bytes, modules: list[Path], out:
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", init_script, 0o755)
-    names = []
-    for ko in modules:
-        cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
-        names.append(ko.name)
-    cpio.file("modules.order", ("\n".join(names) + "\n").encode())
+    written: set[str] = set()
+    for list_name, kos in [("modules.order", modules)] + [
+        (f"modules.{group}", group_kos) for group, group_kos in (optional or {}).items()
+    ]:
+        names = []
+        for ko in kos:
+            if ko.name not in written:
+                cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
+                written.add(ko.name)
+            names.append(ko.name)
+        cpio.file(list_name, ("\n".join(names) + "\n").encode())
     data = cpio.getvalue()
     out.write_bytes(data)
     return len(data)

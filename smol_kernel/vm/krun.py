@@ -69,7 +69,7 @@ def make_boot_dir(image: GuestImage, dest: Path) -> None:
         elif stat.S_ISLNK(mode):
             target.symlink_to(data.decode())
         elif stat.S_ISREG(mode):
-            target.write_bytes(b"" if name == "modules.order" else data)
+            target.write_bytes(b"" if name.startswith("modules.") else data)
             target.chmod(stat.S_IMODE(mode))
     (dest / "dev").mkdir(exist_ok=True)
 

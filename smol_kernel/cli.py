@@ -310,6 +310,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_errors=args.allow_errors,
         interrupt_on_timeout=True,
         on_cell_executed=on_cell_executed,
+        # The kernel starts in the notebook's folder, as under Jupyter (matters for share_cwd).
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(args.notebook))}},
     )
     try:
         client.execute()

@@ -107,3 +107,15 @@ async def test_relative_share_is_relative_to_the_notebook_folder(jupyter_prefix,
     spec = install_spec(jupyter_prefix, "smolvm-relshare", "--share", "data:/data")
     await expect_start_failure(spec, rf"host folder {tmp_path}/data does not exist",
                                start_kw={"cwd": str(tmp_path)})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("passt", "match"),
+    [("/nonexistent/passt", r"needs passt, which is not installed; install passt: sudo apt"),
+     ("/bin/false", r"network proxy exited at once")],
+)  # fmt: skip
+async def test_network_without_a_working_passt_fails_cleanly(jupyter_prefix, monkeypatch,
+                                                            passt, match):  # fmt: skip
+    spec = install_spec(jupyter_prefix, "smolvm-net-nopasst", "--network")
+    monkeypatch.setenv("SMOL_KERNEL_PASST", passt)
+    await expect_start_failure(spec, match)

@@ -40,7 +40,8 @@ INSTALL_HINT = "install passt: sudo apt-get install passt (Debian/Ubuntu), sudo 
 
 
 def find_passt() -> str | None:
-    return os.environ.get("SMOL_KERNEL_PASST") or shutil.which("passt")
+    path = os.environ.get("SMOL_KERNEL_PASST") or shutil.which("passt")
+    return path if path and os.access(path, os.X_OK) else None
 
 
 def guest_net_config(dns: tuple[str, ...] = ()) -> str:

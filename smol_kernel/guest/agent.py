@@ -284,7 +284,6 @@ class Agent:
         self.reaper = Reaper(self)
         self._controls: list[socket.socket] = []
         self._lock = threading.Lock()
-        self.poweroff_on_kernel_exit = True
 
     # -- control
     def broadcast(self, msg: dict) -> None:
@@ -361,9 +360,9 @@ class Agent:
             conn.close()
 
     def kernel_gone(self) -> None:
-        if self.poweroff_on_kernel_exit:
-            time.sleep(0.2)  # let the host read kernel_exited
-            power_off()
+        """One VM per kernel: when the kernel is gone, so is the VM."""
+        time.sleep(0.2)  # let the host read kernel_exited
+        power_off()
 
     # -- main
     def run(self) -> None:

@@ -12,6 +12,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from ..conftest import install_spec, processes_mentioning
 from ..kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel
+from .bystander import assert_bystander_fine, start_bystander
 from .host_listeners import HostServer
 
 pytestmark = pytest.mark.vm
@@ -26,16 +27,9 @@ def attack_spec(jupyter_prefix) -> str:
 @pytest.fixture(scope="module")
 async def bystander(attack_spec):
     """Another kernel that must keep working whatever the attacks do."""
-    km, kc = await start_kernel(attack_spec)
-    await run_cell(kc, "secret_state = 'bystander'")
+    km, kc = await start_bystander(attack_spec)
     yield km, kc
     await stop_kernel(km, kc)
-
-
-async def assert_bystander_fine(bystander) -> None:
-    _, kc = bystander
-    r = await run_cell(kc, "print(secret_state)", timeout=60)
-    assert r.stdout.strip() == "bystander"
 
 
 @pytest.fixture(scope="module")

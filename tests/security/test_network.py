@@ -22,6 +22,7 @@ from smol_kernel.vm.process import proc_start_time
 
 from ..conftest import install_spec
 from ..kernel_helpers import run_cell, start_kernel, stop_kernel
+from .bystander import assert_bystander_fine, start_bystander
 from .host_listeners import HostServer, HostUdpServer
 
 pytestmark = pytest.mark.vm
@@ -76,16 +77,9 @@ def net_spec(jupyter_prefix, test_host) -> str:
 @pytest.fixture(scope="module")
 async def bystander(jupyter_prefix):
     spec = install_spec(jupyter_prefix, "smolvm-net-bystander", "--memory-mib", "512")
-    km, kc = await start_kernel(spec)
-    await run_cell(kc, "secret_state = 'bystander'")
+    km, kc = await start_bystander(spec)
     yield km, kc
     await stop_kernel(km, kc)
-
-
-async def assert_bystander_fine(bystander) -> None:
-    _, kc = bystander
-    r = await run_cell(kc, "print(secret_state)", timeout=60)
-    assert r.stdout.strip() == "bystander"
 
 
 @pytest.fixture(scope="module")

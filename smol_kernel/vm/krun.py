@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -30,8 +29,7 @@ from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
 from .network import GUEST_MAC, start_network
-from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
-from .qemu import QemuBackend
+from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
 from .spec import Isolation, VmSpec, share_tag
 
 SUN_PATH_MAX = 107
@@ -75,8 +73,10 @@ def make_boot_dir(image: GuestImage, dest: Path) -> None:
 
 
 def required_features(spec: VmSpec) -> list[str]:
-    """libkrun features a VM needs beyond booting (see ``krun_binding.FEATURE_SYMBOLS``)."""
-    out = ["net"] if spec.network else []
+    """libkrun features a VM needs (see ``krun_binding.FEATURE_SYMBOLS``): checked by the
+    backend before booting, and again by the launcher (``require`` in its config)."""
+    out = ["blk"]  # the guest image is a disk
+    out += ["net"] if spec.network else []
     out += sorted({"virtiofs_ro" if s.read_only else "virtiofs" for s in spec.shares})
     return out
 
@@ -111,9 +111,10 @@ def launcher_config(
             *(
                 []
                 if probe
-                else [{"id": "rw", "path": str(rt_path / "overlay.ext4"), "read_only": False}]
+                else [{"id": "rw", "path": str(RuntimeDir(rt_path).overlay), "read_only": False}]
             ),
         ],
+        "require": required_features(spec),
         "shares": [
             {"tag": share_tag(i), "path": s.host, "read_only": s.read_only}
             for i, s in enumerate(spec.shares)
@@ -231,8 +232,7 @@ class KrunBackend(VmBackend):
         net_procs: list[subprocess.Popen] = []
         try:
             await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
-            await asyncio.to_thread(QemuBackend._make_overlay, rt.path / "overlay.ext4",
-                                    spec.disk_mib)  # fmt: skip
+            await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
             net_fd = net_sock.fileno() if net_sock else None
@@ -248,12 +248,8 @@ class KrunBackend(VmBackend):
             await vm.confirm_started("libkrun launcher", rt.path / "launcher.log")
             return vm
         except BaseException:
-            for p in (proc, *net_procs):
-                if p is not None and p.poll() is None:
-                    p.kill()
-                if p is not None:
-                    p.wait()
-            shutil.rmtree(rt.path, ignore_errors=True)
+            stop_processes((proc, *net_procs))
+            rt.remove()
             raise
         finally:
             if net_sock is not None:
@@ -261,7 +257,7 @@ class KrunBackend(VmBackend):
 
     def _check_features(self, spec: VmSpec) -> None:
         """Refuse before booting when the library cannot give what the spec asks for."""
-        needed = required_features(spec)
+        needed = [f for f in required_features(spec) if f != "blk"]  # check() verified blk
         if not needed:
             return
         try:

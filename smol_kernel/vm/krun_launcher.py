@@ -49,12 +49,8 @@ def build_and_start(cfg: dict) -> int:
     from .krun_binding import COMPAT_NET_FEATURES, KRUN_DISK_FORMAT_RAW, Krun
 
     k = Krun(cfg.get("libkrun"), cfg.get("libkrunfw"))
-    if cfg.get("disks"):
-        k.require("blk")
-    if cfg.get("net"):
-        k.require("net")
-    for share in cfg.get("shares", []):
-        k.require("virtiofs_ro" if share["read_only"] else "virtiofs")
+    for feature in cfg.get("require", []):
+        k.require(feature)
     k.call("krun_set_log_level", int(cfg.get("log_level", 0)))
     ctx = k.call("krun_create_ctx")
     try:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from .base import VmError
+from .process import stop_processes
 
 GUEST_ADDR = "10.0.2.15"
 PREFIX = 24
@@ -88,10 +89,7 @@ def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.
                 raise VmError(f"the guest's network proxy exited at once: {text[-500:]}")
     except BaseException:
         vmm_end.close()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        stop_processes(procs)
         raise
     finally:
         for s in (guard_vm, guard_passt, passt_end):

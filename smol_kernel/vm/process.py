@@ -129,6 +129,33 @@ class RuntimeDir:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    @property
+    def overlay(self) -> Path:
+        return self.path / "overlay.ext4"
+
+    def create_overlay(self, size_mib: int) -> Path:
+        """The VM's writable disk: a sparse ext4 image capped at ``size_mib``."""
+        with open(self.overlay, "wb") as f:
+            f.truncate(size_mib << 20)
+        proc = subprocess.run(
+            ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
+             "-E", "lazy_itable_init=1", str(self.overlay)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise VmError(f"cannot create the writable overlay disk: {proc.stderr.strip()}")
+        return self.overlay
+
+
+def stop_processes(procs) -> None:
+    """Kill whichever of ``procs`` (Popen or None) still run, and reap them all."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
 
 def owner_state() -> dict:
     pid = os.getpid()
@@ -228,10 +255,7 @@ class ProcessVm(Vm):
         return self._status
 
     def _stop_helpers(self) -> None:
-        for proc in self._helpers:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        stop_processes(self._helpers)
 
     async def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout

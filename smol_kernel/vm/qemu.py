@@ -25,7 +25,7 @@ from ..transport.vhost_user_vsock import open_vsock_stream
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
 from .network import GUEST_MAC, start_network
-from .process import ProcessVm, RuntimeDir, reap_orphans, spawn
+from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
 from .spec import Isolation, VmSpec, share_tag
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
@@ -143,8 +143,7 @@ class QemuBackend(VmBackend):
         try:
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
-            overlay = rt.path / "overlay.ext4"
-            await asyncio.to_thread(self._make_overlay, overlay, spec.disk_mib)
+            overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             vu_sock = rt.path / "vu.sock"
             vhost = await asyncio.to_thread(
                 spawn,
@@ -172,28 +171,12 @@ class QemuBackend(VmBackend):
             await vm.confirm_started("QEMU", rt.path / "qemu.log")
             return vm
         except BaseException:
-            for proc in (qemu, vhost, *net_procs):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                if proc is not None:
-                    proc.wait()
+            stop_processes((qemu, vhost, *net_procs))
             rt.remove()
             raise
         finally:
             if net_sock is not None:
                 net_sock.close()  # QEMU has its own copy
-
-    @staticmethod
-    def _make_overlay(path: Path, size_mib: int) -> None:
-        with open(path, "wb") as f:
-            f.truncate(size_mib << 20)
-        proc = subprocess.run(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
-             "-E", "lazy_itable_init=1", str(path)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise VmError(f"cannot create the writable overlay disk: {proc.stderr.strip()}")
 
     def _argv(
         self,

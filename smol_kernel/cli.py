@@ -119,7 +119,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             host = split_share(text)[0]
         except ShareError as e:
             raise ValueError(f"--share: {e}") from None
-        if os.path.isabs(os.path.expanduser(host)) and not os.path.isdir(os.path.expanduser(host)):
+        host = os.path.expanduser(host)
+        if os.path.isabs(host) and not os.path.isdir(host):
             print(f"warning: --share {text!r}: {host} does not exist yet; kernels will not "
                   "start until it does", file=sys.stderr)  # fmt: skip
     if args.env:

@@ -119,3 +119,11 @@ async def test_network_without_a_working_passt_fails_cleanly(jupyter_prefix, mon
     spec = install_spec(jupyter_prefix, "smolvm-net-nopasst", "--network")
     monkeypatch.setenv("SMOL_KERNEL_PASST", passt)
     await expect_start_failure(spec, match)
+
+
+def test_share_of_a_missing_folder_warns_at_install(jupyter_prefix, tmp_path, capsys):
+    from smol_kernel.cli import main
+
+    assert main(["install", "--prefix", str(jupyter_prefix), "--name", "later",
+                 "--share", f"{tmp_path}/later:/data"]) == 0  # fmt: skip
+    assert f"{tmp_path}/later does not exist yet" in capsys.readouterr().err

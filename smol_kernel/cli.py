@@ -90,7 +90,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     from traitlets import Bool, List
 
     from .image.store import GuestImage
-    from .vm.share import ShareError, split_share
+    from .vm.share import ShareError, parse_share, split_share
 
     template = resources.files("smol_kernel.kernelspec")
     spec = json.loads(template.joinpath("kernel.json").read_text())
@@ -123,6 +123,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         if os.path.isabs(host) and not os.path.isdir(host):
             print(f"warning: --share {text!r}: {host} does not exist yet; kernels will not "
                   "start until it does", file=sys.stderr)  # fmt: skip
+        elif os.path.isabs(host):
+            try:  # e.g. a rw share of a folder host code is imported from
+                parse_share(text)
+            except ShareError as e:
+                raise ValueError(f"--share: {e}") from None
     if args.env:
         for item in args.env:
             key, sep, val = item.partition("=")

@@ -12,14 +12,19 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from smol_kernel.guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from smol_kernel.vm.base import BackendUnavailable, VmError
-from smol_kernel.vm.krun import KrunBackend, launcher_config, make_boot_dir, vsock_socket_path
+from smol_kernel.vm.krun import (
+    KrunBackend,
+    launcher_argv,
+    launcher_config,
+    make_boot_dir,
+    vsock_socket_path,
+)
 from smol_kernel.vm.krun_binding import COMPAT_NET_FEATURES, Krun, KrunError, KrunLoadError
 from smol_kernel.vm.krun_launcher import LAUNCHER_FAILED
 from smol_kernel.vm.network import GUEST_MAC
@@ -62,8 +67,8 @@ def run_launcher(
     r, w = os.pipe()  # an inherited descriptor the launcher must close
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "smol_kernel.vm.krun_launcher", str(cfg_path)],
-            env=env, capture_output=True, text=True, pass_fds=(r, *pass_fds), timeout=60,
+            launcher_argv(cfg_path), env=env, cwd=tmp_path, capture_output=True, text=True,
+            pass_fds=(r, *pass_fds), timeout=60,
         )  # fmt: skip
     finally:
         os.close(r)

@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import __version__, paths
 from ..guest import agent as _agent_mod
 from ..guest import protocol as _protocol_mod
+from ..trusted import find_program
 from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
 from .progress import StageProgress
@@ -191,7 +192,7 @@ class ImageBuilder:
         )
 
     def _preflight(self) -> None:
-        if not shutil.which(self.mmdebstrap):
+        if not find_program(self.mmdebstrap):
             raise HostToolError(
                 f"{self.mmdebstrap} is not installed; it builds the guest's Debian root. "
                 "Install it with: sudo apt-get install mmdebstrap"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
+
+from ..trusted import find_program
 
 APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
 
@@ -20,7 +21,7 @@ class HostToolError(Exception):
 
 
 def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
+    path = find_program(name)
     if not path:
         raise HostToolError(
             f"{name} is not installed. Install it with: sudo apt-get install {package}"

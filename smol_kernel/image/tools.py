@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .. import paths
+from ..trusted import find_program
 from .debian import Apt, HostToolError, unpack_deb
 
 VHOST_VSOCK = "vhost-device-vsock"
@@ -21,7 +22,7 @@ def find_vhost_device_vsock() -> Path | None:
     local = paths.tools_dir() / "bin" / VHOST_VSOCK
     if local.exists():
         return local
-    found = shutil.which(VHOST_VSOCK)
+    found = find_program(VHOST_VSOCK)
     return Path(found) if found else None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +96,16 @@ class Vm(abc.ABC):
         return self.poll()
 
     def console_tail(self, max_bytes: int = 4096) -> str:
+        """The last ``max_bytes`` of the console log (guest-written: read as text, bounded,
+        never through a link)."""
         try:
-            with open(self.console_log, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - max_bytes))
-                return f.read().decode("utf-8", "replace")
+            fd = os.open(self.console_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return ""
+        with open(fd, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - max_bytes))
+            return f.read(max_bytes).decode("utf-8", "replace")
 
 
 class VmBackend(abc.ABC):

@@ -29,7 +29,7 @@ def console_cap_bytes() -> int:
 def cap_log(path: Path, cap: int, keep: int = KEEP_BYTES) -> int:
     """Cut ``path`` back if it uses more than ``cap`` bytes; returns the bytes dropped."""
     try:
-        with open(path, "r+b") as f:
+        with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), "r+b") as f:
             st = os.fstat(f.fileno())
             if min(st.st_size, st.st_blocks * 512) <= cap:
                 return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
 from ..image.store import GuestImage, ImageNotFound
+from ..trusted import helper_env, python_argv
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
@@ -130,8 +131,17 @@ def launcher_config(
 
 
 def launcher_argv(config_path: Path) -> list[str]:
-    python = os.environ.get("SMOL_KERNEL_KRUN_PYTHON") or sys.executable
-    return [python, "-m", "smol_kernel.vm.krun_launcher", str(config_path)]
+    """The launcher runs isolated (``trusted.python_argv``): it imports only our package and
+    cffi, from where this process imported them."""
+    return python_argv(
+        "smol_kernel.vm.krun_launcher", str(config_path), deps=("cffi", "_cffi_backend"),
+        python=os.environ.get("SMOL_KERNEL_KRUN_PYTHON") or None,
+    )  # fmt: skip
+
+
+def _abs_lib(path: str | None) -> str | None:
+    """A library path with a folder part made absolute; a bare soname stays a soname."""
+    return os.path.abspath(path) if path and os.sep in path else path
 
 
 class KrunVm(ProcessVm):
@@ -151,8 +161,9 @@ class KrunBackend(VmBackend):
     name = "libkrun"
 
     def __init__(self, libkrun: str | None = None, libkrunfw: str | None = None) -> None:
-        self.libkrun = libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN")
-        self.libkrunfw = libkrunfw or os.environ.get("SMOL_KERNEL_LIBKRUNFW")
+        # Absolute: the launcher runs in the VM's runtime dir, not in our working folder.
+        self.libkrun = _abs_lib(libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN"))
+        self.libkrunfw = _abs_lib(libkrunfw or os.environ.get("SMOL_KERNEL_LIBKRUNFW"))
 
     @property
     def _krun_cfg(self) -> dict:
@@ -209,8 +220,9 @@ class KrunBackend(VmBackend):
             console_file = rt / "console.log"
             try:
                 proc = subprocess.run(
-                    launcher_argv(cfg_path), capture_output=True, text=True, timeout=PROBE_TIMEOUT
-                )
+                    launcher_argv(cfg_path), capture_output=True, text=True,
+                    timeout=PROBE_TIMEOUT, cwd=rt, env=helper_env(),
+                )  # fmt: skip
             except subprocess.TimeoutExpired:
                 return False, f"no guest output within {PROBE_TIMEOUT:.0f}s"
             console = console_file.read_bytes() if console_file.exists() else b""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import paths
+from ..trusted import helper_env
 
 PROBE_MARKER = b"SMOL-PROBE-OK"
 PROBE_TIMEOUT = 10.0
@@ -88,8 +89,9 @@ def _boot_probe(qemu: str, kernel: Path, initramfs: Path) -> tuple[bool, str]:
         ]  # fmt: skip
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=tmp, env=helper_env(),
+        )  # fmt: skip
         try:
             while time.monotonic() - t0 < PROBE_TIMEOUT:
                 if console.exists() and PROBE_MARKER in console.read_bytes():

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import paths
+from ..trusted import helper_env
 from . import console
 from .base import Vm, VmError
 from .spec import Isolation, VmSpec
@@ -50,7 +52,9 @@ def spawn(
     pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen:
     """Start ``argv`` with stdout/stderr to ``log_path``; it is SIGKILLed if we die.
-    Only ``pass_fds`` (same numbers) are inherited besides stdio."""
+    Only ``pass_fds`` (same numbers) are inherited besides stdio. It starts in the log's
+    folder (the VM's runtime dir, never the server's working folder) with ``env``, by
+    default ``trusted.helper_env()`` (``PATH`` only)."""
     global _spawner
     with _spawner_lock:
         if _spawner is None:
@@ -63,7 +67,8 @@ def spawn(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin")},
+                env=env if env is not None else helper_env(),
+                cwd=log_path.parent,
                 preexec_fn=_die_with_parent,
                 close_fds=True,
                 pass_fds=pass_fds,
@@ -89,6 +94,22 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+MAX_STATE_BYTES = 64 << 10
+
+
+def read_bounded(path: Path, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of a regular file, never through a symlink; None if the file
+    is larger (a file we wrote is never that large: someone else wrote it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    return None if len(data) > limit else data
 
 
 class RuntimeDir:
@@ -121,10 +142,12 @@ class RuntimeDir:
         tmp.rename(self.state_file)
 
     def read_state(self) -> dict:
+        """The recorded state, or {} if missing, oversized, a link or not a JSON object."""
         try:
-            return json.loads(self.state_file.read_text())
+            state = json.loads(read_bounded(self.state_file, MAX_STATE_BYTES) or b"null")
         except (OSError, ValueError):
             return {}
+        return state if isinstance(state, dict) else {}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -140,7 +163,7 @@ class RuntimeDir:
         proc = subprocess.run(
             ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
              "-E", "lazy_itable_init=1", str(self.overlay)],
-            capture_output=True, text=True,
+            capture_output=True, text=True, cwd=self.path, env=helper_env(),
         )  # fmt: skip
         if proc.returncode != 0:
             raise VmError(f"cannot create the writable overlay disk: {proc.stderr.strip()}")
@@ -162,8 +185,8 @@ def owner_state() -> dict:
     return {"owner_pid": pid, "owner_start": proc_start_time(pid)}
 
 
-def _alive(pid: int | None, start: int | None) -> bool:
-    if not pid:
+def _alive(pid: object, start: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
         return False
     now = proc_start_time(pid)
     return now is not None and (start is None or now == start)
@@ -172,9 +195,10 @@ def _alive(pid: int | None, start: int | None) -> bool:
 def vm_processes(rt: RuntimeDir, state: dict) -> list[int]:
     """PIDs of the VM's processes that still run (checked against the runtime dir path)."""
     out = []
-    starts = state.get("starts") or {}
-    for name, pid in (state.get("pids") or {}).items():
-        if not pid:
+    starts = state.get("starts") if isinstance(state.get("starts"), dict) else {}
+    pids = state.get("pids")
+    for name, pid in pids.items() if isinstance(pids, dict) else ():
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
             continue
         # Same process, not a reused PID: its start time matches, or (older state files)
         # its command line names the runtime dir.

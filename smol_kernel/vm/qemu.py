@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from ..image.store import GuestImage, ImageNotFound
 from ..image.tools import find_vhost_device_vsock
 from ..transport.vhost_user_vsock import open_vsock_stream
+from ..trusted import find_program
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
 from .network import GUEST_MAC, start_network
@@ -56,7 +56,7 @@ def tcg_clock_cmdline() -> str:
 
 
 def find_qemu() -> str | None:
-    return os.environ.get("SMOL_KERNEL_QEMU") or shutil.which("qemu-system-x86_64")
+    return find_program("qemu-system-x86_64", "SMOL_KERNEL_QEMU")
 
 
 class QemuVm(ProcessVm):

@@ -74,7 +74,38 @@ def parse_share(text: str, base_dir: str | os.PathLike | None = None) -> Share:
     """Parse ``HOST:GUEST[:ro|rw]`` and resolve the host folder. A relative ``HOST`` is taken
     relative to ``base_dir`` (the kernel's working directory, i.e. the notebook's folder)."""
     host, guest, read_only = split_share(text)
-    return Share(_host_dir(text, host, base_dir), guest, read_only)
+    share = Share(_host_dir(text, host, base_dir), guest, read_only)
+    check_host_folder(share, text)
+    return share
+
+
+def check_host_folder(share: Share, text: str | None = None) -> None:
+    """Refuse a share through which a guest could change what runs on the host.
+
+    A ``rw`` share must not contain, or lie inside, any folder whose files host processes
+    import, execute or read as configuration (Python's import paths, smol-kernel's code,
+    images, helper programs and runtime dirs, Jupyter's config, data and runtime dirs). Even a
+    ``ro`` share must not overlap smol-kernel's runtime dir (other VMs' consoles)."""
+    from ..trusted import protected_folders
+
+    host = share.host
+    for folder, why in protected_folders():
+        if share.read_only and "runtime folders" not in why:
+            continue
+        if host == folder or _inside(folder, host) or _inside(host, folder):
+            where = "contains" if _inside(folder, host) else "is inside"
+            where = "is" if host == folder else where
+            raise ShareError(
+                f"share {text or str(share)!r}: {host} {where} {folder} ({why}); "
+                + ("a guest must not see it" if share.read_only else
+                   "a guest that can write there could run code on the host")
+                + ". Share a folder that holds only your data (e.g. a subfolder)"
+                + ("" if share.read_only else ", or this one read-only")
+            )  # fmt: skip
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _host_dir(text: str, host: str, base_dir: str | os.PathLike | None) -> str:
@@ -114,11 +145,13 @@ def _guest_path(text: str, guest: str) -> str:
 
 
 def check_shares(shares: tuple[Share, ...] | list[Share]) -> None:
-    """Checks across shares: how many, and no guest path used twice or nested."""
+    """Checks across shares: how many, no guest path used twice or nested, and none of the
+    host folders a guest must not reach (``check_host_folder``)."""
     if len(shares) > MAX_SHARES:
         raise ShareError(f"{len(shares)} shares: at most {MAX_SHARES} are supported")
     seen: list[str] = []
     for share in shares:
+        check_host_folder(share)
         for other in seen:
             if (
                 share.guest == other

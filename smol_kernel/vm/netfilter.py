@@ -1,36 +1,57 @@
-"""The guard between a VM's network device and its passt: drops frames aimed at the host.
+"""The guard between a VM's network device and its passt: keeps the guest off the host.
 
 passt makes ordinary host sockets for whatever the guest's frames ask for. A guest with a
 raw socket can ask for anything -- measured with bookworm's passt 2023.03: an Ethernet frame
-sent to 127.0.0.1 reached a UDP server on the host's loopback. So every guest -> passt frame
-goes through ``allow_frame`` first. It passes ARP, and IPv4 unless the destination is:
+sent to 127.0.0.1 reached a UDP server on the host's loopback. So every frame passes this
+guard, one helper process per VM, and the Jupyter server's process never parses guest
+traffic. What it guarantees:
 
-* loopback (127/8), "this network" (0/8), link-local (169.254/16 -- cloud metadata services
-  live there), multicast and reserved (224/3, broadcast included);
-* any address of the host itself (read when the guard starts): a service the host binds on
-  all interfaces must not be reachable either;
-* the guest's own virtual subnet (10.0.2.0/24) -- except DNS (UDP or TCP port 53) to the DNS
-  address that passt forwards to the host's resolver.
+Guest -> passt (``Policy.allow_frame``): ARP passes; IPv4 passes unless
 
-Everything else (IPv6 included: passt runs IPv4-only) is dropped. Frames passt sends to the
-guest pass unchanged. Wire format on both sides: QEMU's ``-netdev stream`` framing, a 4-byte
-big-endian length before each Ethernet frame (libkrun's unixstream uses the same).
+* the destination is loopback (127/8), "this network" (0/8), link-local (169.254/16, cloud
+  metadata), multicast or reserved (224/3, broadcast included), or a known host-local or
+  cloud endpoint (``KNOWN_ENDPOINTS``: Alibaba Cloud metadata, Azure's host agent,
+  tailscale's resolver);
+* the destination is the host itself: inside a ``host LOCAL`` route of the routing table
+  (read when the guard starts -- it refuses to start if it cannot read it -- and again
+  for new destinations) or an address the host can bind to (a probe per new destination,
+  cached for ``HOST_CACHE_SECONDS``), so addresses the host gains later count too;
+* the destination is the guest's own virtual subnet, except UDP port 53 to the DNS address
+  passt forwards to the host's resolver;
+* it is a fragment (no port to check), or would open a UDP flow (guest source port) or ICMP
+  echo id past ``MAX_UDP_FLOWS`` / ``MAX_ICMP_IDS`` live ones: passt binds one host socket
+  per flow for minutes, so without a cap a guest could use up the host's ports.
 
-Runs as its own helper process per VM (``python -m smol_kernel.vm.netfilter VMFD PASSTFD``),
-so the Jupyter server's process never parses guest traffic; it exits when either side
-closes.
+Everything else (IPv6 included: passt runs IPv4-only) is dropped, and guest frames are
+paced to ``FRAME_RATE`` per second so a flooding guest cannot hold a host core.
+
+passt -> guest (``Policy.allow_inbound``): UDP reaches the guest only from an address and
+port the guest sent to from that port (passt's UDP sockets are bound to 0.0.0.0, so
+anyone could otherwise send in); other frames pass unchanged.
+
+Wire format on both sides: QEMU's ``-netdev stream`` framing, a 4-byte big-endian length
+before each Ethernet frame (libkrun's unixstream uses the same). Imports only the standard
+library: it runs as ``python -I`` (see ``trusted.py``) with the two sockets and a ready pipe
+as inherited descriptors, and exits when either side closes.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-import itertools
+import os
+import re
 import socket
 import struct
 import sys
 import threading
+import time
 
-from .network import DNS, GUEST_ADDR, PREFIX
+# The guest's fixed addressing (slirp's), shared with network.py.
+GUEST_ADDR = "10.0.2.15"
+PREFIX = 24
+GATEWAY = "10.0.2.2"
+DNS = "10.0.2.3"
 
 ETH_ARP = 0x0806
 ETH_IPV4 = 0x0800
@@ -38,32 +59,99 @@ DNS_PORT = 53
 ALWAYS_BLOCKED = tuple(
     ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3")
 )
+KNOWN_ENDPOINTS = frozenset(
+    ipaddress.IPv4Address(a)
+    for a in (
+        "100.100.100.200",  # Alibaba Cloud instance metadata (hands out credentials)
+        "168.63.129.16",  # Azure host agent / wireserver
+        "100.100.100.100",  # tailscale's resolver on the host
+    )
+)
 MAX_FRAME = 65535 + 64
+MAX_UDP_FLOWS = 512
+MAX_ICMP_IDS = 32
+FLOW_IDLE_SECONDS = 200.0  # passt forgets a UDP flow after 180 s without traffic
+HOST_CACHE_SECONDS = 5.0
+FRAME_RATE = 10_000  # frames per second, guest -> passt
+FRAME_BURST = 2_000
+# A fixed send buffer toward passt (not the host default): passt 2023.03 mis-parses a frame
+# stream split at some boundaries, and every frame is written whole with one sendall.
+PASST_SNDBUF = 1 << 20
+FIB_TRIE = "/proc/net/fib_trie"
+_NONLOCAL_PROBE = "198.51.100.1"  # TEST-NET-2: never a real host address
 
 
-def host_addresses() -> set[ipaddress.IPv4Address]:
-    """The host's own IPv4 addresses (its LOCAL routes)."""
-    out = set()
+class HostAddressesUnknown(RuntimeError):
+    """The host's own addresses cannot be read; the guard refuses to run (fail closed)."""
+
+
+def local_networks(path: str | None = None) -> set[ipaddress.IPv4Network]:
+    """Every ``host LOCAL`` route of the routing table: the host's addresses, and whole
+    prefixes for ``local`` routes such as 127.0.0.0/8."""
+    path = path or FIB_TRIE
     try:
-        with open("/proc/net/fib_trie") as f:
+        with open(path) as f:
             lines = f.read().splitlines()
-    except OSError:
-        return out
-    for prev, line in itertools.pairwise(lines):
-        if "host LOCAL" in line and "|--" in prev:
-            out.add(ipaddress.IPv4Address(prev.split("|--")[1].strip()))
+    except OSError as e:
+        raise HostAddressesUnknown(f"cannot read the host's addresses from {path}: {e}") from e
+    out, leaf = set(), None
+    for line in lines:
+        if "|--" in line:
+            leaf = line.split("|--", 1)[1].strip()
+        elif leaf and (m := re.search(r"/(\d+) host LOCAL", line)):
+            out.add(ipaddress.IPv4Network(f"{leaf}/{m.group(1)}", strict=False))
+    if not out:
+        raise HostAddressesUnknown(f"no local routes in {path}: cannot tell the host apart")
     return out
 
 
-class Policy:
-    """Which guest frames may reach passt."""
+def host_addresses() -> set[ipaddress.IPv4Address]:
+    """The host's own single IPv4 addresses (its /32 LOCAL routes)."""
+    return {n.network_address for n in local_networks() if n.prefixlen == 32}
 
-    def __init__(self, host_addrs: set[ipaddress.IPv4Address] | None = None) -> None:
-        self.host_addrs = host_addresses() if host_addrs is None else set(host_addrs)
+
+def _can_bind(addr: str) -> bool:
+    """Whether this host can bind ``addr``: true exactly for its own addresses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+class Policy:
+    """Which frames may pass, with the per-VM flow state that takes."""
+
+    def __init__(
+        self,
+        host_nets: set[ipaddress.IPv4Network] | None = None,
+        probe: bool = True,
+        clock=time.monotonic,
+    ) -> None:
+        self._read_nets = host_nets is None
+        self.host_nets = local_networks() if host_nets is None else set(host_nets)
+        self._nets_read = clock()
+        # With net.ipv4.ip_nonlocal_bind on, every bind succeeds: the probe says nothing.
+        self.probe = probe and not _can_bind(_NONLOCAL_PROBE)
+        self.clock = clock
         self.guest_net = ipaddress.ip_network(f"{GUEST_ADDR}/{PREFIX}", strict=False)
         self.dns = ipaddress.IPv4Address(DNS)
+        self._host_cache: dict[ipaddress.IPv4Address, tuple[bool, float]] = {}
+        self.udp_flows: dict[int, float] = {}  # guest source port -> last use
+        self.udp_peers: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
+        self.icmp_ids: dict[int, float] = {}
+        self.dropped = 0
 
+    # ---------------------------------------------------------------- guest -> passt
     def allow_frame(self, frame: bytes | memoryview) -> bool:
+        ok = self._allow(frame)
+        self.dropped += not ok
+        return ok
+
+    def _allow(self, frame: bytes | memoryview) -> bool:
         if len(frame) < 14:
             return False
         ethertype = struct.unpack_from("!H", frame, 12)[0]
@@ -72,23 +160,115 @@ class Policy:
         if ethertype != ETH_IPV4 or len(frame) < 14 + 20:
             return False
         ihl = (frame[14] & 0x0F) * 4
-        if frame[14] >> 4 != 4 or ihl < 20:
+        if frame[14] >> 4 != 4 or ihl < 20 or len(frame) < 14 + ihl:
+            return False
+        if struct.unpack_from("!H", frame, 14 + 6)[0] & 0x3FFF:  # MF or an offset
             return False
         dst = ipaddress.IPv4Address(bytes(frame[30:34]))
-        if any(dst in net for net in ALWAYS_BLOCKED) or dst in self.host_addrs:
+        proto, l4 = frame[14 + 9], 14 + ihl
+        if any(dst in net for net in ALWAYS_BLOCKED) or dst in KNOWN_ENDPOINTS:
             return False
         if dst in self.guest_net:
-            return dst == self.dns and self._is_dns(frame, ihl)
+            if not (dst == self.dns and proto == socket.IPPROTO_UDP and len(frame) >= l4 + 8):
+                return False
+            if struct.unpack_from("!H", frame, l4 + 2)[0] != DNS_PORT:
+                return False
+        elif self.is_host(dst):
+            return False
+        if proto == socket.IPPROTO_UDP:
+            return self._udp_flow(frame, l4)
+        if proto == socket.IPPROTO_ICMP:
+            return self._icmp_echo(frame, l4)
         return True
 
-    @staticmethod
-    def _is_dns(frame: bytes | memoryview, ihl: int) -> bool:
-        proto = frame[14 + 9]
-        frag = struct.unpack_from("!H", frame, 14 + 6)[0] & 0x1FFF
-        l4 = 14 + ihl
-        if proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) or frag or len(frame) < l4 + 4:
+    def _udp_flow(self, frame: bytes | memoryview, l4: int) -> bool:
+        if len(frame) < l4 + 8:
             return False
-        return struct.unpack_from("!H", frame, l4 + 2)[0] == DNS_PORT
+        sport, dport = struct.unpack_from("!HH", frame, l4)
+        now = self.clock()
+        if sport not in self.udp_flows and not _room(self.udp_flows, MAX_UDP_FLOWS, now):
+            return False
+        self.udp_flows[sport] = now
+        peers = self.udp_peers
+        if len(peers) >= 8 * MAX_UDP_FLOWS:
+            _expire(peers, now)
+        if len(peers) < 8 * MAX_UDP_FLOWS:
+            peers[(sport, bytes(frame[30:34]), dport)] = now
+        return True
+
+    def _icmp_echo(self, frame: bytes | memoryview, l4: int) -> bool:
+        if len(frame) < l4 + 8 or frame[l4] != 8:  # only echo requests go out
+            return False
+        ident = struct.unpack_from("!H", frame, l4 + 4)[0]
+        now = self.clock()
+        if ident not in self.icmp_ids and not _room(self.icmp_ids, MAX_ICMP_IDS, now):
+            return False
+        self.icmp_ids[ident] = now
+        return True
+
+    def is_host(self, dst: ipaddress.IPv4Address) -> bool:
+        now = self.clock()
+        cached = self._host_cache.get(dst)
+        if cached and now - cached[1] < HOST_CACHE_SECONDS:
+            return cached[0]
+        try:
+            if self._read_nets and now - self._nets_read >= HOST_CACHE_SECONDS:
+                self.host_nets, self._nets_read = local_networks(), now
+            host = any(dst in net for net in self.host_nets)
+            host = host or (self.probe and _can_bind(str(dst)))
+        except (HostAddressesUnknown, OSError):
+            host = True  # cannot tell: treat it as the host
+        if len(self._host_cache) >= 4096:
+            self._host_cache.clear()
+        self._host_cache[dst] = (host, now)
+        return host
+
+    # ---------------------------------------------------------------- passt -> guest
+    def allow_inbound(self, frame: bytes | memoryview) -> bool:
+        """UDP only from where the guest sent to, and refreshes that flow."""
+        if len(frame) < 14 + 20 or struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
+            return True
+        if frame[14 + 9] != socket.IPPROTO_UDP:
+            return True
+        l4 = 14 + (frame[14] & 0x0F) * 4
+        if len(frame) < l4 + 8 or struct.unpack_from("!H", frame, 14 + 6)[0] & 0x3FFF:
+            return False
+        sport, dport = struct.unpack_from("!HH", frame, l4)
+        key = (dport, bytes(frame[26:30]), sport)
+        if key not in self.udp_peers:
+            self.dropped += 1
+            return False
+        now = self.clock()
+        self.udp_peers[key] = self.udp_flows[dport] = now
+        return True
+
+
+def _room(table: dict, limit: int, now: float) -> bool:
+    if len(table) >= limit:
+        _expire(table, now)
+    return len(table) < limit
+
+
+def _expire(table: dict, now: float) -> None:
+    for key in [k for k, seen in table.items() if now - seen > FLOW_IDLE_SECONDS]:
+        del table[key]
+
+
+class Pacer:
+    """A token bucket: ``wait()`` before each frame keeps the rate at ``rate`` per second."""
+
+    def __init__(self, rate: float = FRAME_RATE, burst: float = FRAME_BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.last = burst, time.monotonic()
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.rate)
+            self.tokens, self.last = 1, time.monotonic()
+        self.tokens -= 1
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -101,35 +281,51 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def guard(vm: socket.socket, passt: socket.socket, policy: Policy) -> None:
-    """Forward until either side closes: filtered guest -> passt, raw passt -> guest."""
+def _frames(sock: socket.socket):
+    """(header, frame) pairs from a length-prefixed stream, until it closes or breaks."""
+    while (head := _recv_exact(sock, 4)) is not None:
+        (length,) = struct.unpack("!I", head)
+        if length > MAX_FRAME:
+            return  # not the stream framing; stop rather than guess
+        frame = _recv_exact(sock, length)
+        if frame is None:
+            return
+        yield head, frame
+
+
+def guard(
+    vm: socket.socket, passt: socket.socket, policy: Policy, pacer: Pacer | None = None
+) -> None:
+    """Forward until either side closes: guest -> passt and passt -> guest, filtered."""
+    pacer = pacer or Pacer()
+    passt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PASST_SNDBUF)
     done = threading.Event()
 
     def to_guest() -> None:
         try:
-            while chunk := passt.recv(1 << 16):
-                vm.sendall(chunk)
+            for head, frame in _frames(passt):
+                if policy.allow_inbound(frame):
+                    vm.sendall(head + frame)
         except OSError:
             pass
         done.set()
+        _close(vm, passt)  # wakes the other direction's recv
 
     threading.Thread(target=to_guest, daemon=True).start()
     try:
-        while not done.is_set():
-            head = _recv_exact(vm, 4)
-            if head is None:
+        for head, frame in _frames(vm):
+            if done.is_set():
                 break
-            (length,) = struct.unpack("!I", head)
-            if length > MAX_FRAME:
-                break  # not the stream framing; stop rather than guess
-            frame = _recv_exact(vm, length)
-            if frame is None:
-                break
+            pacer.wait()
             if policy.allow_frame(frame):
                 passt.sendall(head + frame)
     except OSError:
         pass
-    for s in (vm, passt):
+    _close(vm, passt)
+
+
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
         try:  # shutdown, not just close: it wakes the other thread's recv, and the peer
             s.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -138,13 +334,21 @@ def guard(vm: socket.socket, passt: socket.socket, policy: Policy) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``VM_FD PASST_FD READY_FD``: says ``ok`` on READY_FD once the policy is loaded."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m smol_kernel.vm.netfilter VM_FD PASST_FD", file=sys.stderr)
+    if len(argv) != 3:
+        print("usage: netfilter VM_FD PASST_FD READY_FD", file=sys.stderr)
         return 2
     vm = socket.socket(fileno=int(argv[0]))
     passt = socket.socket(fileno=int(argv[1]))
-    guard(vm, passt, Policy())
+    try:
+        policy = Policy()
+    except (HostAddressesUnknown, OSError) as e:
+        print(f"smol-kernel network guard: {e}; refusing to start the network", file=sys.stderr)
+        return 1
+    os.write(int(argv[2]), b"ok")
+    os.close(int(argv[2]))
+    guard(vm, passt, policy)
     return 0
 
 

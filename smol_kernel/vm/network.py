@@ -22,27 +22,24 @@ How it is configured, and why:
 from __future__ import annotations
 
 import os
-import shutil
+import select
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from ..trusted import find_program, python_argv
 from .base import VmError
+from .netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from .process import stop_processes
 
-GUEST_ADDR = "10.0.2.15"
-PREFIX = 24
-GATEWAY = "10.0.2.2"
-DNS = "10.0.2.3"
 GUEST_MAC = "52:54:00:12:34:56"
+GUARD_READY_TIMEOUT = 30.0  # a Python start under load; it reads the routing table
 INSTALL_HINT = "install passt: sudo apt-get install passt (Debian/Ubuntu), sudo dnf install passt"
 
 
 def find_passt() -> str | None:
-    path = os.environ.get("SMOL_KERNEL_PASST") or shutil.which("passt")
-    return path if path and os.access(path, os.X_OK) else None
+    return find_program("passt", "SMOL_KERNEL_PASST")
 
 
 def guest_net_config(dns: tuple[str, ...] = ()) -> str:
@@ -75,18 +72,25 @@ def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.
         raise VmError(f"network=True needs passt, which is not installed; {INSTALL_HINT}")
     vmm_end, guard_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     guard_passt, passt_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready_r, ready_w = os.pipe()
     procs: list[subprocess.Popen] = []
     try:
         fd = passt_end.fileno()
         procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))
-        fds = (guard_vm.fileno(), guard_passt.fileno())
-        argv = [sys.executable, "-m", "smol_kernel.vm.netfilter", *map(str, fds)]
+        fds = (guard_vm.fileno(), guard_passt.fileno(), ready_w)
+        argv = python_argv("smol_kernel.vm.netfilter", *map(str, fds))
         procs.append(spawn(argv, rt_path / "netfilter.log", pass_fds=fds))
+        os.close(ready_w)
+        ready_w = -1
+        # The guard says "ok" once it knows the host's addresses; it fails closed otherwise.
+        ready = select.select([ready_r], [], [], GUARD_READY_TIMEOUT)[0]
+        if not ready or os.read(ready_r, 2) != b"ok":
+            text = (rt_path / "netfilter.log").read_text(errors="replace").strip()
+            raise VmError(f"the guest's network guard did not start: {text[-500:] or 'no answer'}")
         time.sleep(0.05)
-        for proc, log in zip(procs, ("passt.log", "netfilter.log"), strict=True):
-            if proc.poll() is not None:
-                text = (rt_path / log).read_text(errors="replace")
-                raise VmError(f"the guest's network proxy exited at once: {text[-500:]}")
+        if procs[0].poll() is not None:
+            text = (rt_path / "passt.log").read_text(errors="replace")
+            raise VmError(f"the guest's network proxy exited at once: {text[-500:]}")
     except BaseException:
         vmm_end.close()
         stop_processes(procs)
@@ -94,4 +98,7 @@ def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.
     finally:
         for s in (guard_vm, guard_passt, passt_end):
             s.close()
+        for end in (ready_r, ready_w):
+            if end >= 0:
+                os.close(end)
     return procs, vmm_end

@@ -68,6 +68,13 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     disk_mib = Integer(
         2048, config=True, help="Size cap of the VM's writable disk (sparse on the host), MiB."
     )
+    max_processes = Integer(
+        1024,
+        config=True,
+        help="Most tasks (processes and threads) the kernel and what it starts may have in "
+        "the guest, 0 for the guest kernel's own limit. A fork bomb then fails with "
+        "'Cannot fork' and the kernel stays usable.",
+    )
     startup_timeout = Float(
         180.0,
         config=True,
@@ -89,8 +96,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     max_lifetime = Float(
         0.0,
         config=True,
-        help="Stop the kernel's VM this many seconds after it started (0: no limit). The "
-        "kernel is then reported dead, like any other exit.",
+        help="Stop the kernel's VM this many seconds after its kernel was ready (0: no "
+        "limit); boot time does not count. The kernel is then reported dead, like any other "
+        "exit.",
     )
 
     network = Bool(
@@ -133,6 +141,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.agent: GuestAgent | None = None
         self.relay: VsockRelay | None = None
         self.isolation: str | None = None
+        self.ready_at: float | None = None  # time.monotonic() when the kernel was ready
         self.backend_name: str | None = None
         self._guest_env: dict[str, str] = {}
         self._guest_argv: list[str] = []
@@ -230,12 +239,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 env=env,
                 cwd=self._cwd,
                 connection=_guest_connection(ci),
+                max_processes=self.max_processes,
             )
             await self._wait_kernel_ready(deadline)
             await relay.start_serving(vm.open_stream)
         except BaseException:
             await self._teardown()
             raise
+        self.ready_at = time.monotonic()
         if self.max_lifetime > 0:
             asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
         self.log.info("kernel %s: ready in VM %s", self.kernel_id, vm.id)

@@ -67,6 +67,8 @@ def _mount(src: str, target: str, fstype: str, flags: int = 0, data: str = "") -
 
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+CGROUP_ROOT = "/sys/fs/cgroup"
+KERNEL_CGROUP = CGROUP_ROOT + "/kernel"
 
 
 def setup_system() -> None:
@@ -80,6 +82,7 @@ def setup_system() -> None:
         ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
         ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
         ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        ("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ]
     for src, target, fstype, flags, data in wanted:
         if target not in have:
@@ -112,6 +115,23 @@ def power_off() -> None:
 # ---------------------------------------------------------------- the kernel process
 
 
+def kernel_cgroup(max_processes: int) -> str | None:
+    """A cgroup for the kernel and everything it starts, capped at ``max_processes`` tasks
+    (0: no cap), so a fork bomb meets EAGAIN instead of exhausting the guest's memory and
+    threads (which would starve this agent). Root in the guest can leave it: it keeps the
+    guest usable, the VM is what keeps the host safe. None if cgroup2 is unavailable."""
+    try:
+        with open(CGROUP_ROOT + "/cgroup.subtree_control", "w") as f:
+            f.write("+pids")
+        os.makedirs(KERNEL_CGROUP, exist_ok=True)
+        with open(KERNEL_CGROUP + "/pids.max", "w") as f:
+            f.write(str(max_processes) if max_processes > 0 else "max")
+    except OSError as e:
+        log(f"no process limit for the kernel (cgroup2 pids): {e}")
+        return None
+    return KERNEL_CGROUP
+
+
 class Kernel:
     """The one kernel process of this VM."""
 
@@ -122,7 +142,10 @@ class Kernel:
         self._tail = bytearray()
         self._console_left = CONSOLE_BUDGET
 
-    def start(self, argv: list[str], env: dict[str, str], cwd: str, connection: dict) -> int:
+    def start(
+        self, argv: list[str], env: dict[str, str], cwd: str, connection: dict,
+        max_processes: int = 0,
+    ) -> int:  # fmt: skip
         if self.pid is not None:
             raise RuntimeError("a kernel is already running in this VM")
         if not argv:
@@ -138,6 +161,11 @@ class Kernel:
         os.makedirs(cwd, exist_ok=True)
         rfd, wfd = os.pipe()
         prog = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH", ""))
+        shown = " ".join(argv)
+        if cgroup := kernel_cgroup(max_processes):
+            # The kernel enters its cgroup before it runs a line (no fork can slip past).
+            script = f'echo 0 > {cgroup}/cgroup.procs && exec "$0" "$@"'
+            prog, argv = "/bin/sh", ["/bin/sh", "-c", script, prog, *argv[1:]]
         old_cwd = os.getcwd()
         os.chdir(cwd)  # posix_spawn has no cwd argument before 3.13
         try:
@@ -157,7 +185,7 @@ class Kernel:
         finally:
             os.chdir(old_cwd)
             os.close(wfd)
-        log(f"kernel started, pid {self.pid}: {' '.join(argv)}")
+        log(f"kernel started, pid {self.pid}: {shown}")
         threading.Thread(target=self._copy_output, args=(rfd,), daemon=True).start()
         threading.Thread(target=self._watch_ready, daemon=True).start()
         self.agent.reaper.wake()
@@ -322,7 +350,11 @@ class Agent:
         elif op == P.OP_START_KERNEL:
             env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
             pid = self.kernel.start(
-                list(req["argv"]), env, str(req.get("cwd") or "/root"), dict(req["connection"])
+                list(req["argv"]),
+                env,
+                str(req.get("cwd") or "/root"),
+                dict(req["connection"]),
+                int(req.get("max_processes") or 0),
             )
             self._reply(conn, req, pid=pid)
         elif op == P.OP_SIGNAL:

@@ -7,6 +7,8 @@ need a fresh VM share one; tests where isolation is the point boot their own.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,19 @@ from smol_kernel.image.store import DEFAULT_IMAGE, GuestImage, ImageNotFound
 from smol_kernel.vm.qemu import QemuBackend
 
 BOOT_TIMEOUT = 90.0
+
+# The suite's own runtime dir (short: unix socket paths), so tests that snapshot it or reap
+# orphans never touch a real user's VMs, and servers the tests start inherit it.
+_RUNTIME = tempfile.mkdtemp(prefix="smolrt-", dir="/tmp")
+os.environ["SMOL_KERNEL_RUNTIME_DIR"] = _RUNTIME
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    left = sorted(os.listdir(_RUNTIME)) if os.path.isdir(_RUNTIME) else []
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
+    if left and exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\nVM runtime dirs left behind by the suite: {left}")
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +62,17 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline:
             out.append(int(d.name))
     return out
+
+
+def vmm_accel(pid: int) -> str:
+    """The accelerator a VMM process really runs with, from its command line: QEMU's
+    ``-accel`` value; the libkrun launcher has only hardware virtualization."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    if "-accel" in argv:
+        return argv[argv.index("-accel") + 1].split(",")[0]
+    if any("krun_launcher" in a for a in argv):
+        return "hvf" if os.uname().sysname == "Darwin" else "kvm"
+    raise AssertionError(f"not a VMM we know: {argv[:3]}")
 
 
 def runtime_entries() -> set[str]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
+from pathlib import Path
 
 import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from smol_kernel.trusted import trusted_path
 
 from ..conftest import install_spec, processes_mentioning
 from ..kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel
@@ -20,8 +24,8 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def attack_spec(jupyter_prefix) -> str:
-    return install_spec(jupyter_prefix, "smolvm-attack", "--memory-mib", "512",
-                        "--disk-mib", "128")  # fmt: skip
+    return install_spec(jupyter_prefix, "smolvm-attack", "--backend", "qemu", "--memory-mib",
+                        "512", "--disk-mib", "128", "--max-processes", "256")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,39 +80,93 @@ async def test_cannot_reach_host_loopback_or_the_jupyter_ports(attacker, bystand
     try:
         hosts = ["127.0.0.1", "10.0.2.2", "192.168.0.1", "172.17.0.1"]
         r = await run_cell(kc, CONNECT.format(hosts=hosts, port=server.port))
-        assert "CONNECTED" not in r.stdout, r.stdout
+        assert r.status == "ok", (r.ename, r.evalue)
+        assert r.stdout.strip() == str([f"blocked {h}" for h in hosts])
         # The kernel's own host-side ports (where the Jupyter server's clients connect).
         shell_port = km.get_connection_info()["shell_port"]
         r = await run_cell(kc, CONNECT.format(hosts=["127.0.0.1"], port=shell_port))
-        assert "CONNECTED" not in r.stdout, r.stdout
+        assert r.status == "ok", (r.ename, r.evalue)
+        assert r.stdout.strip() == "['blocked 127.0.0.1']"
         assert server.connections == 0, "the guest reached a host loopback server"
     finally:
         server.close()
     await assert_bystander_fine(bystander)
 
 
+VSOCK_LISTEN = """
+import socket, threading
+srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+srv.bind((socket.VMADDR_CID_ANY, {port}))
+srv.listen()
+def serve():
+    while True:
+        c, _ = srv.accept(); c.sendall(b'from-the-attacker'); c.close()
+threading.Thread(target=serve, daemon=True).start()
+print('listening')
+"""
+
+VSOCK_DIAL = """
+import socket
+reached = []
+for cid in (1, 2, 3, 4):
+    for port in {ports!r}:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.settimeout(1)
+        try:
+            s.connect((cid, port)); reached.append((cid, port, s.recv(64).decode()))
+        except OSError:
+            pass
+        finally:
+            s.close()
+print('reached', reached)
+"""
+
+
+def vsock_device(vm) -> tuple[int, list[str]]:
+    """(pid, argv) of the VM's own vhost-device-vsock process (QEMU backend)."""
+    for pid in vm.rt.read_state()["pids"].values():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "vhost-device-vsock" in argv[0]:
+            return pid, argv
+    raise AssertionError("no vhost-device-vsock process for this VM")
+
+
 async def test_cannot_reach_host_or_other_vms_over_vsock(attacker, bystander):
-    _, kc = attacker
-    # CID 2 is the host; every guest is CID 3 behind its own vsock device, so CID 4 would
-    # only answer if devices were shared. (CIDs 1 and 3 are this guest itself.)
-    code = (
-        "import socket\n"
-        "reached = []\n"
-        "for cid in (2, 4):\n"
-        "    for port in (22, 1024, 1025, 2024, 5001):\n"
-        "        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
-        "        s.settimeout(1)\n"
-        "        try:\n"
-        "            s.connect((cid, port))\n"
-        "            reached.append((cid, port))\n"
-        "        except OSError:\n"
-        "            pass\n"
-        "        finally:\n"
-        "            s.close()\n"
-        "print('reached', reached)\n"
-    )
-    r = await run_cell(kc, code, timeout=120)
+    km, kc = attacker
+    other_km, other_kc = bystander
+    vm, other = km.provisioner.vm, other_km.provisioner.vm
+    # Every guest is CID 3, so separation rests on each VM having its own vsock backend.
+    (pid, argv), (other_pid, _) = vsock_device(vm), vsock_device(other)
+    assert pid != other_pid
+    assert str(vm.runtime_dir) in " ".join(argv) and str(other.runtime_dir) not in " ".join(argv)
+    port = 7777
+    r = await run_cell(kc, VSOCK_LISTEN.format(port=port))
+    assert r.stdout.strip() == "listening", (r.stdout, r.evalue)
+    # The host reaches the attacker's port through the attacker's device (positive control)...
+    reader, writer = await vm.open_stream(port)
+    assert await reader.read(64) == b"from-the-attacker"
+    writer.close()
+    # ... and not through the other VM's device.
+    try:
+        r2, w2 = await other.open_stream(port, timeout=5)
+    except (OSError, asyncio.TimeoutError):
+        data = b""
+    else:
+        try:
+            data = await asyncio.wait_for(r2.read(64), 5)
+        except (OSError, asyncio.TimeoutError):
+            data = b""
+        w2.close()
+    assert data == b"", "the other VM's vsock device led to the attacker's port"
+    # The other guest reaches neither the attacker's port nor the host's agent/kernel ports.
+    ports = [port, 22, 1024, 1025, 2024, 5001]
+    r = await run_cell(other_kc, VSOCK_DIAL.format(ports=ports), timeout=120)
     assert r.stdout.strip() == "reached []", r.stdout
+    # And the attacker reaches nothing of the host's or another guest's (only itself).
+    r = await run_cell(kc, VSOCK_DIAL.format(ports=ports), timeout=120)
+    assert r.status == "ok", (r.ename, r.evalue)
+    reached = eval(r.stdout.split("reached", 1)[1])
+    assert {(cid, p) for cid, p, _ in reached} <= {(1, port), (3, port)}, reached
     await assert_bystander_fine(bystander)
 
 
@@ -180,6 +238,97 @@ async def test_printing_lots_of_output_keeps_host_memory_bounded(attacker, bysta
     await assert_bystander_fine(bystander)
 
 
+async def test_vmm_runs_under_seccomp_and_helpers_get_only_path(attacker):
+    km, _ = attacker
+    vm = km.provisioner.vm
+    status = Path(f"/proc/{vm.pid}/status").read_text()
+    assert "\nSeccomp:\t2\n" in status, "QEMU runs without its seccomp filter (-sandbox on)"
+    pids = vm.rt.read_state()["pids"]
+    assert len(pids) >= 2
+    for name, pid in pids.items():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert environ == [f"PATH={trusted_path()}".encode(), b""], (name, environ)
+        assert os.readlink(f"/proc/{pid}/cwd") == str(vm.runtime_dir), name
+
+
+KERNEL_PIPE_FLOOD = """
+import os
+def link(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ''
+agent = {link(f'/proc/1/fd/{f}') for f in os.listdir('/proc/1/fd')}
+fd = next(int(f) for f in os.listdir('/proc/self/fd')
+          if link(f'/proc/self/fd/{f}').startswith('pipe:') and link(f'/proc/self/fd/{f}') in agent)
+for _ in range(64):
+    os.write(fd, b'k' * 16384)
+print('ok')
+"""
+
+
+async def test_kernel_output_reaches_the_console_log_only_up_to_64_kib(attacker, bystander):
+    km, kc = attacker
+    log = km.provisioner.vm.console_log
+    before = log.stat().st_size
+    # The kernel process's own output pipe (ipykernel redirects fd 1 to the notebook): the
+    # agent copies what comes through it to the serial console, up to a budget per kernel.
+    r = await run_cell(kc, KERNEL_PIPE_FLOOD)
+    assert r.stdout.strip() == "ok", (r.stdout[:200], r.evalue)
+    await asyncio.sleep(1)
+    grown = log.stat().st_size - before
+    assert 0 < grown <= (64 << 10) + 256, f"console log grew by {grown} bytes"
+    assert b"further kernel output not logged" in log.read_bytes()
+    await assert_bystander_fine(bystander)
+
+
+INTERRUPT_CHILD = """
+import subprocess, sys
+p = subprocess.Popen(['sh', '-c', 'trap "echo child-got-INT; exit 3" INT; '
+                      'echo child-started; while :; do sleep 0.2; done'],
+                     stdout=subprocess.PIPE, text=True)
+print(p.stdout.readline().strip(), flush=True)
+p.wait()
+"""
+
+ZOMBIES = """
+import os, time
+p.wait(timeout=10)  # the kernel reaps its own child; PID 1 must reap any orphan
+time.sleep(1)
+def state(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return None
+zombies = [p for p in os.listdir('/proc') if p.isdigit() and state(p) == 'Z']
+print(p.returncode, p.stdout.read().strip(), zombies)
+"""
+
+
+async def test_interrupt_reaches_child_processes_and_leaves_no_zombies(attacker, bystander):
+    km, kc = attacker
+    msg_id = kc.execute(INTERRUPT_CHILD)
+    while True:  # wait until the child runs
+        msg = await kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            assert msg["content"]["text"].strip() == "child-started"
+            break
+    await km.interrupt_kernel()
+    reply = await kc.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    while True:  # ipykernel aborts what arrives while it handles the error: let it finish
+        msg = await kc.get_iopub_msg(timeout=60)
+        mine = msg["parent_header"].get("msg_id") == msg_id
+        if mine and msg["content"].get("execution_state") == "idle":
+            break
+    await asyncio.sleep(1)
+    r = await run_cell(kc, ZOMBIES)
+    assert r.stdout.strip() == "3 child-got-INT []", (r, reply["content"]["status"])
+    await assert_bystander_fine(bystander)
+
+
 async def test_flooding_the_console_keeps_the_host_log_bounded(attacker, bystander,
                                                                monkeypatch):  # fmt: skip
     km, kc = attacker
@@ -212,10 +361,20 @@ async def test_fork_bomb_is_contained(attack_spec, bystander):
     rt = km.provisioner.vm.runtime_dir
     host_procs = len(os.listdir("/proc"))
     try:
-        kc.execute("import subprocess\nsubprocess.Popen(['sh', '-c', 'b() { b | b & }; b'])")
+        kc.execute("import subprocess\nsubprocess.Popen(['sh', '-c', 'b() { b | b & }; b'], "
+                   "stderr=open('/tmp/bomb.err', 'w'))")  # fmt: skip
         await asyncio.sleep(10)
         assert len(os.listdir("/proc")) - host_procs < 20, "guest processes leaked to the host"
         assert len(processes_mentioning(str(rt))) == 2, "still exactly one VMM and one helper"
+        # In the guest: forking hit the kernel's process cap, and the kernel still answers.
+        r = await run_cell(kc, """
+failed = open('/tmp/bomb.err').read().count('Cannot fork')
+cg = '/sys/fs/cgroup/kernel/'
+print(failed > 0, open(cg + 'pids.max').read().strip(), int(open(cg + 'pids.current').read()))
+""", timeout=240)  # fmt: skip
+        failed, cap, current = r.stdout.split()
+        assert failed == "True", r.stdout
+        assert cap == "256" and int(current) <= 256, r.stdout
         await assert_bystander_fine(bystander)
     finally:
         await km.shutdown_kernel(now=True)
@@ -226,22 +385,48 @@ async def test_fork_bomb_is_contained(attack_spec, bystander):
 async def test_memory_exhaustion_is_contained(attack_spec, bystander):
     # No autorestarter here: a restart racing the final shutdown would be a test artefact.
     km, kc = await start_kernel(attack_spec)
-    vm_pid = km.provisioner.vm.pid
+    vm = km.provisioner.vm
     try:
-        kc.execute("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))")
-        peak = 0
-        for _ in range(120):
-            await asyncio.sleep(0.5)
+        kc.execute(
+            "chunks = []\nwhile True:\n"
+            "    chunks.append(bytearray(32 << 20)); print(len(chunks) * 32, flush=True)"
+        )
+        peak = allocated = 0
+        console = ""
+        for _ in range(240):
             try:
-                with open(f"/proc/{vm_pid}/status") as f:
+                msg = await kc.get_iopub_msg(timeout=0.5)
+                if msg["msg_type"] == "stream":
+                    allocated = max(allocated, *map(int, msg["content"]["text"].split()))
+            except (queue.Empty, asyncio.TimeoutError):
+                pass
+            try:
+                with open(f"/proc/{vm.pid}/status") as f:
                     rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+                peak = max(peak, rss)
             except (OSError, StopIteration):
-                break
-            peak = max(peak, rss)
+                pass
+            console = vm.console_tail(16384) or console
             if not await km.is_alive():
                 break
+        assert allocated >= 256, f"the guest allocated only {allocated} MiB: nothing was tested"
+        assert "Out of memory: Killed process" in console, console[-2000:]
         # Guest RAM is capped at 512 MiB; QEMU's own overhead stays well under 512 MiB more.
         assert peak < (1024 << 10), f"VM host RSS reached {peak >> 10} MiB"
+        await assert_bystander_fine(bystander)
+    finally:
+        await stop_kernel(km, kc)
+
+
+async def test_a_guest_kernel_panic_kills_only_that_kernel_and_it_restarts(attack_spec, bystander):
+    km, kc = await start_kernel(attack_spec, manager_cls=AsyncIOLoopKernelManager)
+    try:
+        panic = "open('/proc/sysrq-trigger', 'w').write('c')"
+        old_vm, kc = await crash_and_reconnect(km, kc, panic)
+        assert old_vm.poll() is not None
+        r = await run_cell(kc, "print('fresh')")
+        assert r.stdout.strip() == "fresh"
+        assert not old_vm.runtime_dir.exists()
         await assert_bystander_fine(bystander)
     finally:
         await stop_kernel(km, kc)

@@ -94,9 +94,13 @@ def run_all(tag):
 run_all('mounted-ro')
 # Root can remount the guest's view read-write; the host side must still refuse.
 rc = subprocess.run(['mount', '-o', 'remount,rw', '/data'], capture_output=True).returncode
-print('remount rc', rc)
+mode = next(l.split()[3].split(',')[0] for l in open('/proc/mounts') if l.split()[1] == '/data')
+print('remount', rc, mode)
 run_all('remounted')
 """)  # fmt: skip
+    assert r.status == "ok", (r.ename, r.evalue)
+    # The second round must meet the host's readonly=on, not the guest's own ro mount.
+    assert "remount 0 rw" in r.stdout, r.stdout
     assert "SUCCEEDED" not in r.stdout, r.stdout
     assert r.stdout.count("refused") == 14, r.stdout
     assert snapshot(folders["ro"]) == before, "the read-only folder changed on the host"

@@ -2,11 +2,14 @@
 
 Serves HTTP (GET /marker -> the marker) and answers DNS A queries for NAME with ADDR, so a
 guest with network on can be shown to reach a host that is neither the host itself nor its
-loopback, by name. Usage: python netns_services.py ADDR HTTP_PORT NAME MARKER
+loopback, by name. A UDP service on UDP_PORT records who sent what (GET /udp, JSON; GET
+/udp/reset), answers b"echo" and, from UDP_PORT - 1, sends b"stranger" to the same peer: a
+datagram the guest never asked for. Usage: python netns_services.py ADDR HTTP_PORT NAME MARKER
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import sys
@@ -41,13 +44,41 @@ def serve_dns(addr: str, name: str) -> None:
             sock.sendto(reply, peer)
 
 
+UDP_PORT = 9999
+udp_seen: list[tuple[int, str]] = []
+
+
+def serve_udp(addr: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, UDP_PORT))
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind((addr, UDP_PORT - 1))
+    while True:
+        data, peer = sock.recvfrom(2048)
+        if len(udp_seen) < 100_000:
+            udp_seen.append((peer[1], data[:64].decode("ascii", "replace")))
+        sock.sendto(b"echo", peer)
+        stranger.sendto(b"stranger", peer)
+
+
+def udp_report() -> bytes:
+    seen = list(udp_seen)
+    return json.dumps(
+        {"ports": sorted({p for p, _ in seen}), "payloads": [d for _, d in seen]}
+    ).encode()
+
+
 def main() -> None:
     addr, port, name, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = marker.encode() if self.path == "/marker" else b"not found"
-            self.send_response(200 if self.path == "/marker" else 404)
+            if self.path == "/udp/reset":
+                udp_seen.clear()
+            found = self.path in ("/marker", "/udp", "/udp/reset")
+            body = udp_report() if self.path.startswith("/udp") else marker.encode()
+            body = body if found else b"not found"
+            self.send_response(200 if found else 404)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -56,6 +87,7 @@ def main() -> None:
             pass
 
     threading.Thread(target=serve_dns, args=(addr, name), daemon=True).start()
+    threading.Thread(target=serve_udp, args=(addr,), daemon=True).start()
     server = ThreadingHTTPServer((addr, port), Handler)
     print("ready", flush=True)
     server.serve_forever()

@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from smol_kernel.cli import main as cli_main
-from smol_kernel.vm.netfilter import host_addresses
+from smol_kernel.vm.netfilter import MAX_UDP_FLOWS, host_addresses
 from smol_kernel.vm.process import proc_start_time
 
 from ..conftest import install_spec
@@ -87,6 +88,16 @@ async def net_kernel(net_spec, bystander):
     km, kc = await start_kernel(net_spec)
     yield km, kc
     await stop_kernel(km, kc)
+
+
+UDP_PORT = 9999  # netns_services.py: records datagrams, answers "echo" and a stranger's
+
+
+def udp_log(test_host, reset: bool = False) -> dict:
+    """What the test host's UDP service received (no proxy: the test host is on a veth)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"http://{test_host['ip']}:8080/udp{'/reset' if reset else ''}"
+    return json.loads(opener.open(url, timeout=10).read())
 
 
 FETCH = f"""
@@ -204,6 +215,12 @@ async def test_host_stays_unreachable_with_network_on(net_kernel, test_host, bys
     try:
         host_ips = sorted(str(a) for a in host_addresses())
         assert test_host["ip"] not in host_ips
+        # Positive control: the same hand-built frames, sent to the outside, do arrive.
+        udp_log(test_host, reset=True)
+        r = await run_cell(kc, RAW_FRAMES.format(dsts=[test_host["ip"]], tcp_port=8080,
+                                                 udp_port=UDP_PORT))  # fmt: skip
+        assert r.stdout.strip() == "sent", (r.stdout, r.evalue)
+        assert udp_log(test_host)["payloads"] == ["hi"], "a raw frame to the outside was lost"
         for tcp, udp in ((tcp_lo, udp_lo), (tcp_any, udp_any)):
             hosts = ["10.0.2.2", "10.0.2.3", "169.254.169.254", *host_ips]
             r = await run_cell(kc, SOCKETS.format(hosts=hosts, tcp_port=tcp.port,
@@ -227,6 +244,71 @@ async def test_host_stays_unreachable_with_network_on(net_kernel, test_host, bys
     # The attacks broke nothing: the kernel still has its network, the bystander is fine.
     r = await run_cell(kc, FETCH, timeout=120)
     assert test_host["marker"] in r.stdout
+    await assert_bystander_fine(bystander)
+
+
+INBOUND = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('', 33333)); s.settimeout(3)
+s.sendto(b'ping', ({ip!r}, {port}))
+got = []
+try:
+    while True:
+        got.append(s.recv(64).decode())
+except socket.timeout:
+    pass
+print(sorted(got))
+"""
+
+
+async def test_inbound_udp_comes_only_from_where_the_guest_sent(net_kernel, test_host,
+                                                                bystander):  # fmt: skip
+    """passt keeps a host UDP socket open for each guest source port: without the guard's
+    inbound filter anyone could send to the guest through it."""
+    _, kc = net_kernel
+    r = await run_cell(kc, INBOUND.format(ip=test_host["ip"], port=UDP_PORT), timeout=60)
+    assert r.status == "ok", (r.ename, r.evalue)
+    # The peer's answer arrives; the same host's datagram from another port does not.
+    assert r.stdout.strip() == "['echo']", r.stdout
+    await assert_bystander_fine(bystander)
+
+
+UDP_FLOOD = """
+import socket
+sent = 0
+for port in range(20000, 20000 + {n}):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('', port)); s.sendto(b'flood', ({ip!r}, {udp_port})); s.close()
+    sent += 1
+print(sent)
+"""
+
+
+async def test_udp_flows_per_vm_are_capped(net_spec, test_host, bystander):
+    """One datagram from each of many source ports: passt would bind a host port for each
+    (on 0.0.0.0, for minutes), so the guard lets only MAX_UDP_FLOWS live flows through."""
+    km, kc = await start_kernel(net_spec)  # its own VM: its flow table ends up full
+    try:
+        passt = next(p for p in km.provisioner.vm.rt.read_state()["pids"].values()
+                     if "passt" in Path(f"/proc/{p}/cmdline").read_text())  # fmt: skip
+        udp_log(test_host, reset=True)
+        n = 3 * MAX_UDP_FLOWS
+        r = await run_cell(kc, UDP_FLOOD.format(n=n, ip=test_host["ip"], udp_port=UDP_PORT),
+                           timeout=300)  # fmt: skip
+        assert r.stdout.strip() == str(n), (r.stdout, r.evalue)
+        await asyncio.sleep(2)
+        ports = udp_log(test_host)["ports"]
+        assert MAX_UDP_FLOWS // 2 <= len(ports) <= MAX_UDP_FLOWS, len(ports)
+        sockets = [f for f in os.listdir(f"/proc/{passt}/fd")
+                   if os.readlink(f"/proc/{passt}/fd/{f}").startswith("socket:")]  # fmt: skip
+        assert len(sockets) <= MAX_UDP_FLOWS + 64, f"passt holds {len(sockets)} sockets"
+        # The host itself still has ephemeral UDP ports.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            assert s.getsockname()[1] > 0
+    finally:
+        await stop_kernel(km, kc)
     await assert_bystander_fine(bystander)
 
 

@@ -78,8 +78,9 @@ class GuestAgent:
                     self._on_event(msg)
                 elif (fut := self._pending.pop(msg.get("id"), None)) and not fut.done():
                     fut.set_result(msg)
-        except (OSError, P.ProtocolError, asyncio.IncompleteReadError, ValueError):
-            pass
+        except (OSError, P.ProtocolError, asyncio.IncompleteReadError, ValueError, TypeError,
+                ArithmeticError):  # fmt: skip
+            pass  # the guest broke the protocol (e.g. an unhashable id): this link is over
         finally:
             self.closed.set()
             for fut in self._pending.values():
@@ -88,7 +89,7 @@ class GuestAgent:
             self._pending.clear()
 
     def _on_event(self, msg: dict) -> None:
-        if msg["event"] == P.EV_KERNEL_READY:
+        if msg["event"] == P.EV_KERNEL_READY:  # (guest-written: int()/str() may raise)
             self.kernel_ready.set()
         elif msg["event"] == P.EV_KERNEL_EXITED:
             self.kernel_exit_status = int(msg.get("status", -1))

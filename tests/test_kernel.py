@@ -219,3 +219,26 @@ async def test_kernel_crash_is_autorestarted_in_a_fresh_vm(backend_spec):
         assert processes_mentioning(str(old_vm.runtime_dir)) == []
     finally:
         await stop_kernel(km, kc)
+
+
+async def test_kernelspec_settings_win_over_config_files(smolvm_spec, tmp_path):
+    """A server's config files set provisioner defaults; a kernelspec's own settings win."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    (tmp_path / "jupyter_server_config.py").write_text(
+        "c.SmolVMProvisioner.memory_mib = 1024  # the kernelspec says 768\n"
+        "c.SmolVMProvisioner.vcpus = 2  # the kernelspec says nothing\n"
+    )
+    config = PyFileConfigLoader("jupyter_server_config.py", str(tmp_path)).load_config()
+    km, kc = await start_kernel(smolvm_spec, config=config)
+    try:
+        r = await run_cell(kc, """
+import os
+mem = next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemTotal'))
+print(os.cpu_count(), mem // 1024)
+""")  # fmt: skip
+        cpus, mem_mib = map(int, r.stdout.split())
+        assert cpus == 2, "a setting only the config file makes applies"
+        assert 600 < mem_mib <= 768, f"the kernelspec's memory_mib must win, got {mem_mib}"
+    finally:
+        await stop_kernel(km, kc)

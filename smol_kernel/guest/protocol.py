@@ -62,7 +62,7 @@ def decode(line: bytes) -> dict:
     """Parse one JSON line; raise ProtocolError unless it is a JSON object."""
     try:
         msg = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise ProtocolError(f"not JSON: {line[:80]!r}") from e
     if not isinstance(msg, dict):
         raise ProtocolError(f"not a JSON object: {line[:80]!r}")

@@ -71,13 +71,15 @@ def test_host():
 
 @pytest.fixture(scope="module")
 def net_spec(jupyter_prefix, test_host) -> str:
-    return install_spec(jupyter_prefix, "smolvm-net", "--network",
+    # QEMU-specific assertions below (its helper processes); libkrun has its own tests.
+    return install_spec(jupyter_prefix, "smolvm-net", "--backend", "qemu", "--network",
                         "--dns-server", test_host["ip"], "--memory-mib", "512")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 async def bystander(jupyter_prefix):
-    spec = install_spec(jupyter_prefix, "smolvm-net-bystander", "--memory-mib", "512")
+    spec = install_spec(jupyter_prefix, "smolvm-net-bystander", "--backend", "qemu",
+                        "--memory-mib", "512")  # fmt: skip
     km, kc = await start_bystander(spec)
     yield km, kc
     await stop_kernel(km, kc)

@@ -33,7 +33,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 async def shared_kernel(jupyter_prefix, folders):
     spec = install_spec(
-        jupyter_prefix, "smolvm-shares", "--memory-mib", "512",
+        jupyter_prefix, "smolvm-shares", "--backend", "qemu", "--memory-mib", "512",  # 9p
         "--share", f"{folders['ro']}:/data", "--share", f"{folders['rw']}:/out:rw",
         "--share-cwd", "ro",
     )  # fmt: skip

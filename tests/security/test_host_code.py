@@ -48,8 +48,10 @@ put("smol_kernel/__init__.py", payload("package"))
 put("smol_kernel/vm/__init__.py", payload("package-vm"))
 put("smol_kernel/vm/netfilter.py", payload("netfilter"))
 put("smol_kernel/vm/krun_launcher.py", payload("krun_launcher"))
-# Modules our helpers and their dependencies import.
-for mod in ("cffi", "_cffi_backend", "json", "runpy", "ipaddress", "select"):
+# Modules our helpers and their dependencies import. (Not when the guest plants: its own
+# kernel starts in this folder too, and a json.py there breaks it as it would break a local
+# kernel; the host-side tests plant them.)
+for mod in ("cffi", "_cffi_backend", "json", "runpy", "ipaddress", "select")[:{n_modules}]:
     put(mod + ".py", payload("module-" + mod))
 # Start-up hooks reached through PYTHONPATH and PYTHONUSERBASE.
 put("pp/sitecustomize.py", payload("sitecustomize"))
@@ -69,8 +71,9 @@ print("planted", sorted(os.listdir(ROOT)))
 """
 
 
-def plant_code(root: Path, markers: Path) -> str:
-    return PLANT.format(root=str(root), markers=str(markers), py=PY)
+def plant_code(root: Path, markers: Path, shadow_stdlib: bool = True) -> str:
+    n = 6 if shadow_stdlib else 2
+    return PLANT.format(root=str(root), markers=str(markers), py=PY, n_modules=n)
 
 
 def hostile_environment(monkeypatch, root: Path) -> dict[str, str]:
@@ -117,7 +120,7 @@ async def test_code_a_guest_plants_in_the_servers_folder_never_runs_on_the_host(
         # The guest sees the server's folder at its working folder; it plants there.
         r = await run_cell(kc, "import os; print(os.getcwd())")
         guest_root = r.stdout.strip()
-        r = await run_cell(kc, plant_code(Path(guest_root), markers))
+        r = await run_cell(kc, plant_code(Path(guest_root), markers, shadow_stdlib=False))
         assert r.status == "ok" and r.stdout.startswith("planted"), (r.stdout, r.evalue)
         assert (root / "smol_kernel" / "__init__.py").exists(), "the plant did not reach the host"
         assert (root / "pp2" / "smol_kernel").is_symlink()

@@ -199,8 +199,9 @@ def _rss_kib(pid: int) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     import time
 
-    from .vm.process import _alive, list_vms, vm_processes
+    from .vm.process import _alive, list_vms, reap_orphans, vm_processes
 
+    _say_reaped(reap_orphans())
     rows = []
     for rt, state in list_vms():
         pids = vm_processes(rt, state)
@@ -240,9 +241,17 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kill(args: argparse.Namespace) -> int:
-    from .vm.process import kill_vm_dir, list_vms
+def _say_reaped(ids: list[str]) -> None:
+    """Leftovers of exited owners (a SIGKILLed server) go whenever we look at VMs."""
+    if ids:
+        print(f"smol-kernel: removed {len(ids)} leftover VM(s) whose owner had exited: "
+              f"{', '.join(ids)}", file=sys.stderr)  # fmt: skip
 
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from .vm.process import kill_vm_dir, list_vms, reap_orphans
+
+    _say_reaped(reap_orphans())
     status = 0
     vms = list_vms()
     for ident in args.ids:

@@ -10,6 +10,7 @@ fires exactly when the owning process dies, however it dies (SIGKILL included).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import json
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -247,8 +249,23 @@ def reap_orphans() -> list[str]:
     return reaped
 
 
+_open_vms: weakref.WeakSet[ProcessVm] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_vms() -> None:
+    """A client that exits without cleanup (a script that never calls shutdown_kernel, an
+    exception in a notebook runner, ``jupyter console``'s exit): its VMs would die by the
+    parent-death signal anyway, but their runtime dirs (overlay disk, console log) would
+    stay. Close them now; SIGKILL leaves them to ``reap_orphans`` (``smol-kernel ps``)."""
+    for vm in list(_open_vms):
+        with contextlib.suppress(Exception):
+            vm.close_now()
+
+
 class ProcessVm(Vm):
-    """A VM that is one VMM process, plus helper processes that must die with it."""
+    """A VM that is one VMM process, plus helper processes that must die with it. Closed
+    (processes stopped, runtime dir removed) by ``close()``, or at interpreter exit."""
 
     def __init__(
         self,
@@ -266,6 +283,7 @@ class ProcessVm(Vm):
         self._status: int | None = None
         self.started = time.time()
         console.watch(self.console_log)
+        _open_vms.add(self)
 
     @property
     def pid(self) -> int | None:
@@ -321,7 +339,16 @@ class ProcessVm(Vm):
         if self.poll() is not None:
             raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
 
+    def close_now(self) -> None:
+        """``close()`` without an event loop (interpreter exit)."""
+        stop_processes((self._vmm, *self._helpers))
+        self._vmm, self._helpers = None, []
+        console.unwatch(self.console_log)
+        self.rt.remove()
+        _open_vms.discard(self)
+
     async def close(self) -> None:
+        _open_vms.discard(self)
         if self._vmm is not None:
             if self._vmm.poll() is None:
                 self._vmm.kill()

@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
+from smol_kernel import paths
 from smol_kernel.cli import main as cli_main
 
 from .conftest import processes_mentioning, runtime_entries
@@ -111,3 +113,33 @@ def test_a_sigkilled_client_leaves_only_what_ps_removes(smolvm_spec, capsys):
     assert rt.rsplit("/", 1)[1] in out.err, "ps says what it removed"
     assert all(row["vm"] != rt.rsplit("/", 1)[1] for row in json.loads(out.out))
     assert_nothing_left(rt, before)
+
+
+def test_smol_kernel_run_interrupted_with_ctrl_c(smolvm_spec, tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("print('started', flush=True)\nimport time; time.sleep(600)"),
+    ])  # fmt: skip
+    path = tmp_path / "long.ipynb"
+    nbformat.write(nb, path)
+    before = runtime_entries()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smol_kernel.cli", "run", str(path), "--kernel", smolvm_spec],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (new := runtime_entries() - before):  # the VM is up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        time.sleep(15)  # into the long cell (boot and kernel start under TCG)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, out
+    (vm_id,) = new
+    assert_nothing_left(str(paths.runtime_dir() / vm_id), before)

@@ -7,6 +7,7 @@ no VM process, no runtime dir and no overlay disk remain."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -141,5 +142,31 @@ def test_smol_kernel_run_interrupted_with_ctrl_c(smolvm_spec, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode != 0, out
+    (vm_id,) = new
+    assert_nothing_left(str(paths.runtime_dir() / vm_id), before)
+
+
+def test_jupyter_console_exit(smolvm_spec):
+    """The reported case: `jupyter console --kernel smolvm`, a cell, `exit`, confirm."""
+    pexpect = pytest.importorskip("pexpect", reason="pexpect drives jupyter console in a pty")
+    before = runtime_entries()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "120", "LINES": "40"}
+    argv = ["-m", "jupyter_console", "--simple-prompt", "--kernel", smolvm_spec]
+    child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", timeout=180,
+                          dimensions=(40, 120))  # fmt: skip
+    try:
+        child.expect(r"In \[1\]")
+        child.sendline("print(6 * 7, open('/proc/1/cmdline').read().count('agent'))")
+        child.expect(r"42 1")
+        new = runtime_entries() - before
+        assert len(new) == 1, "the console's kernel runs in a VM of ours"
+        child.expect(r"In \[2\]")
+        child.sendline("exit")
+        i = child.expect([r"\(\[y\]/n\)", pexpect.EOF])
+        if i == 0:
+            child.sendline("y")
+            child.expect(pexpect.EOF, timeout=120)
+    finally:
+        child.close(force=True)
     (vm_id,) = new
     assert_nothing_left(str(paths.runtime_dir() / vm_id), before)

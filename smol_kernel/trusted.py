@@ -19,6 +19,7 @@ What this cannot cover -- a ``rw`` share of a folder these files live in -- is r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -93,15 +94,15 @@ def protected_folders() -> list[tuple[str, str]]:
         if p and os.path.isabs(p):
             out.append((p, code))
     for name in ("stdlib", "platstdlib", "purelib", "platlib", "scripts"):
-        with _ignore_errors():
+        with contextlib.suppress(Exception):
             out.append((sysconfig.get_path(name), code))
-    with _ignore_errors():
+    with contextlib.suppress(Exception):
         out.append((site.getusersitepackages(), code))  # even before it exists
     out.append((sys.prefix, "the Python installation the server runs"))
     out.append((str(Path(sys.executable).parent), "the Python installation the server runs"))
     out.append((str(paths.cache_dir()), "smol-kernel's images and helper programs"))
     out.append((str(paths.runtime_dir()), "smol-kernel's per-VM runtime folders"))
-    with _ignore_errors():
+    with contextlib.suppress(Exception):
         from jupyter_core import paths as jpaths
 
         out += [(p, "Jupyter configuration (run as code)") for p in jpaths.jupyter_config_path()]
@@ -112,11 +113,3 @@ def protected_folders() -> list[tuple[str, str]]:
         if folder:
             seen.setdefault(os.path.realpath(folder), why)
     return list(seen.items())
-
-
-class _ignore_errors:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> bool:
-        return exc[0] is not None and issubclass(exc[0], Exception)

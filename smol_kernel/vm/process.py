@@ -340,22 +340,16 @@ class ProcessVm(Vm):
             raise ConnectionRefusedError(f"VM {self.id} has exited ({self._status})")
 
     def close_now(self) -> None:
-        """``close()`` without an event loop (interpreter exit)."""
-        stop_processes((self._vmm, *self._helpers))
-        self._vmm, self._helpers = None, []
-        console.unwatch(self.console_log)
-        self.rt.remove()
-        _open_vms.discard(self)
-
-    async def close(self) -> None:
+        """Kill what is left (VMM first), reap it, remove the runtime dir. Blocking: the
+        body of ``close()``, and what runs at interpreter exit."""
         _open_vms.discard(self)
         if self._vmm is not None:
-            if self._vmm.poll() is None:
-                self._vmm.kill()
-            await asyncio.to_thread(self._vmm.wait)
-            self._status = self._vmm.returncode
-            self._vmm = None
-        await asyncio.to_thread(self._stop_helpers)
+            stop_processes((self._vmm,))
+            self._status, self._vmm = self._vmm.returncode, None
+        self._stop_helpers()
         self._helpers = []
         console.unwatch(self.console_log)
         self.rt.remove()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_now)

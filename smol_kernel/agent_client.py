@@ -24,6 +24,7 @@ class GuestAgent:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self.hello: dict = {}
+        self.kernel_prepared = asyncio.Event()
         self.kernel_ready = asyncio.Event()
         self.kernel_exited = asyncio.Event()
         self.kernel_exit_status: int | None = None
@@ -91,6 +92,8 @@ class GuestAgent:
     def _on_event(self, msg: dict) -> None:
         if msg["event"] == P.EV_KERNEL_READY:  # (guest-written: int()/str() may raise)
             self.kernel_ready.set()
+        elif msg["event"] == P.EV_KERNEL_PREPARED:
+            self.kernel_prepared.set()
         elif msg["event"] == P.EV_KERNEL_EXITED:
             self.kernel_exit_status = int(msg.get("status", -1))
             self.kernel_output_tail = str(msg.get("tail", ""))

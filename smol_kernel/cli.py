@@ -148,12 +148,36 @@ def cmd_install(args: argparse.Namespace) -> int:
             str(src), args.name, user=args.user and not prefix, prefix=prefix
         )
     print(f"installed kernelspec {args.name!r} ({args.display_name}) in {dest}")
+    if not args.no_server_extension:
+        conf = _enable_server_extension(args.user and not prefix, prefix)
+        print(f"enabled the smol_kernel server extension (fills the warm pool at server "
+              f"start) in {conf}")  # fmt: skip
     image = config.get("image", "default")
     try:
         GuestImage.load(image)
     except ImageNotFound as e:
         print(f"note: {e}", file=sys.stderr)
     return 0
+
+
+def _enable_server_extension(user: bool, prefix: str | None) -> str:
+    """Write jupyter_server_config.d/smol_kernel.json where the kernelspec went."""
+    from pathlib import Path
+
+    from jupyter_core.paths import ENV_CONFIG_PATH, SYSTEM_CONFIG_PATH, jupyter_config_dir
+
+    if prefix:
+        base = Path(prefix) / "etc" / "jupyter"
+    elif user:
+        base = Path(jupyter_config_dir())
+    else:  # like KernelSpecManager's system-wide default
+        base = Path(SYSTEM_CONFIG_PATH[0] if SYSTEM_CONFIG_PATH else ENV_CONFIG_PATH[0])
+    conf = base / "jupyter_server_config.d" / "smol_kernel.json"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(
+        json.dumps({"ServerApp": {"jpserver_extensions": {"smol_kernel": True}}}, indent=2) + "\n"
+    )
+    return str(conf)
 
 
 # ------------------------------------------------------------------ doctor / ps / kill
@@ -220,7 +244,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
                 "memory_mib": state.get("memory_mib"),
                 "network": bool(state.get("network")),
                 "shares": state.get("shares") or [],
-                "state": "running" if pids and owner_alive else ("orphaned" if pids else "stale"),
+                "state": ("pooled" if state.get("pooled") else "running")
+                if pids and owner_alive
+                else ("orphaned" if pids else "stale"),
                 "owner_pid": state.get("owner_pid"),
             }
         )
@@ -309,6 +335,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    from .pool import warm_pool
+
+    warm_pool().enabled = False  # one kernel and exit: a pool would only burn CPU
     nb = nbformat.read(args.notebook, as_version=4)
     index = 0
 
@@ -376,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--prefix", help="install under this prefix")
     inst.add_argument("--name", default="smolvm", help="kernelspec name (default: %(default)s)")
     inst.add_argument("--display-name", default="Python (smolvm)")
+    inst.add_argument("--no-server-extension", action="store_true",
+                      help="do not enable the server extension that fills the warm pool "
+                      "when a Jupyter server starts")  # fmt: skip
     inst.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="environment variable for the kernel (repeatable)")  # fmt: skip
     for name, trait in _provisioner_traits().items():

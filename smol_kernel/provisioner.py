@@ -25,6 +25,7 @@ import contextlib
 import os
 import signal
 import time
+from string import Template
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -34,20 +35,20 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from .agent_client import GuestAgent
 from .guest import protocol as P
 from .ioloop import on_io_loop
+from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel_vm, claim
+from .pool import warm_pool
 from .relay import VsockRelay
 from .vm.base import Vm, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, proc_start_time, reap_orphans
-from .vm.select import BACKENDS, select_backend
+from .vm.select import BACKENDS, Selection, select_backend
 from .vm.share import Share, ShareError, parse_share
-from .vm.spec import VmSpec
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host variables a kernel legitimately needs to know; everything else stays on the host.
 PASSED_THROUGH = ("JPY_SESSION_NAME",)
 
 
-class KernelStartError(RuntimeError):
-    """The kernel VM did not come up; the message has the reason and the console tail."""
+__all__ = ["KernelStartError", "SmolVMProvisioner"]
 
 
 class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -101,6 +102,27 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "exit.",
     )
 
+    debugger = Bool(
+        False,
+        config=True,
+        help="Load debugpy in the guest so JupyterLab's debugger works (set the kernelspec's "
+        "metadata.debugger too). Off: the kernel starts faster and reports no debugger.",
+    )
+    pool_size = Integer(
+        1,
+        config=True,
+        help="Warm pool: VMs this server process keeps booted, with the kernel imported and "
+        "initialised, for each distinct kernel configuration that was started (or is "
+        "listed when the server starts, with the smol_kernel server extension). A start "
+        "takes one (instant); a refill boots in the background, never during a cold start. "
+        "0: no pool, nothing runs in the background.",
+    )
+    pool_ttl = Float(
+        3600.0,
+        config=True,
+        help="Seconds a pooled VM may wait unused before it is replaced by a fresh one.",
+    )
+
     network = Bool(
         False,
         config=True,
@@ -142,8 +164,10 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.relay: VsockRelay | None = None
         self.isolation: str | None = None
         self.ready_at: float | None = None  # time.monotonic() when the kernel was ready
+        self.start_kind: str | None = None  # "pooled" or "cold", once launched
         self.backend_name: str | None = None
-        self._guest_env: dict[str, str] = {}
+        self._guest_env: dict[str, str] = {}  # without PER_KERNEL_ENV
+        self._kernel_env: dict[str, str] = {}  # PER_KERNEL_ENV
         self._guest_argv: list[str] = []
         self._shares: tuple[Share, ...] = ()
         self._cwd = "/root"
@@ -155,20 +179,51 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         await asyncio.to_thread(reap_orphans)
         extra = list(kwargs.get("extra_arguments") or [])
         kwargs = await super().pre_launch(**kwargs)  # ports, connection file, curve keys
-        host_env = kwargs.get("env") or {}
+        self._guest_env, self._kernel_env = self._split_env(kwargs.get("env") or {})
+        self._guest_argv = list(self.kernel_spec.argv) + extra
+        self._shares, self._cwd = self._resolve_shares(kwargs.get("cwd"))
+        return kwargs
+
+    async def warm_up(self, cwd: str | None = None) -> str:
+        """Fill the warm pool for this kernelspec's configuration now, before any kernel
+        starts (the server extension calls this). Returns what it did, for the log."""
+        if self.pool_size <= 0:
+            return "pool_size is 0: no pool"
+        host_env = dict(os.environ)
+        for name, value in (self.kernel_spec.env or {}).items():  # as pre_launch substitutes
+            host_env[name] = Template(str(value)).safe_substitute(os.environ)
+        self._guest_env, self._kernel_env = self._split_env(host_env)
+        self._guest_argv = list(self.kernel_spec.argv)
+        self._shares, self._cwd = self._resolve_shares(cwd)
+        return await on_io_loop(self._warm_up())
+
+    async def _warm_up(self) -> str:
+        selection = await self._select_backend()
+        plan = self._plan(selection)
+        if (why := self._why_not_pooled(plan, {})) is not None:
+            return f"no pool: {why}"
+        assert selection.backend is not None
+        warm_pool().want(
+            plan, selection.backend, self.pool_size, self.pool_ttl, self.startup_timeout
+        )
+        return f"keeping {self.pool_size} VM(s) ready ({plan.describe()})"
+
+    def _split_env(self, host_env: dict) -> tuple[dict[str, str], dict[str, str]]:
+        """The guest's environment: fixed for this configuration, and per kernel."""
         env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
         for name in self.kernel_spec.env or {}:
             if name in host_env:  # after the base class's ${VAR} substitution
                 env[name] = str(host_env[name])
+        per_kernel = {}
         for name in PASSED_THROUGH:
             if name in host_env:
-                env[name] = str(host_env[name])
+                per_kernel[name] = str(host_env[name])
         if self.kernel_id:
-            env["KERNEL_ID"] = self.kernel_id
-        self._guest_env = env
-        self._guest_argv = list(self.kernel_spec.argv) + extra
-        self._shares, self._cwd = self._resolve_shares(kwargs.get("cwd"))
-        return kwargs
+            per_kernel["KERNEL_ID"] = self.kernel_id
+        for name in PER_KERNEL_ENV:  # a kernelspec value is still per kernel
+            if name in env:
+                per_kernel.setdefault(name, env.pop(name))
+        return env, per_kernel
 
     def _resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
         """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
@@ -192,7 +247,72 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     async def _launch(self) -> KernelConnectionInfo:
         deadline = time.monotonic() + self.startup_timeout
+        late = f"within {self.startup_timeout:.0f}s (startup_timeout)"
         self._exit_status = None
+        selection = await self._select_backend()
+        ci = self.connection_info
+        relay = VsockRelay(
+            str(ci.get("transport", "tcp")),
+            str(ci.get("ip", "127.0.0.1")),
+            {ch: int(ci[f"{ch}_port"]) for ch in P.CHANNEL_PORTS},  # type: ignore[call-overload]
+        )
+        relay.bind()
+        self.relay = relay
+        plan = self._plan(selection)
+        self.backend_name = plan.backend
+        connection = _guest_connection(ci)
+        pool = warm_pool()
+        t0 = time.monotonic()
+        try:
+            why_cold = self._why_not_pooled(plan, connection)
+            pooled = None
+            if why_cold is None:
+                assert selection.backend is not None
+                pool.want(
+                    plan, selection.backend, self.pool_size, self.pool_ttl, self.startup_timeout
+                )
+                pooled = await pool.claim(plan, deadline)
+                why_cold = None if pooled else pool.why_miss(plan)
+            if pooled is not None:
+                self._adopt(pooled.vm)
+                self.agent = pooled.agent
+                pooled.vm.set_label(self.kernel_id or "")
+                self.log.info(
+                    "kernel %s: claimed pooled VM %s (%s, isolation %s)",
+                    self.kernel_id, pooled.vm.id, self.backend_name, self.isolation,
+                )  # fmt: skip
+                await claim(pooled.vm, pooled.agent, connection, self._kernel_env, deadline, late)
+                self.start_kind = "pooled"
+            else:
+                self.log.info("kernel %s: cold start (%s)", self.kernel_id, why_cold)
+                assert selection.backend is not None
+                async with pool.cold_start():
+                    _, self.agent = await boot_kernel_vm(
+                        selection.backend, plan, deadline, connection, self._kernel_env,
+                        label=self.kernel_id or "", on_vm=self._adopt, late=late,
+                    )  # fmt: skip
+                self.start_kind = "cold"
+            vm = self.vm
+            assert vm is not None
+            if self.isolation != dict(plan.env)["SMOL_KERNEL_ISOLATION"]:  # never misreport
+                raise KernelStartError(
+                    f"VM {vm.id} got isolation {self.isolation}, not the "
+                    f"{dict(plan.env)['SMOL_KERNEL_ISOLATION']} the backend check found"
+                )
+            await relay.start_serving(vm.open_stream)
+        except BaseException:
+            await self._teardown()
+            raise
+        self.ready_at = time.monotonic()
+        if self.max_lifetime > 0:
+            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
+        self.log.info(
+            "kernel %s: ready in VM %s (%s start, %.1fs)",
+            self.kernel_id, vm.id, self.start_kind, self.ready_at - t0,
+        )  # fmt: skip
+        return self.connection_info
+
+    async def _select_backend(self) -> Selection:
         selection = await asyncio.to_thread(
             select_backend, self.backend, self.image, self.require_hardware_isolation
         )
@@ -203,54 +323,42 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 "Run 'smol-kernel doctor' for details."
             )
         assert selection.status is not None and selection.status.isolation is not None
-        ci = self.connection_info
-        relay = VsockRelay(
-            str(ci.get("transport", "tcp")),
-            str(ci.get("ip", "127.0.0.1")),
-            {ch: int(ci[f"{ch}_port"]) for ch in P.CHANNEL_PORTS},  # type: ignore[call-overload]
+        return selection
+
+    def _plan(self, selection: Selection) -> KernelPlan:
+        assert selection.backend is not None and selection.status is not None
+        env = dict(self._guest_env)
+        env["SMOL_KERNEL_ISOLATION"] = str(selection.status.isolation)
+        env["SMOL_KERNEL_BACKEND"] = selection.backend.name
+        return KernelPlan(
+            backend=selection.backend.name,
+            image=self.image,
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            disk_mib=self.disk_mib,
+            network=self.network,
+            dns=tuple(self.dns_servers),
+            shares=self._shares,
+            argv=tuple(self._guest_argv),
+            env=tuple(sorted(env.items())),
+            cwd=self._cwd,
+            max_processes=self.max_processes,
+            debugger=self.debugger,
         )
-        relay.bind()
-        self.relay = relay
-        try:
-            spec = VmSpec(
-                image=self.image,
-                vcpus=self.vcpus,
-                memory_mib=self.memory_mib,
-                disk_mib=self.disk_mib,
-                label=self.kernel_id or "",
-                network=self.network,
-                dns=tuple(self.dns_servers),
-                shares=self._shares,
-            )
-            self.vm = vm = await selection.backend.start(spec)
-            self.isolation = str(vm.isolation)
-            self.backend_name = selection.backend.name
-            self.log.info(
-                "kernel %s: VM %s (%s, isolation %s) booting",
-                self.kernel_id, vm.id, self.backend_name, self.isolation,
-            )  # fmt: skip
-            self.agent = agent = await GuestAgent.connect(vm, deadline - time.monotonic())
-            env = dict(self._guest_env)
-            env["SMOL_KERNEL_ISOLATION"] = self.isolation
-            env["SMOL_KERNEL_BACKEND"] = self.backend_name
-            await agent.request(
-                P.OP_START_KERNEL,
-                argv=self._guest_argv,
-                env=env,
-                cwd=self._cwd,
-                connection=_guest_connection(ci),
-                max_processes=self.max_processes,
-            )
-            await self._wait_kernel_ready(deadline)
-            await relay.start_serving(vm.open_stream)
-        except BaseException:
-            await self._teardown()
-            raise
-        self.ready_at = time.monotonic()
-        if self.max_lifetime > 0:
-            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
-        self.log.info("kernel %s: ready in VM %s", self.kernel_id, vm.id)
-        return self.connection_info
+
+    def _why_not_pooled(self, plan: KernelPlan, connection: dict) -> str | None:
+        if self.pool_size <= 0:
+            return "pool_size is 0"
+        if not plan.two_step:
+            return "the kernelspec argv is not 'python3 -m ipykernel_launcher ...'"
+        if connection.get("curve_secretkey"):
+            return "the connection uses CurveZMQ keys, which a prepared kernel cannot take"
+        return None
+
+    def _adopt(self, vm: Vm) -> None:
+        """``vm`` is this kernel's from now on (even while it boots: kill() reaches it)."""
+        self.vm = vm
+        self.isolation = str(vm.isolation)
 
     def _expire(self, vm: Vm) -> None:
         if self.vm is vm and vm.poll() is None:
@@ -259,34 +367,6 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 self.kernel_id, self.max_lifetime, vm.id,
             )  # fmt: skip
             vm.kill()
-
-    async def _wait_kernel_ready(self, deadline: float) -> None:
-        assert self.agent is not None and self.vm is not None
-        agent, vm = self.agent, self.vm
-        ready = asyncio.ensure_future(agent.kernel_ready.wait())
-        exited = asyncio.ensure_future(agent.kernel_exited.wait())
-        gone = asyncio.ensure_future(agent.closed.wait())
-        try:
-            await asyncio.wait(
-                {ready, exited, gone},
-                timeout=max(0.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for f in (ready, exited, gone):
-                f.cancel()
-        if agent.kernel_ready.is_set():
-            return
-        if agent.kernel_exited.is_set():
-            raise KernelStartError(
-                f"the kernel exited in the VM with status {agent.kernel_exit_status} before "
-                f"it was ready. Its output:\n{agent.kernel_output_tail}"
-            )
-        if agent.closed.is_set():
-            what = "the VM stopped"
-        else:
-            what = f"the kernel did not answer within {self.startup_timeout:.0f}s (startup_timeout)"
-        raise KernelStartError(f"{what}. Guest console:\n{vm.console_tail()}")
 
     # ------------------------------------------------------------------ process API
     @property

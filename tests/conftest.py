@@ -6,6 +6,7 @@ need a fresh VM share one; tests where isolation is the point boot their own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -96,10 +97,30 @@ def jupyter_prefix(tmp_path_factory, image):
 
 
 def install_spec(prefix: Path, name: str, *args: str) -> str:
+    """Test kernelspecs have no warm pool unless they ask (``--pool-size N``): most tests
+    want exactly the VMs they start, and refills would double the CPU load."""
     from smol_kernel.cli import main
 
-    assert main(["install", "--prefix", str(prefix), "--name", name, *args]) == 0
+    if "--pool-size" not in args:
+        args = (*args, "--pool-size", "0")
+    argv = ["install", "--prefix", str(prefix), "--name", name, "--no-server-extension", *args]
+    assert main(argv) == 0
     return name
+
+
+def close_warm_pool() -> None:
+    """Close this process's pooled VMs and forget every plan (refills stop)."""
+    from smol_kernel.ioloop import io_loop
+    from smol_kernel.pool import warm_pool
+
+    asyncio.run_coroutine_threadsafe(warm_pool().close(), io_loop()).result(60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_warm_pool():
+    """Pooled VMs are this process's: close them before the runtime-dir check at the end."""
+    yield
+    close_warm_pool()
 
 
 @pytest.fixture(scope="session")
@@ -110,18 +131,23 @@ def smolvm_spec(jupyter_prefix) -> str:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["qemu", "libkrun"])
-def backend_spec(request, jupyter_prefix, image) -> str:
+@pytest.fixture(scope="module", params=["qemu", "qemu-pooled", "libkrun"])
+def backend_spec(request, jupyter_prefix, image):
     """One kernelspec per backend: the kernel conformance tests run against each backend
-    that can boot a guest here, and skip the others with the reason doctor gives."""
+    that can boot a guest here, and skip the others with the reason doctor gives.
+    ``qemu-pooled`` runs them on kernels claimed from the warm pool."""
     from smol_kernel.vm.select import select_backend
 
     name = request.param
-    sel = select_backend(name, image.name)
+    backend, _, pooled = name.partition("-")
+    sel = select_backend(backend, image.name)
     if sel.backend is None:
         assert sel.error is not None
-        pytest.skip(f"{name} cannot boot a kernel VM on this host: {sel.error.reason}")
-    return install_spec(
-        jupyter_prefix, f"smolvm-{name}", "--backend", name,
+        pytest.skip(f"{backend} cannot boot a kernel VM on this host: {sel.error.reason}")
+    yield install_spec(
+        jupyter_prefix, f"smolvm-{name}", "--backend", backend,
         "--env", "SMOL_SPEC_VAR=from-kernelspec", "--memory-mib", "768",
+        "--pool-size", "1" if pooled else "0",
     )  # fmt: skip
+    if pooled:
+        close_warm_pool()

@@ -50,16 +50,49 @@ async def run_cell(
     return result
 
 
+async def fill_pool(kernel_name: str, timeout: float = 240, **config) -> None:
+    """Fill the warm pool for a kernelspec (as the server extension does) and wait until
+    a VM for it is prepared."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    spec.metadata["kernel_provisioner"]["config"].update(config)
+    prov = KernelProvisionerFactory.instance().create_provisioner_instance("", spec, None)
+    await prov.warm_up()
+    await wait_pool(lambda pool: pool.ready_count() >= 1, timeout)
+
+
+async def wait_pool(predicate, timeout: float = 240) -> None:
+    """Wait until ``predicate(pool)`` holds (evaluated on the io loop)."""
+    from smol_kernel.ioloop import on_io_loop
+    from smol_kernel.pool import warm_pool
+
+    async def check() -> bool:
+        return bool(predicate(warm_pool()))
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await on_io_loop(check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"warm pool condition not met within {timeout}s")
+        await asyncio.sleep(0.5)
+
+
 async def start_kernel(
     kernel_name: str, manager_cls=AsyncKernelManager, cwd: str | None = None, **kw
 ) -> tuple[AsyncKernelManager, AsyncKernelClient]:
-    """``cwd``: where the kernel starts, as a server passes a notebook's folder."""
+    """``cwd``: where the kernel starts, as a server passes a notebook's folder. A
+    ``*-pooled`` kernelspec's pool is filled first, and its kernel must come from it."""
+    if kernel_name.endswith("-pooled"):
+        await fill_pool(kernel_name)
     km = manager_cls(kernel_name=kernel_name, **kw)
     await km.start_kernel(**({"cwd": cwd} if cwd else {}))
     kc = km.client()
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=120)
+        if kernel_name.endswith("-pooled"):
+            assert km.provisioner.start_kind == "pooled"
     except BaseException:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)

@@ -141,25 +141,39 @@ class Kernel:
         self.exit_status: int | None = None
         self._tail = bytearray()
         self._console_left = CONSOLE_BUDGET
+        self._claim_w: int | None = None  # the prepared kernel's claim pipe
 
     def start(
         self, argv: list[str], env: dict[str, str], cwd: str, connection: dict,
-        max_processes: int = 0,
+        max_processes: int = 0, prepare: bool = False, debugger: bool = False,
     ) -> int:  # fmt: skip
+        """Start the kernel. An ipykernel argv goes through the two-step launcher: with
+        ``prepare`` it waits for ``claim``, else it is claimed with ``connection`` at once."""
         if self.pid is not None:
             raise RuntimeError("a kernel is already running in this VM")
         if not argv:
             raise ValueError("empty kernel argv")
-        os.makedirs(os.path.dirname(P.GUEST_CONNECTION_FILE), exist_ok=True)
-        info = dict(connection)
-        info.update({"ip": "127.0.0.1", "transport": "tcp"})
-        info.update({f"{ch}_port": port for ch, port in P.KERNEL_PORTS.items()})
-        fd = os.open(P.GUEST_CONNECTION_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+        launcher = P.two_step_argv(argv, debugger)
+        if prepare and launcher is None:
+            raise ValueError(f"this kernel cannot be prepared ahead: {argv[:3]}")
+        self._write_connection(connection if not prepare else {"key": os.urandom(16).hex()})
+        argv = launcher or argv
         argv = [a.replace("{connection_file}", P.GUEST_CONNECTION_FILE) for a in argv]
         os.makedirs(cwd, exist_ok=True)
         rfd, wfd = os.pipe()
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, wfd, 1),
+            (os.POSIX_SPAWN_DUP2, wfd, 2),
+            (os.POSIX_SPAWN_CLOSE, rfd),
+        ]
+        if launcher is not None:
+            claim_r, self._claim_w = os.pipe()
+            status_r, status_w = os.pipe()
+            actions += [
+                (os.POSIX_SPAWN_DUP2, claim_r, P.LAUNCHER_CLAIM_FD),
+                (os.POSIX_SPAWN_DUP2, status_w, P.LAUNCHER_STATUS_FD),
+            ]
         prog = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH", ""))
         shown = " ".join(argv)
         if cgroup := kernel_cgroup(max_processes):
@@ -173,23 +187,62 @@ class Kernel:
                 prog,
                 argv,
                 env,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, wfd, 1),
-                    (os.POSIX_SPAWN_DUP2, wfd, 2),
-                    (os.POSIX_SPAWN_CLOSE, rfd),
-                ],
+                file_actions=actions,
                 setsid=True,
                 setsigdef=GUARDED_SIGNALS,  # the kernel must get SIGINT (interrupts) again
             )
         finally:
             os.chdir(old_cwd)
             os.close(wfd)
+            if launcher is not None:
+                os.close(claim_r)
+                os.close(status_w)
         log(f"kernel started, pid {self.pid}: {shown}")
         threading.Thread(target=self._copy_output, args=(rfd,), daemon=True).start()
-        threading.Thread(target=self._watch_ready, daemon=True).start()
+        if launcher is None:
+            threading.Thread(target=self._watch_ready, daemon=True).start()
+        else:
+            threading.Thread(target=self._watch_status, args=(status_r,), daemon=True).start()
+            if not prepare:
+                self.claim(connection, {})
         self.agent.reaper.wake()
         return self.pid
+
+    def _write_connection(self, connection: dict) -> None:
+        os.makedirs(os.path.dirname(P.GUEST_CONNECTION_FILE), exist_ok=True)
+        info = dict(connection)
+        info.update({"ip": "127.0.0.1", "transport": "tcp"})
+        info.update({f"{ch}_port": port for ch, port in P.KERNEL_PORTS.items()})
+        tmp = P.GUEST_CONNECTION_FILE + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.rename(tmp, P.GUEST_CONNECTION_FILE)
+
+    def claim(self, connection: dict, env: dict[str, str]) -> None:
+        """Give a prepared kernel its key (and the per-kernel environment). Once only."""
+        if self._claim_w is None:
+            raise RuntimeError("no prepared kernel is waiting in this VM")
+        if self.exit_status is not None:
+            raise ProcessLookupError(f"the kernel exited with status {self.exit_status}")
+        self._write_connection(connection)  # what %connect_info shows
+        line = json.dumps({
+            "key": connection.get("key", ""),
+            "signature_scheme": connection.get("signature_scheme", ""),
+            "env": env,
+        }).encode() + b"\n"  # fmt: skip
+        fd, self._claim_w = self._claim_w, None
+        try:
+            os.write(fd, line)  # far below the pipe buffer: never blocks
+        finally:
+            os.close(fd)
+
+    def _watch_status(self, status_r: int) -> None:
+        events = {b"prepared": P.EV_KERNEL_PREPARED, b"started": P.EV_KERNEL_READY}
+        with os.fdopen(status_r, "rb") as pipe:
+            for line in pipe:
+                if (event := events.get(line.strip())) and self.exit_status is None:
+                    self.agent.broadcast({"event": event, "pid": self.pid})
 
     def _copy_output(self, rfd: int) -> None:
         with os.fdopen(rfd, "rb", buffering=0) as pipe:
@@ -353,10 +406,16 @@ class Agent:
                 list(req["argv"]),
                 env,
                 str(req.get("cwd") or "/root"),
-                dict(req["connection"]),
+                dict(req.get("connection") or {}),
                 int(req.get("max_processes") or 0),
+                prepare=bool(req.get("prepare")),
+                debugger=bool(req.get("debugger")),
             )
             self._reply(conn, req, pid=pid)
+        elif op == P.OP_CLAIM_KERNEL:
+            env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+            self.kernel.claim(dict(req["connection"]), env)
+            self._reply(conn, req)
         elif op == P.OP_SIGNAL:
             self.kernel.signal(int(req["signum"]))
             self._reply(conn, req)

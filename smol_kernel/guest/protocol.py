@@ -7,7 +7,13 @@ protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port m
 
 * ``CONTROL_PORT`` carries newline-delimited JSON objects. A request has ``op`` and ``id``;
   its reply echoes ``id`` and has ``ok`` (and ``error`` when false). Objects with ``event``
-  are unsolicited notifications from the agent (``kernel_ready``, ``kernel_exited``).
+  are unsolicited notifications from the agent (``kernel_prepared``, ``kernel_ready``,
+  ``kernel_exited``).
+* An ipykernel kernelspec (``python3 -m ipykernel_launcher ...``) starts in two steps:
+  ``start_kernel`` with ``prepare: true`` imports and initialises the kernel under a
+  throw-away key (``kernel_prepared`` when done), and ``claim_kernel`` hands it the real
+  connection key and the per-kernel environment (``kernel_ready`` once it serves). A
+  ``start_kernel`` without ``prepare`` does both at once. Other argv start in one step.
 * Each ``CHANNEL_PORTS`` entry carries raw bytes of one ZMQ connection: the agent connects
   the stream to the kernel's TCP port on guest loopback and copies bytes both ways. ZMTP is
   never parsed, so message signing and CurveZMQ work end to end.
@@ -16,8 +22,9 @@ protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port m
 from __future__ import annotations
 
 import json
+import re
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 CONTROL_PORT = 1024
 CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "hb": 1029}
@@ -31,10 +38,12 @@ MAX_LINE = 1 << 20
 OP_HELLO = "hello"
 OP_PING = "ping"
 OP_START_KERNEL = "start_kernel"
+OP_CLAIM_KERNEL = "claim_kernel"
 OP_SIGNAL = "signal"
 OP_POWEROFF = "poweroff"
 
 # Events (guest -> host)
+EV_KERNEL_PREPARED = "kernel_prepared"
 EV_KERNEL_READY = "kernel_ready"
 EV_KERNEL_EXITED = "kernel_exited"
 
@@ -44,6 +53,27 @@ READY_LINE = b"smol-agent: ready"
 # Guest paths
 GUEST_AGENT_DIR = "/opt/smol-kernel"
 GUEST_CONNECTION_FILE = "/run/smol-kernel/kernel.json"
+GUEST_KERNEL_LAUNCHER = GUEST_AGENT_DIR + "/kernel_launcher.py"
+
+# The launcher's pipes from the agent: one JSON line (key, per-kernel env) in, status out.
+LAUNCHER_CLAIM_FD, LAUNCHER_STATUS_FD = 3, 4
+IPYKERNEL_MODULES = ("ipykernel_launcher", "ipykernel")
+_PYTHON = re.compile(r"(?:.*/)?python3(?:\.\d+)?")
+
+
+def two_step_argv(argv: list[str], debugger: bool = False) -> list[str] | None:
+    """The launcher command for a kernelspec argv that can start in two steps, or None.
+
+    Only ``PYTHON -m ipykernel_launcher|ipykernel ARGS`` qualifies: the launcher runs the
+    same interpreter with the same module and arguments, so the kernel behaves as the
+    kernelspec says; anything else (another kernel, interpreter flags) starts in one step.
+    """
+    if len(argv) < 3 or not _PYTHON.fullmatch(argv[0]) or argv[1] != "-m":
+        return None
+    if argv[2] not in IPYKERNEL_MODULES:
+        return None
+    flags = ["--debugger"] if debugger else []
+    return [argv[0], GUEST_KERNEL_LAUNCHER, *flags, "-m", *argv[2:]]
 
 
 class ProtocolError(Exception):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from .. import __version__, paths
 from ..guest import agent as _agent_mod
-from ..guest import protocol as _protocol_mod
 from ..trusted import find_program
 from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
@@ -33,6 +32,11 @@ from .store import DEFAULT_IMAGE, GuestImage, check_name
 from .tools import install_vhost_device_vsock
 
 BUILDER_VERSION = 1
+# Host package files copied into the guest's /opt/smol-kernel (their hashes are inputs).
+GUEST_FILES = tuple(
+    Path(_agent_mod.__file__).with_name(name)
+    for name in ("agent.py", "protocol.py", "kernel_launcher.py")
+)
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 BASE_PACKAGES = ("python3-minimal", "python3-ipykernel")
 MIN_FREE_BYTES = 2 << 30
@@ -117,11 +121,8 @@ class ImageBuilder:
 
     # ---------------------------------------------------------------- inputs
     def inputs(self) -> dict:
-        guest_files = {
-            "agent.py": hashlib.sha256(Path(_agent_mod.__file__).read_bytes()).hexdigest(),
-            "protocol.py": hashlib.sha256(Path(_protocol_mod.__file__).read_bytes()).hexdigest(),
-            "init.sh": hashlib.sha256(self._init_script()).hexdigest(),
-        }
+        guest_files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in GUEST_FILES}
+        guest_files["init.sh"] = hashlib.sha256(self._init_script()).hexdigest()
         return {
             "builder_version": BUILDER_VERSION,
             "suite": self.suite,
@@ -330,11 +331,9 @@ class ImageBuilder:
     def _mmdebstrap(self, root_image: Path, work: Path, pip_staging: Path | None) -> None:
         pyver = SUITE_PYTHON[self.suite]
         guest_dir = "/opt/smol-kernel"
-        agent_src = Path(_agent_mod.__file__)
-        proto_src = Path(_protocol_mod.__file__)
         hooks = [
             f'mkdir -p "$1{guest_dir}"',
-            f"copy-in {agent_src} {proto_src} {guest_dir}",
+            f"copy-in {' '.join(str(f) for f in GUEST_FILES)} {guest_dir}",
         ]
         site = f"/usr/local/lib/python{pyver}/dist-packages"
         if pip_staging is not None:

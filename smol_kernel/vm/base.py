@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ class Vm(abc.ABC):
         self, port: int, timeout: float = 5.0
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A byte stream to guest vsock ``port``; ConnectionRefusedError if nobody listens."""
+
+    def set_label(self, label: str, pooled: bool = False) -> None:
+        """What ``smol-kernel ps`` shows for this VM: the kernel it serves, or that it is a
+        warm-pool VM waiting for one."""
+        self.spec = dataclasses.replace(self.spec, label=label)
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import secrets
@@ -282,6 +283,8 @@ class ProcessVm(Vm):
         self._helpers = list(helpers)
         self._status: int | None = None
         self.started = time.time()
+        self.pooled = False
+        self._backend_name = ""
         console.watch(self.console_log)
         _open_vms.add(self)
 
@@ -318,6 +321,7 @@ class ProcessVm(Vm):
     def record_state(self, backend: str) -> None:
         """Write what ``smol-kernel ps`` and orphan reaping need to find this VM."""
         spec = self.spec
+        self._backend_name = backend
         pids = {"vmm": self.pid, **{f"helper{i}": p.pid for i, p in enumerate(self._helpers)}}
         starts = {name: proc_start_time(pid) for name, pid in pids.items() if pid}
         self.rt.write_state({
@@ -325,8 +329,14 @@ class ProcessVm(Vm):
             "isolation": str(self.isolation), "label": spec.label, "image": spec.image,
             "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
             "network": spec.network, "shares": [str(s) for s in spec.shares],
-            "created": self.started, "pids": pids, "starts": starts,
+            "created": self.started, "pids": pids, "starts": starts, "pooled": self.pooled,
         })  # fmt: skip
+
+    def set_label(self, label: str, pooled: bool = False) -> None:
+        self.spec = dataclasses.replace(self.spec, label=label)
+        self.pooled = pooled
+        if self._vmm is not None:
+            self.record_state(self._backend_name)
 
     async def confirm_started(self, what: str, log: Path) -> None:
         """Fail with the VMM's own words if it exited right away (bad arguments, no KVM)."""

@@ -1,0 +1,274 @@
+"""WarmPool: VMs booted ahead of time, each holding a kernel prepared but for its key.
+
+Guarantees:
+
+* A pooled VM serves one kernel, ever: ``claim`` removes it from the pool for good. Restarts
+  and later kernels claim other VMs (or boot cold).
+* A VM is handed out only for an equal ``KernelPlan`` (image, size, network, shares, argv,
+  environment, working folder, limits): nothing fixed at boot differs from a cold start.
+* Refills run in the background, one VM at a time, never while a cold start is running
+  (a refill for another plan is cancelled when one begins; one for the same plan is
+  waited for instead: it is ahead of a new boot). A pooled VM unused for ``ttl`` seconds
+  is replaced, and a dead one is dropped.
+* Pooled VMs are ordinary VMs of this process: they die with it (parent-death signal),
+  are closed at exit, reaped by ``reap_orphans``, and ``smol-kernel ps`` lists them as
+  ``pooled``. Nothing runs in the background until some plan asks for a pool.
+
+One pool per process, living on the io loop (``ioloop.io_loop``); call it from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .agent_client import GuestAgent
+from .kernel_vm import KernelPlan, boot_kernel_vm
+from .vm.base import Vm, VmBackend
+
+log = logging.getLogger("smol_kernel.pool")
+
+RETRY_SECONDS = 30.0  # after a failed refill
+MAX_FAILURES = 3  # in a row, then the plan's pool stays empty until asked for again
+
+
+@dataclass
+class PooledVm:
+    vm: Vm
+    agent: GuestAgent
+    plan: KernelPlan
+    prepared_at: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        return (
+            self.vm.poll() is None
+            and not self.agent.closed.is_set()
+            and not self.agent.kernel_exited.is_set()
+        )
+
+    async def close(self) -> None:
+        await self.agent.close()
+        await self.vm.close()
+
+
+@dataclass
+class _Fill:
+    """One refill in progress. Stopping it kills its VM rather than cancelling the task:
+    a cancelled backend start could lose a process spawned in a worker thread."""
+
+    plan: KernelPlan
+    task: asyncio.Task | None = None
+    vm: Vm | None = None
+    stopped: bool = False
+
+    def on_vm(self, vm: Vm) -> None:
+        self.vm = vm
+        vm.set_label("", pooled=True)
+        if self.stopped:
+            vm.kill()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.vm is not None:
+            self.vm.kill()
+
+
+@dataclass
+class _Want:
+    backend: VmBackend
+    size: int
+    ttl: float
+    boot_timeout: float
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+class WarmPool:
+    def __init__(self) -> None:
+        self._wants: dict[KernelPlan, _Want] = {}
+        self._ready: dict[KernelPlan, list[PooledVm]] = {}
+        self._filling: _Fill | None = None
+        self._cold_starts = 0
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self.refills = 0  # VMs booted for the pool (for tests and metrics)
+        self.enabled = True  # False: want() is ignored (one-shot users, interpreter exit)
+
+    # ---------------------------------------------------------------- the public side
+    def want(
+        self, plan: KernelPlan, backend: VmBackend, size: int, ttl: float, boot_timeout: float
+    ) -> None:
+        """Keep ``size`` VMs prepared for ``plan`` (0 drops the plan's pool)."""
+        if size <= 0 or not self.enabled:
+            if self._wants.pop(plan, None) is not None:
+                self._wake.set()
+            return
+        old = self._wants.get(plan)
+        self._wants[plan] = _Want(backend, size, ttl, boot_timeout)
+        if old is None or (old.size, old.ttl) != (size, ttl) or old.failures:
+            log.info("warm pool: keeping %d VM(s) ready for %s", size, plan.describe())
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())
+        self._wake.set()
+
+    async def claim(self, plan: KernelPlan, deadline: float) -> PooledVm | None:
+        """A prepared VM for ``plan``, now its caller's alone; None if there is none."""
+        while ready := self._ready.get(plan):
+            pooled = ready.pop(0)
+            if pooled.alive():
+                self._wake.set()  # refill
+                return pooled
+            await pooled.close()
+        if self._filling and self._filling.plan == plan and self._filling.task:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(
+                    asyncio.shield(self._filling.task), max(0.0, deadline - time.monotonic())
+                )
+            ready = self._ready.get(plan)
+            if ready:
+                self._wake.set()
+                return ready.pop(0)
+        return None
+
+    def why_miss(self, plan: KernelPlan) -> str:
+        want = self._wants.get(plan)
+        if want is None:
+            return "no pool for this configuration"
+        if want.failures:
+            return f"refilling the pool failed {want.failures} time(s) (see the log)"
+        return "no prepared VM for this configuration yet"
+
+    @contextlib.asynccontextmanager
+    async def cold_start(self) -> AsyncIterator[None]:
+        """Around a cold start: no refill competes with it for CPU."""
+        self._cold_starts += 1
+        try:
+            if self._filling is not None and not self._filling.stopped:
+                log.info("warm pool: refill stopped for a cold start (retried after it)")
+                self._filling.stop()
+            yield
+        finally:
+            self._cold_starts -= 1
+            self._wake.set()
+
+    def ready_count(self, plan: KernelPlan | None = None) -> int:
+        if plan is not None:
+            return len(self._ready.get(plan, ()))
+        return sum(len(v) for v in self._ready.values())
+
+    @property
+    def filling(self) -> KernelPlan | None:
+        return self._filling.plan if self._filling else None
+
+    async def close(self) -> None:
+        """Stop refilling and close every pooled VM."""
+        self._wants.clear()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(BaseException):
+                await self._runner
+            self._runner = None
+        if (fill := self._filling) is not None and fill.task is not None:
+            fill.stop()
+            with contextlib.suppress(BaseException):
+                await fill.task
+        for ready in self._ready.values():
+            for pooled in ready:
+                await pooled.close()
+        self._ready.clear()
+
+    # ---------------------------------------------------------------- the background side
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                next_check = await self._tend()
+            except Exception:  # keep tending; a broken VM must not end the pool
+                log.exception("warm pool: tending failed")
+                next_check = RETRY_SECONDS
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_check)
+
+    async def _tend(self) -> float:
+        """Drop dead, expired and unwanted VMs; start one refill if one is due. Returns
+        seconds until the next expiry or retry."""
+        now = time.monotonic()
+        next_check = 3600.0
+        for plan, ready in list(self._ready.items()):
+            want = self._wants.get(plan)
+            for pooled in list(ready):
+                expired = want is None or now - pooled.prepared_at >= want.ttl
+                if expired or not pooled.alive():
+                    ready.remove(pooled)
+                    if want is not None and pooled.alive():
+                        log.info("warm pool: recycling VM %s (pool_ttl)", pooled.vm.id)
+                    await pooled.close()
+                else:
+                    next_check = min(next_check, pooled.prepared_at + want.ttl - now)
+            if not ready:
+                del self._ready[plan]
+        if self._filling is not None or self._cold_starts:
+            return next_check
+        for plan, want in self._wants.items():
+            if len(self._ready.get(plan, ())) >= want.size or want.failures >= MAX_FAILURES:
+                continue
+            if want.retry_at > now:
+                next_check = min(next_check, want.retry_at - now)
+                continue
+            fill = _Fill(plan)
+            self._filling = fill
+            fill.task = asyncio.ensure_future(self._fill(fill, want))
+            break
+        return max(0.05, next_check)
+
+    async def _fill(self, fill: _Fill, want: _Want) -> None:
+        plan = fill.plan
+        try:
+            vm, agent = await boot_kernel_vm(
+                want.backend, plan, time.monotonic() + want.boot_timeout, on_vm=fill.on_vm
+            )
+        except Exception as e:
+            if fill.stopped:
+                return
+            want.failures += 1
+            want.retry_at = time.monotonic() + RETRY_SECONDS
+            log.warning("warm pool: booting a VM for %s failed: %s", plan.describe(), e)
+            return
+        finally:
+            self._filling = None
+            self._wake.set()
+        want.failures = 0
+        self.refills += 1
+        if fill.stopped or plan not in self._wants:  # killed, or dropped while it booted
+            await agent.close()
+            await vm.close()
+            return
+        self._ready.setdefault(plan, []).append(PooledVm(vm, agent, plan))
+        log.info("warm pool: VM %s ready (%s)", vm.id, plan.describe())
+
+
+_pool: WarmPool | None = None
+
+
+def warm_pool() -> WarmPool:
+    """This process's pool (use it on the io loop)."""
+    global _pool
+    if _pool is None:
+        _pool = WarmPool()
+    return _pool
+
+
+@atexit.register
+def _stop_refills() -> None:
+    """At exit no refill may start a VM (the VMs themselves are closed by process.py's
+    exit hook, which runs after this one)."""
+    if _pool is not None:
+        _pool.enabled = False
+        _pool._wants.clear()
+        if _pool._filling is not None:
+            _pool._filling.stop()

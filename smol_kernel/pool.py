@@ -62,6 +62,7 @@ class _Fill:
     a cancelled backend start could lose a process spawned in a worker thread."""
 
     plan: KernelPlan
+    log: logging.Logger | logging.LoggerAdapter
     task: asyncio.Task | None = None
     vm: Vm | None = None
     stopped: bool = False
@@ -84,6 +85,7 @@ class _Want:
     size: int
     ttl: float
     boot_timeout: float
+    log: logging.Logger | logging.LoggerAdapter = log
     failures: int = 0
     retry_at: float = 0.0
 
@@ -101,17 +103,19 @@ class WarmPool:
 
     # ---------------------------------------------------------------- the public side
     def want(
-        self, plan: KernelPlan, backend: VmBackend, size: int, ttl: float, boot_timeout: float
-    ) -> None:
-        """Keep ``size`` VMs prepared for ``plan`` (0 drops the plan's pool)."""
+        self, plan: KernelPlan, backend: VmBackend, size: int, ttl: float, boot_timeout: float,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:  # fmt: skip
+        """Keep ``size`` VMs prepared for ``plan`` (0 drops the plan's pool). What happens
+        to the plan's VMs is logged to ``logger`` (the Jupyter app's, so it shows)."""
         if size <= 0 or not self.enabled:
             if self._wants.pop(plan, None) is not None:
                 self._wake.set()
             return
         old = self._wants.get(plan)
-        self._wants[plan] = _Want(backend, size, ttl, boot_timeout)
+        self._wants[plan] = want = _Want(backend, size, ttl, boot_timeout, logger or log)
         if old is None or (old.size, old.ttl) != (size, ttl) or old.failures:
-            log.info("warm pool: keeping %d VM(s) ready for %s", size, plan.describe())
+            want.log.info("warm pool: keeping %d VM(s) ready for %s", size, plan.describe())
         if self._runner is None or self._runner.done():
             self._runner = asyncio.ensure_future(self._run())
         self._wake.set()
@@ -148,9 +152,9 @@ class WarmPool:
         """Around a cold start: no refill competes with it for CPU."""
         self._cold_starts += 1
         try:
-            if self._filling is not None and not self._filling.stopped:
-                log.info("warm pool: refill stopped for a cold start (retried after it)")
-                self._filling.stop()
+            if (fill := self._filling) is not None and not fill.stopped:
+                fill.log.info("warm pool: refill stopped for a cold start (retried after it)")
+                fill.stop()
             yield
         finally:
             self._cold_starts -= 1
@@ -164,6 +168,14 @@ class WarmPool:
     @property
     def filling(self) -> KernelPlan | None:
         return self._filling.plan if self._filling else None
+
+    @property
+    def filling_vm(self) -> Vm | None:
+        """The VM a refill is booting right now, once it exists."""
+        return self._filling.vm if self._filling else None
+
+    def ready_vms(self, plan: KernelPlan | None = None) -> list[Vm]:
+        return [p.vm for k, ready in self._ready.items() if plan in (None, k) for p in ready]
 
     async def close(self) -> None:
         """Stop refilling and close every pooled VM."""
@@ -206,7 +218,7 @@ class WarmPool:
                 if expired or not pooled.alive():
                     ready.remove(pooled)
                     if want is not None and pooled.alive():
-                        log.info("warm pool: recycling VM %s (pool_ttl)", pooled.vm.id)
+                        want.log.info("warm pool: recycling VM %s (pool_ttl)", pooled.vm.id)
                     await pooled.close()
                 else:
                     next_check = min(next_check, pooled.prepared_at + want.ttl - now)
@@ -220,7 +232,7 @@ class WarmPool:
             if want.retry_at > now:
                 next_check = min(next_check, want.retry_at - now)
                 continue
-            fill = _Fill(plan)
+            fill = _Fill(plan, want.log)
             self._filling = fill
             fill.task = asyncio.ensure_future(self._fill(fill, want))
             break
@@ -237,7 +249,7 @@ class WarmPool:
                 return
             want.failures += 1
             want.retry_at = time.monotonic() + RETRY_SECONDS
-            log.warning("warm pool: booting a VM for %s failed: %s", plan.describe(), e)
+            want.log.warning("warm pool: booting a VM for %s failed: %s", plan.describe(), e)
             return
         finally:
             self._filling = None
@@ -249,7 +261,7 @@ class WarmPool:
             await vm.close()
             return
         self._ready.setdefault(plan, []).append(PooledVm(vm, agent, plan))
-        log.info("warm pool: VM %s ready (%s)", vm.id, plan.describe())
+        want.log.info("warm pool: VM %s ready (%s)", vm.id, plan.describe())
 
 
 _pool: WarmPool | None = None

@@ -165,6 +165,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.isolation: str | None = None
         self.ready_at: float | None = None  # time.monotonic() when the kernel was ready
         self.start_kind: str | None = None  # "pooled" or "cold", once launched
+        self.plan: KernelPlan | None = None  # what the kernel's VM was booted as
         self.backend_name: str | None = None
         self._guest_env: dict[str, str] = {}  # without PER_KERNEL_ENV
         self._kernel_env: dict[str, str] = {}  # PER_KERNEL_ENV
@@ -203,9 +204,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         if (why := self._why_not_pooled(plan, {})) is not None:
             return f"no pool: {why}"
         assert selection.backend is not None
-        warm_pool().want(
-            plan, selection.backend, self.pool_size, self.pool_ttl, self.startup_timeout
-        )
+        warm_pool().want(plan, selection.backend, self.pool_size, self.pool_ttl,
+                         self.startup_timeout, self.log)  # fmt: skip
         return f"keeping {self.pool_size} VM(s) ready ({plan.describe()})"
 
     def _split_env(self, host_env: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -258,7 +258,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         )
         relay.bind()
         self.relay = relay
-        plan = self._plan(selection)
+        self.plan = plan = self._plan(selection)
         self.backend_name = plan.backend
         connection = _guest_connection(ci)
         pool = warm_pool()
@@ -268,9 +268,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             pooled = None
             if why_cold is None:
                 assert selection.backend is not None
-                pool.want(
-                    plan, selection.backend, self.pool_size, self.pool_ttl, self.startup_timeout
-                )
+                pool.want(plan, selection.backend, self.pool_size, self.pool_ttl,
+                          self.startup_timeout, self.log)  # fmt: skip
                 pooled = await pool.claim(plan, deadline)
                 why_cold = None if pooled else pool.why_miss(plan)
             if pooled is not None:

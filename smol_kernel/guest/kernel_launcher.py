@@ -4,11 +4,15 @@ Run by the guest agent in place of ``PYTHON -m ipykernel_launcher ARGS`` as
 ``PYTHON kernel_launcher.py [--debugger] -m MODULE ARGS``:
 
 1. Import ipykernel and initialise the kernel app exactly as ``-m MODULE ARGS`` would (the
-   connection file the agent wrote holds the fixed guest ports and a throw-away key), then
-   write ``prepared`` on the status pipe. This is the slow part under emulation.
-2. Block on the claim pipe for one JSON line: ``{"key", "signature_scheme", "env"}``. Sign
-   with the real key from now on, add the per-kernel environment, write ``started`` and
-   serve. EOF instead of a line: the VM is being discarded, exit quietly.
+   connection file the agent wrote holds the fixed guest ports and a throw-away key), and
+   start serving. Unless the claim is already waiting (a cold start), warm up: a client on
+   guest loopback sends kernel_info, a silent execute and a completion under the throw-away
+   key, so the real client's first requests do not pay for code that runs for the first
+   time (under emulation QEMU translates each new code path once, ~0.3 s for the first
+   kernel_info). Then write ``prepared`` on the status pipe.
+2. Block on the claim pipe for one JSON line: ``{"key", "signature_scheme", "env"}``. The
+   kernel's loop switches to the real key and adds the per-kernel environment, then writes
+   ``started``. EOF instead of a line: the VM is being discarded, exit quietly.
 
 Lean start: ipykernel 6 imports debugpy (~1 s under emulation) even when no client ever
 debugs; unless ``--debugger`` is given it is hidden, and the kernel reports no debugger.
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
+import threading
 
 CLAIM_FD, STATUS_FD = 3, 4  # protocol.LAUNCHER_CLAIM_FD / LAUNCHER_STATUS_FD
 
@@ -58,11 +64,30 @@ def main(args: list[str]) -> None:
     sys.argv = [spec.origin if spec and spec.origin else module, *kernel_args]
     app = IPKernelApp.instance()
     app.initialize(kernel_args)
-    _status("prepared")
 
+    from tornado.ioloop import IOLoop
+
+    loop = IOLoop.current()  # the loop app.start() runs
+    cold = bool(select.select([CLAIM_FD], [], [], 0)[0])
+    threading.Thread(target=_claim_when_ready, args=(app, loop, cold), daemon=True).start()
+    app.start()
+
+
+def _claim_when_ready(app, loop, cold: bool) -> None:
+    if not cold:
+        try:
+            _warm_up(app)
+        except Exception as e:  # slower first requests, nothing worse
+            sys.__stderr__.write(f"smol-kernel launcher: warm-up failed: {e}\n")
+        _status("prepared")
     claim = _read_claim()
     if claim is None:
         os._exit(0)
+    loop.add_callback(_apply_claim, app, claim)
+
+
+def _apply_claim(app, claim: dict) -> None:
+    """On the kernel's loop: nothing is handled between the key switch and ``started``."""
     session = app.session
     if claim.get("signature_scheme"):
         session.signature_scheme = str(claim["signature_scheme"])
@@ -70,7 +95,33 @@ def main(args: list[str]) -> None:
     os.environ.update({str(k): str(v) for k, v in (claim.get("env") or {}).items()})
     _status("started")
     os.close(STATUS_FD)
-    app.start()
+
+
+def _warm_up(app) -> None:
+    import zmq
+    from jupyter_client.session import Session
+
+    session = Session(key=app.session.key, signature_scheme=app.session.signature_scheme)
+    ctx = zmq.Context()
+    try:
+        shell = ctx.socket(zmq.DEALER)
+        shell.connect(f"tcp://127.0.0.1:{app.shell_port}")
+        iopub = ctx.socket(zmq.SUB)
+        iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        iopub.connect(f"tcp://127.0.0.1:{app.iopub_port}")
+        execute = {"code": "pass", "silent": True, "store_history": False,  # no count, no
+                   "user_expressions": {}, "allow_stdin": False}  # history  # fmt: skip
+        for msg_type, content in (
+            ("kernel_info_request", {}),
+            ("execute_request", execute),
+            ("complete_request", {"code": "import o", "cursor_pos": 8}),
+        ):
+            session.send(shell, msg_type, content)
+            if not shell.poll(120_000):
+                raise TimeoutError(f"no reply to {msg_type}")
+            session.recv(shell)
+    finally:
+        ctx.destroy(linger=0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from importlib import resources
 
 REQUIRED = (
@@ -59,11 +60,29 @@ def declarations() -> str:
     return resources.files("smol_kernel.native").joinpath("krun.h").read_text()
 
 
+# A failed load is remembered briefly: backend selection runs on every kernel start, and a
+# missing library costs a cdef parse and an ldconfig run each time (~40 ms).
+LOAD_FAILURE_TTL = 30.0
+_load_failures: dict[tuple, tuple[float, str]] = {}
+
+
 class Krun:
     """A loaded libkrun. ``path`` overrides the soname; ``libkrunfw`` is preloaded by path
     (so libkrun's own dlopen of ``libkrunfw.so.5`` finds it)."""
 
     def __init__(self, path: str | None = None, libkrunfw: str | None = None) -> None:
+        key = (path, libkrunfw)
+        failed = _load_failures.get(key)
+        if failed is not None and time.monotonic() - failed[0] < LOAD_FAILURE_TTL:
+            raise KrunLoadError(failed[1])
+        try:
+            self._load(path, libkrunfw)
+        except KrunLoadError as e:
+            _load_failures[key] = (time.monotonic(), str(e))
+            raise
+        _load_failures.pop(key, None)
+
+    def _load(self, path: str | None, libkrunfw: str | None) -> None:
         try:
             import cffi
         except ImportError as e:

@@ -207,8 +207,10 @@ class QemuBackend(VmBackend):
                           + (",readonly=on" if share.read_only else ""),
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
             ]  # fmt: skip
+        # +arat: without "APIC timer always running" the guest keeps its 250 Hz tick even
+        # when idle (no broadcast timer on microvm), and each emulated tick costs host CPU.
         accel = ["-accel", "kvm", "-cpu", "host"] if isolation is Isolation.KVM else [
-            "-accel", f"tcg,tb-size={self.tb_size_mib}"]  # fmt: skip
+            "-accel", f"tcg,tb-size={self.tb_size_mib}", "-cpu", "qemu64,+arat"]  # fmt: skip
         return [
             self.qemu,
             "-name", f"smol-{rt.id}",
@@ -231,6 +233,9 @@ class QemuBackend(VmBackend):
             "-device", "virtio-blk-device,drive=rw",
             "-chardev", f"socket,id=vsock,path={vu_sock}",
             "-device", "vhost-user-vsock-device,chardev=vsock",
+            # Free page reporting: memory a cell allocated and freed goes back to the host
+            # instead of staying in this VM's RSS (measured: 300 MiB freed -> -250 MiB RSS).
+            "-device", "virtio-balloon-device,free-page-reporting=on",
             *extra,
         ]  # fmt: skip
 

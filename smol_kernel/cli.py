@@ -135,6 +135,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                 raise ValueError(f"--env {item!r}: use NAME=VALUE")
             spec["env"][key] = val
     spec["metadata"]["kernel_provisioner"]["config"] = config
+    spec["metadata"]["debugger"] = bool(config.get("debugger"))  # JupyterLab's debugger UI
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / args.name
         src.mkdir()
@@ -337,7 +338,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .pool import warm_pool
 
-    warm_pool().enabled = False  # one kernel and exit: a pool would only burn CPU
     nb = nbformat.read(args.notebook, as_version=4)
     index = 0
 
@@ -357,12 +357,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The kernel starts in the notebook's folder, as under Jupyter (matters for share_cwd).
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(args.notebook))}},
     )
+    pool = warm_pool()
+    pool.enabled = False  # one kernel, then exit: a pool would only burn CPU
     try:
         client.execute()
         status = 0
     except CellExecutionError as e:
         print(f"smol-kernel: cell {index} failed: {e.ename}: {e.evalue}", file=sys.stderr)
         status = 1
+    finally:
+        pool.enabled = True
     if args.output:
         nbformat.write(nb, args.output)
         print(f"wrote {args.output}")

@@ -105,8 +105,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     debugger = Bool(
         False,
         config=True,
-        help="Load debugpy in the guest so JupyterLab's debugger works (set the kernelspec's "
-        "metadata.debugger too). Off: the kernel starts faster and reports no debugger.",
+        help="Load debugpy in the guest so JupyterLab's debugger works (smol-kernel install "
+        "--debugger also sets the kernelspec's metadata.debugger). Off: the kernel starts "
+        "faster and reports no debugger.",
     )
     pool_size = Integer(
         1,
@@ -262,6 +263,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.backend_name = plan.backend
         connection = _guest_connection(ci)
         pool = warm_pool()
+        self.start_kind = None
         t0 = time.monotonic()
         try:
             why_cold = self._why_not_pooled(plan, connection)
@@ -280,9 +282,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                     "kernel %s: claimed pooled VM %s (%s, isolation %s)",
                     self.kernel_id, pooled.vm.id, self.backend_name, self.isolation,
                 )  # fmt: skip
-                await claim(pooled.vm, pooled.agent, connection, self._kernel_env, deadline, late)
-                self.start_kind = "pooled"
-            else:
+                try:
+                    await claim(pooled.vm, pooled.agent, connection, self._kernel_env,
+                                deadline, late)  # fmt: skip
+                    self.start_kind = "pooled"
+                except (KernelStartError, VmError) as e:  # it died while it waited
+                    why_cold = f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
+                    await self._teardown(keep_relay=True)
+            if self.start_kind != "pooled":
                 self.log.info("kernel %s: cold start (%s)", self.kernel_id, why_cold)
                 assert selection.backend is not None
                 async with pool.cold_start():
@@ -437,10 +444,12 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             self._kill_loaded()
         await super().cleanup(restart=restart)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, keep_relay: bool = False) -> None:
         """Stop relaying, close the agent, destroy the VM. Idempotent."""
-        relay, agent, vm = self.relay, self.agent, self.vm
-        self.relay = self.agent = self.vm = None
+        relay, agent, vm = None if keep_relay else self.relay, self.agent, self.vm
+        if not keep_relay:
+            self.relay = None
+        self.agent = self.vm = None
         if relay is not None:
             await relay.close()
         if agent is not None:

@@ -275,3 +275,28 @@ print(os.cpu_count(), mem // 1024)
         assert 600 < mem_mib <= 768, f"the kernelspec's memory_mib must win, got {mem_mib}"
     finally:
         await stop_kernel(km, kc)
+
+
+async def test_debugger_is_loaded_only_when_asked(kernel, backend_spec, jupyter_prefix):
+    """debugpy costs ~1 s of every start under emulation: off unless ``debugger`` is on,
+    and then the kernel reports it (and the kernelspec tells JupyterLab to show it)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from .conftest import install_spec
+
+    _km, kc = kernel
+    reply = await kc.kernel_info(reply=True, timeout=30)
+    assert reply["content"].get("debugger") is False
+    r = await run_cell(kc, "import sys\nprint(sys.modules.get('debugpy', 'absent'))")
+    assert r.stdout.strip() in ("None", "absent")
+    if not backend_spec.endswith("-qemu"):
+        return  # one VM with the debugger is enough
+
+    spec = install_spec(jupyter_prefix, "smolvm-debugger", "--backend", "qemu", "--debugger")
+    assert KernelSpecManager().get_kernel_spec(spec).metadata["debugger"] is True
+    km, kc = await start_kernel(spec)
+    try:
+        reply = await kc.kernel_info(reply=True, timeout=30)
+        assert reply["content"].get("debugger") is True
+    finally:
+        await stop_kernel(km, kc)

@@ -283,3 +283,23 @@ def test_the_server_extension_fills_the_pool_at_server_start(tmp_path, image):
         server.wait(timeout=120)
     left = [rt for rt, st in list_vms() if st.get("owner_pid") == server.pid]
     assert left == [], "stopping the server must leave no VM, pooled or not"
+
+
+async def test_a_pooled_vm_that_cannot_be_claimed_gives_way_to_a_cold_start(pool_spec, caplog):
+    """A prepared kernel takes a key once; if the claim fails (here: it was already
+    claimed), the start boots cold instead of failing, and the bad VM is gone."""
+    from smol_kernel.guest import protocol as P
+
+    caplog.set_level(logging.INFO)
+    await fill_pool(pool_spec)
+    [pooled] = await pool_call(lambda p: [v for vs in p._ready.values() for v in vs])
+    await on_io_loop(pooled.agent.request(P.OP_CLAIM_KERNEL, connection={"key": "x"}, env={}))
+    km, kc = await start_kernel(pool_spec)
+    try:
+        assert km.provisioner.start_kind == "cold"
+        assert f"cold start (the claimed VM {pooled.vm.id} failed" in caplog.text
+        assert km.provisioner.vm is not pooled.vm and not pooled.vm.runtime_dir.exists()
+        r = await run_cell(kc, "print(6 * 7)")
+        assert r.stdout.strip() == "42"
+    finally:
+        await stop_kernel(km, kc)

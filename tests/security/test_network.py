@@ -349,3 +349,36 @@ async def test_network_helpers_end_with_their_vm(net_spec, bystander):
     finally:
         await stop_kernel(km, kc)
     await assert_bystander_fine(bystander)
+
+
+async def test_a_pooled_network_vm_keeps_the_guard(jupyter_prefix, test_host, bystander):
+    """A warm-pool VM booted with network=True gets the same passt + guard as a cold one,
+    and after the claim the outside is reachable and the host is not."""
+    from ..conftest import close_warm_pool
+    from ..kernel_helpers import fill_pool
+
+    spec = install_spec(jupyter_prefix, "smolvm-net-pooled", "--backend", "qemu", "--network",
+                        "--dns-server", test_host["ip"], "--memory-mib", "512",
+                        "--pool-size", "1")  # fmt: skip
+    await fill_pool(spec)
+    km, kc = await start_kernel(spec)
+    tcp_any, udp_any = HostServer("0.0.0.0", 0), HostUdpServer("0.0.0.0", 0)
+    try:
+        assert km.provisioner.start_kind == "pooled"
+        pids = km.provisioner.vm.rt.read_state()["pids"]
+        assert len(pids) == 4, "VMM, vsock device, passt and its guard"
+        assert all(proc_start_time(p) for p in pids.values()), "a helper is gone"
+        r = await run_cell(kc, FETCH, timeout=120)
+        assert test_host["marker"] in r.stdout, (r.stdout, r.evalue)
+        hosts = ["10.0.2.2", *sorted(str(a) for a in host_addresses())]
+        r = await run_cell(kc, SOCKETS.format(hosts=hosts, tcp_port=tcp_any.port,
+                                              udp_port=udp_any.port), timeout=180)  # fmt: skip
+        assert r.stdout.strip() == "reached []", r.stdout
+        await asyncio.sleep(1)
+        assert (tcp_any.connections, udp_any.datagrams) == (0, 0), "reached a host address"
+    finally:
+        tcp_any.close()
+        udp_any.close()
+        await stop_kernel(km, kc)
+        close_warm_pool()
+    await assert_bystander_fine(bystander)

@@ -59,6 +59,23 @@ async def test_execute_result_and_errors(kernel):
     assert r.status == "error" and r.ename == "ZeroDivisionError"
 
 
+async def test_cell_after_an_error_runs_and_queued_cells_abort(kernel):
+    """ipykernel 6 aborted a request sent after the error's reply if it arrived in the same
+    loop turn (often, under emulation); only requests queued behind the error may abort."""
+    _, kc = kernel
+    for i in range(5):
+        assert (await run_cell(kc, "1 / 0")).status == "error"
+        r = await run_cell(kc, f"print({i})")
+        assert (r.status, r.stdout) == ("ok", f"{i}\n"), f"round {i}"
+    failing = kc.execute("import time\ntime.sleep(1)\n1 / 0")  # stop_on_error=True
+    queued = kc.execute("print('never')")
+    replies = {}
+    while len(replies) < 2:
+        msg = await kc.get_shell_msg(timeout=60)
+        replies[msg["parent_header"]["msg_id"]] = msg["content"]["status"]
+    assert replies == {failing: "error", queued: "aborted"}
+
+
 async def test_kernel_runs_in_guest_with_reported_isolation(kernel, image):
     km, kc = kernel
     r = await run_cell(

@@ -7,12 +7,24 @@ Run by the guest agent in place of ``PYTHON -m ipykernel_launcher ARGS`` as
    connection file the agent wrote holds the fixed guest ports and a throw-away key), and
    start serving. Unless the claim is already waiting (a cold start), warm up: a client on
    guest loopback sends kernel_info, a silent execute and a completion under the throw-away
-   key, so the real client's first requests do not pay for code that runs for the first
-   time (under emulation QEMU translates each new code path once, ~0.3 s for the first
-   kernel_info). Then write ``prepared`` on the status pipe.
+   key, and a traceback is formatted, so the real client's first requests (and first error)
+   do not pay for code that runs for the first time (under emulation QEMU translates each
+   new code path once, ~0.3 s for the first kernel_info, ~3 s for the first traceback).
+   Then write ``prepared`` on the status pipe.
 2. Block on the claim pipe for one JSON line: ``{"key", "signature_scheme", "env"}``. The
    kernel's loop switches to the real key and adds the per-kernel environment, then writes
    ``started``. EOF instead of a line: the VM is being discarded, exit quietly.
+
+ipykernel 6 ends the "abort queued cells after an error" window with ``call_later(0)``:
+under emulation the client's next request, sent after it got the error's reply, can be
+read in the same loop turn and is aborted too. ipykernel 7 ends the window at once; so do
+we (``_end_abort_window_at_once``).
+
+ipykernel sends whatever a cell printed since the last flush as one stream message, and
+under emulation its IOPub thread flushes rarely while a loop prints: 50 MB of prints left
+as two 25 MB messages, which every client must hold whole. Stream messages are capped at
+``MAX_STREAM_MESSAGE`` characters instead (``_bound_stream_messages``): a long write is
+split, and a full buffer is flushed before the cell goes on.
 
 Lean start: ipykernel 6 imports debugpy (~1 s under emulation) even when no client ever
 debugs; unless ``--debugger`` is given it is hidden, and the kernel reports no debugger.
@@ -29,6 +41,7 @@ import sys
 import threading
 
 CLAIM_FD, STATUS_FD = 3, 4  # protocol.LAUNCHER_CLAIM_FD / LAUNCHER_STATUS_FD
+MAX_STREAM_MESSAGE = 1 << 20  # characters of stdout/stderr per IOPub stream message
 
 
 def _status(word: str) -> None:
@@ -64,6 +77,8 @@ def main(args: list[str]) -> None:
     sys.argv = [spec.origin if spec and spec.origin else module, *kernel_args]
     app = IPKernelApp.instance()
     app.initialize(kernel_args)
+    _end_abort_window_at_once(app.kernel)
+    _bound_stream_messages()
 
     from tornado.ioloop import IOLoop
 
@@ -71,6 +86,49 @@ def main(args: list[str]) -> None:
     cold = bool(select.select([CLAIM_FD], [], [], 0)[0])
     threading.Thread(target=_claim_when_ready, args=(app, loop, cold), daemon=True).start()
     app.start()
+
+
+def _end_abort_window_at_once(kernel) -> None:
+    """After an error, abort the requests already received, not ones read a moment later."""
+    import ipykernel
+
+    if ipykernel.version_info[0] != 6 or not hasattr(kernel, "schedule_dispatch"):
+        return
+    original = type(kernel)._abort_queues
+
+    def _abort_queues() -> None:
+        if kernel.stop_on_error_timeout:  # an explicit window: ipykernel's own way
+            return original(kernel)
+        kernel._aborting = True
+        kernel.shell_stream.flush()  # what has arrived is queued (and will be aborted) ...
+
+        async def stop_aborting() -> None:
+            kernel._aborting = False
+
+        kernel.schedule_dispatch(stop_aborting)  # ... and nothing after it
+
+    kernel._abort_queues = _abort_queues
+
+
+def _bound_stream_messages() -> None:
+    from ipykernel.iostream import OutStream
+
+    if not all(hasattr(OutStream, a) for a in ("write", "flush", "_is_master_process")):
+        return
+    write = OutStream.write
+
+    def bounded_write(self, string):
+        if not isinstance(string, str) or self.pub_thread is None:
+            return write(self, string)  # ipykernel's own errors
+        for start in range(0, len(string), MAX_STREAM_MESSAGE):
+            write(self, string[start : start + MAX_STREAM_MESSAGE])
+            buffer = getattr(self, "_buffer", None)
+            full = buffer is not None and buffer.tell() >= MAX_STREAM_MESSAGE
+            if full and self._is_master_process():
+                self.flush()  # waits for the IOPub thread: the cell cannot outrun it
+        return len(string)
+
+    OutStream.write = bounded_write
 
 
 def _claim_when_ready(app, loop, cold: bool) -> None:
@@ -122,6 +180,10 @@ def _warm_up(app) -> None:
             session.recv(shell)
     finally:
         ctx.destroy(linger=0)
+    try:  # a user's first error: IPython's traceback formatter takes ~3 s to warm under TCG
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        app.shell.InteractiveTB.structured_traceback(*sys.exc_info())
 
 
 if __name__ == "__main__":

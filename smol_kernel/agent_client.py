@@ -12,7 +12,12 @@ from .vm.base import Vm, VmError
 
 
 class AgentError(VmError):
-    """The guest agent refused a request or went away."""
+    """The guest agent refused a request or went away. ``errno``: the guest's OSError
+    errno when that is why the request failed (e.g. a missing file), else None."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class GuestAgent:
@@ -112,7 +117,9 @@ class GuestAgent:
         finally:
             self._pending.pop(rid, None)
         if not reply.get("ok"):
-            raise AgentError(f"guest agent: {op} failed: {reply.get('error')}")
+            errno = reply.get("errno")
+            raise AgentError(f"guest agent: {op} failed: {reply.get('error')}",
+                             errno if isinstance(errno, int) else None)  # fmt: skip
         return reply
 
     async def close(self) -> None:

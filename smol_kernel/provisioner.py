@@ -416,6 +416,17 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         with contextlib.suppress(VmError, TimeoutError, ProcessLookupError):
             await self.agent.request(P.OP_SIGNAL, signum=int(signum), timeout=5.0)
 
+    async def guest_request(self, op: str, timeout: float, **fields: Any) -> dict:
+        """Send one agent request (files, commands: ``guest/protocol.py``) to this kernel's
+        VM and return the reply. Raises AgentError (with ``errno`` when the guest hit an
+        OSError), or VmError when no VM is running."""
+        return await on_io_loop(self._guest_request(op, timeout, fields))
+
+    async def _guest_request(self, op: str, timeout: float, fields: dict) -> dict:
+        if self.agent is None or self.vm is None or self.vm.poll() is not None:
+            raise VmError("the kernel's VM is not running")
+        return await self.agent.request(op, timeout=timeout, **fields)
+
     async def kill(self, restart: bool = False) -> None:
         if self.vm is not None:
             self.vm.kill()

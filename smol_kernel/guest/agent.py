@@ -6,8 +6,9 @@ init alike, so it mounts whatever is not mounted yet.
 
 Duties: mount the filesystems Python needs, bring up loopback, listen on the vsock control
 port (a successful connection *is* the readiness signal), start / signal / stop ipykernel on
-request, forward each channel stream to the kernel's loopback port, reap every zombie (it is
-PID 1), and power the VM off when asked or when the kernel has exited.
+request, forward each channel stream to the kernel's loopback port, serve file and command
+requests (``sandbox_ops.py``), reap every zombie (it is PID 1), and power the VM off when
+asked or when the kernel has exited.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ import time
 
 try:  # in the host package (tests, linting)
     from . import protocol as P
+    from . import sandbox_ops as ops
 except ImportError:  # in the guest: protocol.py sits next to this file
     import protocol as P  # type: ignore[no-redef]
+    import sandbox_ops as ops  # type: ignore[no-redef]
 
 AGENT_VERSION = "0.1.0"
+DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": "/root", "LANG": "C.UTF-8"}  # fmt: skip
 CONSOLE_BUDGET = 64 * 1024  # kernel stdout/stderr copied to the serial console, at most
 TAIL_BYTES = 8 * 1024  # kept for the kernel_exited event
 
@@ -142,6 +147,9 @@ class Kernel:
         self._tail = bytearray()
         self._console_left = CONSOLE_BUDGET
         self._claim_w: int | None = None  # the prepared kernel's claim pipe
+        self.cwd = "/root"
+        self.cgroup: str | None = None
+        self.env = dict(DEFAULT_ENV)  # what commands run with: the kernel's environment
 
     def start(
         self, argv: list[str], env: dict[str, str], cwd: str, connection: dict,
@@ -157,6 +165,7 @@ class Kernel:
         if prepare and launcher is None:
             raise ValueError(f"this kernel cannot be prepared ahead: {argv[:3]}")
         self._write_connection(connection if not prepare else {"key": os.urandom(16).hex()})
+        self.cwd, self.env = cwd, dict(env)
         argv = launcher or argv
         argv = [a.replace("{connection_file}", P.GUEST_CONNECTION_FILE) for a in argv]
         os.makedirs(cwd, exist_ok=True)
@@ -177,20 +186,22 @@ class Kernel:
         prog = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH", ""))
         shown = " ".join(argv)
         if cgroup := kernel_cgroup(max_processes):
+            self.cgroup = cgroup
             # The kernel enters its cgroup before it runs a line (no fork can slip past).
             script = f'echo 0 > {cgroup}/cgroup.procs && exec "$0" "$@"'
             prog, argv = "/bin/sh", ["/bin/sh", "-c", script, prog, *argv[1:]]
         old_cwd = os.getcwd()
         os.chdir(cwd)  # posix_spawn has no cwd argument before 3.13
         try:
-            self.pid = os.posix_spawn(
-                prog,
-                argv,
-                env,
-                file_actions=actions,
-                setsid=True,
-                setsigdef=GUARDED_SIGNALS,  # the kernel must get SIGINT (interrupts) again
-            )
+            with self.agent.reaper.spawning:  # reaped only once self.pid says whose it is
+                self.pid = os.posix_spawn(
+                    prog,
+                    argv,
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=GUARDED_SIGNALS,  # the kernel must get SIGINT (interrupts) again
+                )
         finally:
             os.chdir(old_cwd)
             os.close(wfd)
@@ -231,6 +242,7 @@ class Kernel:
             "signature_scheme": connection.get("signature_scheme", ""),
             "env": env,
         }).encode() + b"\n"  # fmt: skip
+        self.env.update(env)
         fd, self._claim_w = self._claim_w, None
         try:
             os.write(fd, line)  # far below the pipe buffer: never blocks
@@ -302,9 +314,29 @@ class Reaper:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._children = threading.Event()
+        # Held while spawning: a child that exits at once is looked up after its pid is known.
+        self.spawning = threading.Condition()
+        self._watched: dict[int, int | None] = {}  # command pid -> exit code once reaped
 
     def wake(self) -> None:
         self._children.set()
+
+    def spawn_watched(self, argv: list[str], env: dict[str, str], file_actions: list) -> int:
+        """Spawn a command in its own session; ``wait_child`` gets its exit code."""
+        with self.spawning:
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=file_actions, setsid=True,
+                                 setsigdef=GUARDED_SIGNALS)  # fmt: skip
+            self._watched[pid] = None
+        self.wake()
+        return pid
+
+    def wait_child(self, pid: int, timeout: float) -> int | None:
+        with self.spawning:
+            self.spawning.wait_for(lambda: self._watched.get(pid) is not None, timeout)
+            status = self._watched.get(pid)
+            if status is not None:
+                del self._watched[pid]
+            return status
 
     def run(self) -> None:
         while True:
@@ -314,6 +346,11 @@ class Reaper:
                 self._children.clear()
                 self._children.wait(1.0)
                 continue
+            with self.spawning:
+                if pid in self._watched:
+                    self._watched[pid] = os.waitstatus_to_exitcode(status)
+                    self.spawning.notify_all()
+                    continue
             kernel = self.agent.kernel
             if pid == kernel.pid:
                 kernel.exited(os.waitstatus_to_exitcode(status))
@@ -381,9 +418,38 @@ class Agent:
         with self._lock:
             conn.sendall(P.encode(msg))
 
-    def _error(self, conn: socket.socket, req: dict, error: str) -> None:
+    def _error(self, conn: socket.socket, req: dict, error: str, errno: int | None = None) -> None:
+        msg = {"id": req.get("id"), "ok": False, "error": error}
+        if errno is not None:
+            msg["errno"] = errno
         with self._lock:
-            conn.sendall(P.encode({"id": req.get("id"), "ok": False, "error": error}))
+            conn.sendall(P.encode(msg))
+
+    def _fail(self, conn: socket.socket, req: dict, e: Exception) -> None:
+        errno = e.errno if isinstance(e, OSError) else None
+        self._error(conn, req, f"{type(e).__name__}: {e}", errno)
+
+    def _run_command(self, conn: socket.socket, req: dict) -> None:
+        """In its own thread: a long command must not hold up the requests behind it."""
+        try:
+            env = {**self.kernel.env, **{str(k): str(v) for k, v in (req.get("env") or {}).items()}}
+            cwd = ops.resolve(str(req.get("cwd") or "."), self.kernel.cwd)
+            # The shell enters the folder and the kernel's cgroup (its process cap) first.
+            script = 'cd -- "$0" || exit 126; '
+            if self.kernel.cgroup:
+                script += f"echo 0 > {self.kernel.cgroup}/cgroup.procs; "
+            script += 'exec /bin/sh -c "$1"'
+            argv = ["/bin/sh", "-c", script, cwd, str(req["command"])]
+            reply = ops.run_command(
+                argv, env, float(req.get("time_limit") or 60),
+                self.reaper.spawn_watched, self.reaper.wait_child,
+            )  # fmt: skip
+            self._reply(conn, req, **reply)
+        except Exception as e:
+            try:
+                self._fail(conn, req, e)
+            except OSError:
+                pass
 
     def handle(self, conn: socket.socket, req: dict) -> None:
         op = req.get("op")
@@ -422,6 +488,20 @@ class Agent:
         elif op == P.OP_POWEROFF:
             self._reply(conn, req)
             power_off()
+        elif op == P.OP_WRITE_FILE:
+            path = ops.resolve(req.get("path"), self.kernel.cwd)
+            self._reply(conn, req, **ops.write_file(path, str(req.get("data", "")),
+                                                    bool(req.get("append"))))  # fmt: skip
+        elif op == P.OP_READ_FILE:
+            path = ops.resolve(req.get("path"), self.kernel.cwd)
+            reply = ops.read_file(path, int(req.get("offset") or 0), int(req.get("length") or 0))
+            self._reply(conn, req, **reply)
+        elif op == P.OP_LIST_FILES:
+            self._reply(conn, req, **ops.list_files(ops.resolve(req.get("path"), self.kernel.cwd)))
+        elif op == P.OP_REMOVE_FILE:
+            self._reply(conn, req, **ops.remove_file(ops.resolve(req.get("path"), self.kernel.cwd)))
+        elif op == P.OP_RUN_COMMAND:
+            threading.Thread(target=self._run_command, args=(conn, req), daemon=True).start()
         else:
             self._error(conn, req, f"unknown op {op!r}")
 
@@ -439,7 +519,7 @@ class Agent:
                         req = P.decode(line)
                         self.handle(conn, req)
                     except Exception as e:  # report, never die: we are PID 1
-                        self._error(conn, req, f"{type(e).__name__}: {e}")
+                        self._fail(conn, req, e)
                 if len(buf) > P.MAX_LINE:
                     raise P.ProtocolError("control line too long")
         except OSError:

@@ -14,6 +14,10 @@ protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port m
   throw-away key (``kernel_prepared`` when done), and ``claim_kernel`` hands it the real
   connection key and the per-kernel environment (``kernel_ready`` once it serves). A
   ``start_kernel`` without ``prepare`` does both at once. Other argv start in one step.
+* ``write_file``, ``read_file``, ``list_files``, ``remove_file`` and ``run_command`` act on
+  the guest's files and run shell commands from the agent, beside the kernel (they work
+  while a cell runs). File data travels base64-encoded in chunks of at most ``FILE_CHUNK``
+  bytes; a failed request caused by an OSError carries its ``errno``.
 * Each ``CHANNEL_PORTS`` entry carries raw bytes of one ZMQ connection: the agent connects
   the stream to the kernel's TCP port on guest loopback and copies bytes both ways. ZMTP is
   never parsed, so message signing and CurveZMQ work end to end.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 CONTROL_PORT = 1024
 CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "hb": 1029}
@@ -33,6 +37,9 @@ CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "
 KERNEL_PORTS = {"shell": 20001, "iopub": 20002, "stdin": 20003, "control": 20004, "hb": 20005}
 
 MAX_LINE = 1 << 20
+FILE_CHUNK = 512 * 1024  # raw bytes per read_file / write_file message (base64 stays < MAX_LINE)
+COMMAND_OUTPUT_CAP = 192 * 1024  # bytes of stdout and of stderr a run_command reply carries
+MAX_LIST_ENTRIES = 5000
 
 # Requests (host -> guest)
 OP_HELLO = "hello"
@@ -41,6 +48,11 @@ OP_START_KERNEL = "start_kernel"
 OP_CLAIM_KERNEL = "claim_kernel"
 OP_SIGNAL = "signal"
 OP_POWEROFF = "poweroff"
+OP_WRITE_FILE = "write_file"
+OP_READ_FILE = "read_file"
+OP_LIST_FILES = "list_files"
+OP_REMOVE_FILE = "remove_file"
+OP_RUN_COMMAND = "run_command"
 
 # Events (guest -> host)
 EV_KERNEL_PREPARED = "kernel_prepared"

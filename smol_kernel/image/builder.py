@@ -35,7 +35,7 @@ BUILDER_VERSION = 1
 # Host package files copied into the guest's /opt/smol-kernel (their hashes are inputs).
 GUEST_FILES = tuple(
     Path(_agent_mod.__file__).with_name(name)
-    for name in ("agent.py", "protocol.py", "kernel_launcher.py")
+    for name in ("agent.py", "protocol.py", "kernel_launcher.py", "sandbox_ops.py")
 )
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 BASE_PACKAGES = ("python3-minimal", "python3-ipykernel")

@@ -1,0 +1,458 @@
+"""``AsyncSandbox``: a smolvm kernel (one microVM) driven as a code-execution tool.
+
+It is a real Jupyter kernel under a real ``jupyter_client`` manager, started by the same
+``SmolVMProvisioner`` with the same settings and defaults as the "Python (smolvm)"
+kernelspec, so it shares that provisioner's warm pool (``pool_size``). Files and commands go
+through the guest agent, beside the kernel: they work while a cell runs.
+
+Contract of ``run_code``: it returns within ``timeout`` plus a few seconds, whatever the code
+does. At the timeout the kernel is interrupted and the partial output kept; a kernel that
+ignores the interrupt for ``interrupt_grace`` seconds, or that died, is replaced by a fresh
+kernel in a fresh VM (in the background; the next call waits for it). A sandbox is one VM
+at a time: a replacement starts with empty files, like any kernel restart here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from queue import Empty
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from ..agent_client import AgentError
+from ..guest import protocol as P
+from ..vm.base import VmError
+from .execution import Execution, ExecutionError, OutputCollector, Result
+
+PROVISIONER_NAME = "smolvm-provisioner"
+KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+MAX_FILE_BYTES = 100 * 1024 * 1024
+# The guest writes every byte our client receives; a bigger message drops the connection
+# instead of being held in memory (our guest kernel sends stream output in 1 MiB pieces).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class SandboxError(RuntimeError):
+    """The sandbox cannot do what was asked (killed, failed to start, agent refused)."""
+
+
+@dataclass
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int  # negative: killed by that signal (-9 after a timeout)
+    timed_out: bool = False
+    truncated: bool = False  # more than protocol.COMMAND_OUTPUT_CAP bytes of a stream
+
+
+@dataclass
+class EntryInfo:
+    name: str
+    path: str
+    type: str  # file, dir, symlink or other (symlinks are not followed)
+    size: int
+    mtime: float
+
+
+class _OneKernelSpec(KernelSpecManager):
+    """Serves the sandbox's in-memory kernelspec under any name; nothing on disk."""
+
+    def __init__(self, spec: KernelSpec, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._spec = spec
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return self._spec
+
+
+def provisioner_settings(**settings: Any) -> dict[str, Any]:
+    """Validate sandbox settings against the provisioner's traits (None = its default)."""
+    from ..provisioner import SmolVMProvisioner
+
+    traits = SmolVMProvisioner.class_traits(config=True)
+    unknown = sorted(set(settings) - set(traits))
+    if unknown:
+        raise TypeError(
+            f"unknown sandbox setting(s) {', '.join(unknown)}; known: {', '.join(sorted(traits))}"
+        )
+    config = {k: v for k, v in settings.items() if v is not None}
+    SmolVMProvisioner(**config)  # a bad value raises TraitError naming the setting
+    return config
+
+
+def kernel_spec(env: dict[str, str] | None, config: dict[str, Any]) -> KernelSpec:
+    return KernelSpec(
+        argv=list(KERNEL_ARGV),
+        display_name="Python (smolvm sandbox)",
+        language="python",
+        interrupt_mode="signal",
+        env=dict(env or {}),
+        metadata={"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}},
+    )
+
+
+async def warm_pool(env: dict[str, str] | None = None, **settings: Any) -> str:
+    """Start filling the warm pool for sandboxes with these settings (``pool_size`` VMs),
+    so the first one starts warm; returns what it did."""
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    spec = kernel_spec(env, provisioner_settings(**settings))
+    provisioner = KernelProvisionerFactory.instance().create_provisioner_instance("", spec, None)
+    return await provisioner.warm_up()
+
+
+class AsyncSandbox:
+    """A Python sandbox in a microVM: ``async with AsyncSandbox() as sb: await
+    sb.run_code("1+1")``. Settings are ``SmolVMProvisioner`` traits (``image``, ``network``,
+    ``shares``, ``vcpus``, ``memory_mib``, ``disk_mib``, ``dns_servers``, ``max_processes``,
+    ``require_hardware_isolation``, ``pool_size``, ...) with the same defaults."""
+
+    def __init__(
+        self,
+        image: str = "default",
+        network: bool = False,
+        shares: Sequence[str] = (),
+        vcpus: int = 1,
+        memory_mib: int = 1024,
+        env: dict[str, str] | None = None,
+        *,
+        max_output_chars: int = 100_000,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        interrupt_grace: float = 3.0,
+        startup_timeout: float = 240.0,
+        **settings: Any,
+    ):
+        self._config = provisioner_settings(
+            image=image, network=network, shares=list(shares), vcpus=vcpus,
+            memory_mib=memory_mib, **settings,
+        )  # fmt: skip
+        self._spec = kernel_spec(env, self._config)
+        self.max_output_chars = max_output_chars
+        self.max_file_bytes = max_file_bytes
+        self.interrupt_grace = interrupt_grace
+        self.startup_timeout = startup_timeout
+        self.files = AsyncFiles(self)
+        self.commands = AsyncCommands(self)
+        self._km: AsyncKernelManager | None = None
+        self._kc = None
+        self._zmq: zmq.asyncio.Context | None = None
+        self._run_lock = asyncio.Lock()
+        self._replacing: asyncio.Future | None = None
+        self._interrupt_requested = False
+        self._killed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    async def create(cls, *args: Any, **kwargs: Any) -> AsyncSandbox:
+        sandbox = cls(*args, **kwargs)
+        await sandbox.start()
+        return sandbox
+
+    async def __aenter__(self) -> AsyncSandbox:
+        if self._km is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+    async def start(self) -> None:
+        """Boot the VM and wait until its kernel answers. Raises SandboxError (with the
+        provisioner's reason) if it cannot; nothing is left running then."""
+        if self._killed:
+            raise SandboxError("this sandbox was killed; create a new one")
+        if self._km is not None:
+            return
+        km = AsyncKernelManager(
+            kernel_name="smolvm-sandbox", kernel_spec_manager=_OneKernelSpec(self._spec)
+        )
+        try:
+            await km.start_kernel()
+            self._km = km
+            await self._connect()
+        except BaseException as e:
+            self._km = None
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+            if isinstance(e, Exception):
+                raise SandboxError(f"the sandbox did not start: {e}") from e
+            raise
+
+    async def _connect(self) -> None:
+        assert self._km is not None
+        if self._zmq is None:
+            self._zmq = zmq.asyncio.Context()
+            self._zmq.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # default for its sockets
+        kc = self._km.client(context=self._zmq)
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=self.startup_timeout)
+        except BaseException:
+            kc.stop_channels()
+            raise
+        self._kc = kc
+
+    def _disconnect(self) -> None:
+        if self._kc is not None:
+            self._kc.stop_channels()
+            self._kc = None
+
+    @property
+    def isolation(self) -> str | None:
+        """``kvm``, ``hvf`` or ``tcg`` (emulation: not a security boundary)."""
+        prov = self._km.provisioner if self._km else None
+        return getattr(prov, "isolation", None)
+
+    @property
+    def kernel_id(self) -> str | None:
+        return self._km.kernel_id if self._km else None
+
+    @property
+    def busy(self) -> bool:
+        """A ``run_code`` is in progress."""
+        return self._run_lock.locked()
+
+    async def is_running(self) -> bool:
+        if self._killed or self._km is None:
+            return False
+        if self._replacing is not None and not self._replacing.done():
+            return True  # a fresh kernel is on its way
+        return await self._km.is_alive()
+
+    async def kill(self) -> None:
+        """Stop the kernel and destroy its VM at once. Idempotent; the sandbox is done."""
+        self._killed = True
+        if self._replacing is not None:
+            self._replacing.cancel()
+            await asyncio.gather(self._replacing, return_exceptions=True)
+        self._disconnect()
+        km, self._km = self._km, None
+        if km is not None and km.has_kernel:
+            await km.shutdown_kernel(now=True)
+        if self._zmq is not None:
+            self._zmq.destroy(linger=0)
+            self._zmq = None
+
+    async def restart(self) -> None:
+        """A fresh kernel in a fresh VM (waits for a running ``run_code`` to return:
+        ``interrupt()`` first to cut it short)."""
+        async with self._run_lock:
+            await self._ready()
+            await self._replace()
+
+    async def interrupt(self) -> None:
+        """SIGINT the kernel (a running ``run_code`` then returns ``interrupted``)."""
+        await self._ready()
+        self._interrupt_requested = True
+        assert self._km is not None
+        await self._km.interrupt_kernel()
+
+    async def _replace(self) -> None:
+        assert self._km is not None
+        self._disconnect()
+        await self._km.restart_kernel(now=True)
+        await self._connect()
+
+    def _replace_soon(self) -> None:
+        self._replacing = asyncio.ensure_future(self._replace())
+
+    async def _ready(self) -> None:
+        if self._killed:
+            raise SandboxError("this sandbox was killed; create a new one")
+        if self._km is None:
+            await self.start()
+        if self._replacing is not None:
+            replacing, self._replacing = self._replacing, None
+            try:
+                await replacing
+            except Exception as e:
+                raise SandboxError(f"the sandbox's replacement kernel did not start: {e}") from e
+
+    # ------------------------------------------------------------------ code
+    async def run_code(
+        self,
+        code: str,
+        timeout: float = 60,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[Result], Any] | None = None,
+        on_error: Callable[[ExecutionError], Any] | None = None,
+    ) -> Execution:
+        """Run ``code`` in the kernel; see the module docstring for the timeout contract.
+        Callbacks run in order of the output, with what the Execution keeps."""
+        async with self._run_lock:
+            await self._ready()
+            collector = OutputCollector(
+                self.max_output_chars, on_stdout, on_stderr, on_result, on_error
+            )
+            ex = collector.execution
+            t0 = time.monotonic()
+            self._interrupt_requested = False
+            kc = self._kc
+            msg_id = kc.execute(code, allow_stdin=False, stop_on_error=False)
+            state = await self._pump(msg_id, collector, t0 + timeout)
+            if state == "timeout":
+                assert self._km is not None
+                await self._km.interrupt_kernel()
+                state = await self._pump(msg_id, collector, time.monotonic() + self.interrupt_grace)
+                ex.status = "timeout"
+                if state == "timeout":  # the code ignores SIGINT
+                    ex.kernel_restarted = True
+                    self._replace_soon()
+            elif state == "idle":
+                reply = await self._reply(msg_id)
+                ex.execution_count = reply.get("execution_count")
+                if reply.get("status") == "error" or ex.error is not None:
+                    by_us = ex.error is not None and ex.error.name == "KeyboardInterrupt"
+                    ex.status = "interrupted" if by_us and self._interrupt_requested else "error"
+            if state == "died":
+                ex.status = "kernel_died"
+                self._replace_soon()
+            ex.duration_s = time.monotonic() - t0
+            return ex
+
+    async def _pump(self, msg_id: str, collector: OutputCollector, until: float) -> str:
+        """Feed this execution's IOPub messages to ``collector`` until the kernel is idle
+        again (``idle``), ``until`` passes (``timeout``) or the kernel dies (``died``)."""
+        assert self._km is not None
+        while (left := until - time.monotonic()) > 0:
+            try:
+                msg = await self._kc.get_iopub_msg(timeout=min(left, 1.0))
+            except Empty:
+                if not await self._km.is_alive():
+                    return "died"
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id and collector.feed(msg):
+                return "idle"
+        return "died" if not await self._km.is_alive() else "timeout"
+
+    async def _reply(self, msg_id: str) -> dict:
+        deadline = time.monotonic() + 10
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await self._kc.get_shell_msg(timeout=left)
+            except Empty:
+                break
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg["content"]
+        return {}
+
+    # ------------------------------------------------------------------ agent
+    async def _agent(self, op: str, timeout: float = 30.0, **fields: Any) -> dict:
+        await self._ready()
+        assert self._km is not None
+        try:
+            return await self._km.provisioner.guest_request(op, timeout, **fields)
+        except AgentError as e:
+            if e.errno:
+                raise OSError(e.errno, f"{os.strerror(e.errno)} (in the sandbox)",
+                              fields.get("path")) from None  # fmt: skip
+            raise SandboxError(str(e)) from None
+        except VmError as e:
+            raise SandboxError(f"the sandbox's VM is not running: {e}") from None
+
+
+class AsyncFiles:
+    """The sandbox's files, through the guest agent. Relative paths start at the kernel's
+    working folder. Every path is the guest's: ``..`` and symlinks cannot reach the host."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sb = sandbox
+
+    async def write(self, path: str, data: str | bytes) -> int:
+        """Create or replace ``path`` (parent folders are created); returns its size."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        if len(raw) > self._sb.max_file_bytes:
+            raise ValueError(
+                f"{len(raw)} bytes is more than files.write takes ({self._sb.max_file_bytes}, "
+                "the sandbox's max_file_bytes)"
+            )
+        size = 0
+        for offset in range(0, max(len(raw), 1), P.FILE_CHUNK):
+            chunk = base64.b64encode(raw[offset : offset + P.FILE_CHUNK]).decode()
+            reply = await self._sb._agent(P.OP_WRITE_FILE, path=path, data=chunk,
+                                          append=offset > 0)  # fmt: skip
+            size = int(reply.get("size", 0))
+        return size
+
+    async def read(self, path: str, format: str = "text") -> str | bytes:
+        """The file's content: ``text`` (UTF-8) or ``bytes``."""
+        if format not in ("text", "bytes"):
+            raise ValueError("format must be 'text' or 'bytes'")
+        cap = self._sb.max_file_bytes
+        data = bytearray()
+        while True:
+            reply = await self._sb._agent(P.OP_READ_FILE, path=path, offset=len(data),
+                                          length=P.FILE_CHUNK)  # fmt: skip
+            size = int(reply.get("size", 0))
+            chunk = base64.b64decode(str(reply.get("data", "")), validate=True)
+            if max(size, len(data) + len(chunk)) > cap:
+                raise ValueError(
+                    f"{path} is {size} bytes, more than files.read returns ({cap}, the "
+                    "sandbox's max_file_bytes); read it in code or raise the cap"
+                )
+            data += chunk
+            if not chunk or len(data) >= size:
+                break
+        if format == "bytes":
+            return bytes(data)
+        try:
+            return data.decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text; use format='bytes'") from e
+
+    async def list(self, path: str = ".") -> list[EntryInfo]:
+        reply = await self._sb._agent(P.OP_LIST_FILES, path=path)
+        base = path.rstrip("/") or "/"
+        prefix = "" if base == "/" else base
+        entries = reply.get("entries", [])
+        return [
+            EntryInfo(
+                str(e["name"]),
+                f"{prefix}/{e['name']}",
+                str(e["type"]),
+                int(e["size"]),
+                float(e["mtime"]),
+            )
+            for e in entries
+        ]
+
+    async def remove(self, path: str) -> None:
+        """Remove a file, a symlink (not its target) or a folder with its content."""
+        await self._sb._agent(P.OP_REMOVE_FILE, path=path)
+
+
+class AsyncCommands:
+    """Shell commands run by the guest agent (``/bin/sh -c``), beside the kernel, with the
+    kernel's environment, working folder and process cap."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sb = sandbox
+
+    async def run(
+        self,
+        cmd: str,
+        timeout: float = 60,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> CommandResult:
+        reply = await self._sb._agent(
+            P.OP_RUN_COMMAND, timeout + 15, command=cmd, cwd=cwd or ".", env=env or {},
+            time_limit=timeout,
+        )  # fmt: skip
+        return CommandResult(
+            stdout=base64.b64decode(str(reply.get("stdout", ""))).decode(errors="replace"),
+            stderr=base64.b64decode(str(reply.get("stderr", ""))).decode(errors="replace"),
+            exit_code=int(reply.get("exit_code", -1)),
+            timed_out=bool(reply.get("timed_out")),
+            truncated=bool(reply.get("truncated")),
+        )

@@ -80,21 +80,12 @@ def _provisioner_traits() -> dict:
     }
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
-    from importlib import resources
-    from pathlib import Path
-
-    from jupyter_client.kernelspec import KernelSpecManager
+def _provisioner_config(args: argparse.Namespace) -> dict:
+    """Provisioner settings given as flags (``_add_provisioner_flags``), checked."""
     from traitlets import Bool, List
 
-    from .image.store import GuestImage
     from .vm.share import ShareError, parse_share, split_share
 
-    template = resources.files("smol_kernel.kernelspec")
-    spec = json.loads(template.joinpath("kernel.json").read_text())
-    spec["display_name"] = args.display_name
     config: dict = {}
     for name, trait in _provisioner_traits().items():
         value = getattr(args, name, None)
@@ -128,12 +119,56 @@ def cmd_install(args: argparse.Namespace) -> int:
                 parse_share(text)
             except ShareError as e:
                 raise ValueError(f"--share: {e}") from None
-    if args.env:
-        for item in args.env:
-            key, sep, val = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--env {item!r}: use NAME=VALUE")
-            spec["env"][key] = val
+    return config
+
+
+def _env_flags(args: argparse.Namespace) -> dict[str, str]:
+    env = {}
+    for item in args.env or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {item!r}: use NAME=VALUE")
+        env[key] = val
+    return env
+
+
+def _add_provisioner_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per provisioner trait (``--memory-mib``, repeatable ``--share``, ...) and
+    repeatable ``--env NAME=VALUE``."""
+    from traitlets import Bool, Float, Integer, List
+
+    parser.add_argument("--env", action="append", metavar="NAME=VALUE",
+                        help="environment variable for the kernel (repeatable)")  # fmt: skip
+    for name, trait in _provisioner_traits().items():
+        flag = "--" + name.replace("_", "-")
+        helptext = (trait.help or "").replace("%", "%%")
+        if isinstance(trait, Bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=helptext)  # fmt: skip
+        elif isinstance(trait, List):  # --shares -> repeatable --share
+            parser.add_argument(flag.rstrip("s"), action="append", default=None, dest=name,
+                                metavar="HOST:GUEST[:ro|rw]" if name == "shares" else "ADDRESS",
+                                help=helptext + " (repeatable)")  # fmt: skip
+        else:
+            typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str
+            parser.add_argument(flag, type=typ, default=None, dest=name, help=helptext)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from importlib import resources
+    from pathlib import Path
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from .image.store import GuestImage
+
+    template = resources.files("smol_kernel.kernelspec")
+    spec = json.loads(template.joinpath("kernel.json").read_text())
+    spec["display_name"] = args.display_name
+    config = _provisioner_config(args)
+    spec["env"].update(_env_flags(args))
     spec["metadata"]["kernel_provisioner"]["config"] = config
     spec["metadata"]["debugger"] = bool(config.get("debugger"))  # JupyterLab's debugger UI
     with tempfile.TemporaryDirectory() as tmp:
@@ -373,6 +408,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+# ------------------------------------------------------------------ AI assistants
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--http {text!r}: use HOST:PORT, e.g. 127.0.0.1:8765")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    try:
+        from .mcp_server import serve
+    except ImportError as e:
+        raise ValueError(f"{e}; install the MCP extra: pip install 'smol-kernel[mcp]'") from None
+    import asyncio
+    import secrets
+
+    config = _provisioner_config(args)
+    http = _host_port(args.http) if args.http else None
+    token = args.token
+    if http is not None and not token:
+        token = secrets.token_urlsafe(32)
+        print(f"smol-kernel mcp: bearer token (send 'Authorization: Bearer TOKEN'): {token}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    if http is not None:
+        print(f"smol-kernel mcp: streamable HTTP on http://{http[0]}:{http[1]}/mcp",
+              file=sys.stderr, flush=True)  # fmt: skip
+    asyncio.run(serve(config, _env_flags(args), args.max_output_chars, args.max_sessions,
+                      http, token))  # fmt: skip
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    try:
+        from .claude_agent import run_agent_cli
+    except ImportError as e:
+        raise ValueError(
+            f"{e}; install the agent extra: pip install 'smol-kernel[agent]'"
+        ) from None
+    return run_agent_cli(args, _provisioner_config(args), _env_flags(args))
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -400,8 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=cmd_image_rm)
 
-    from traitlets import Bool, Float, Integer, List
-
     inst = sub.add_parser("install", help="install the 'Python (smolvm)' kernelspec")
     where = inst.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for the current user")
@@ -412,21 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--no-server-extension", action="store_true",
                       help="do not enable the server extension that fills the warm pool "
                       "when a Jupyter server starts")  # fmt: skip
-    inst.add_argument("--env", action="append", metavar="NAME=VALUE",
-                      help="environment variable for the kernel (repeatable)")  # fmt: skip
-    for name, trait in _provisioner_traits().items():
-        flag = "--" + name.replace("_", "-")
-        helptext = (trait.help or "").replace("%", "%%")
-        if isinstance(trait, Bool):
-            inst.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                              help=helptext)  # fmt: skip
-        elif isinstance(trait, List):  # --shares -> repeatable --share
-            inst.add_argument(flag.rstrip("s"), action="append", default=None, dest=name,
-                              metavar="HOST:GUEST[:ro|rw]",
-                              help=helptext + " (repeatable)")  # fmt: skip
-        else:
-            typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str
-            inst.add_argument(flag, type=typ, default=None, dest=name, help=helptext)
+    _add_provisioner_flags(inst)
     inst.set_defaults(func=cmd_install)
 
     doc = sub.add_parser("doctor", help="say which backend and isolation a kernel would get")
@@ -447,6 +509,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-errors", action="store_true", help="keep going after errors")
     run.add_argument("--output", help="also write the executed notebook here")
     run.set_defaults(func=cmd_run)
+
+    mcp = sub.add_parser("mcp", help="MCP server: run_python and friends in microVM sandboxes")
+    mcp.add_argument("--http", metavar="HOST:PORT",
+                     help="serve streamable HTTP, not stdio (bearer token required)")  # fmt: skip
+    mcp.add_argument("--token", help="bearer token for --http (default: generated, printed)")
+    mcp.add_argument("--max-sessions", type=int, default=4,
+                     help="sandboxes open at once (default: %(default)s)")  # fmt: skip
+    mcp.add_argument("--max-output-chars", type=int, default=20_000,
+                     help="output a call returns, characters (default: %(default)s)")  # fmt: skip
+    _add_provisioner_flags(mcp)
+    mcp.set_defaults(func=cmd_mcp)
+
+    agent = sub.add_parser("agent", help="let Claude solve TASK by running Python in a sandbox")
+    agent.add_argument("task", help="what to do, in words")
+    agent.add_argument("--model", default="claude-sonnet-4-5", help="default: %(default)s")
+    agent.add_argument("--max-turns", type=int, default=10,
+                       help="model calls at most (default: %(default)s)")  # fmt: skip
+    agent.add_argument("--max-tokens", type=int, default=4096)
+    agent.add_argument("--base-url", help="Messages API base URL (default: the SDK's)")
+    agent.add_argument("--max-output-chars", type=int, default=20_000,
+                       help="tool result size cap, characters (default: %(default)s)")  # fmt: skip
+    _add_provisioner_flags(agent)
+    agent.set_defaults(func=cmd_agent)
 
     kill = sub.add_parser("kill", help="kill kernel VMs by VM id or kernel id (prefix)")
     kill.add_argument("ids", nargs="+", metavar="ID")

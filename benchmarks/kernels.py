@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 from smol_kernel.guest import agent as guest_agent  # noqa: E402
 from smol_kernel.guest.protocol import CHANNEL_PORTS  # noqa: E402
 from smol_kernel.ioloop import on_io_loop  # noqa: E402
-from smol_kernel.pool import warm_pool  # noqa: E402
+from smol_kernel.pool import wait_for_pool, warm_pool  # noqa: E402
 from smol_kernel.relay import VsockRelay  # noqa: E402
+from smol_kernel.server_extension import warm_kernelspec  # noqa: E402
 from smol_kernel.vm.process import list_vms, vm_processes  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -109,25 +110,12 @@ async def execute_rtt(kc, n: int = 20) -> float:
     return statistics.median(times[2:])  # the first two warm the path up
 
 
-async def pool_ready(n: int = 1, timeout: float = 300) -> None:
-    async def count() -> int:
-        return warm_pool().ready_count()
-
-    deadline = time.monotonic() + timeout
-    while await on_io_loop(count()) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the warm pool did not fill")
-        await asyncio.sleep(0.5)
-
-
 async def fill_pool(name: str) -> None:
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.provisioning import KernelProvisionerFactory
 
     spec = KernelSpecManager().get_kernel_spec(name)
-    prov = KernelProvisionerFactory.instance().create_provisioner_instance("", spec, None)
-    print(f"  warm pool: {await prov.warm_up()}", flush=True)
-    await pool_ready()
+    print(f"  warm pool: {await warm_kernelspec(spec)}", flush=True)
+    await wait_for_pool(lambda pool: pool.ready_count() >= 1)
 
 
 # ---------------------------------------------------------------- relay only

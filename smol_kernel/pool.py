@@ -24,10 +24,11 @@ import atexit
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .agent_client import GuestAgent
+from .ioloop import on_io_loop
 from .kernel_vm import KernelPlan, boot_kernel_vm
 from .vm.base import Vm, VmBackend
 
@@ -273,6 +274,20 @@ def warm_pool() -> WarmPool:
     if _pool is None:
         _pool = WarmPool()
     return _pool
+
+
+async def wait_for_pool(predicate: Callable[[WarmPool], bool], timeout: float = 300) -> None:
+    """Wait, from any event loop, until ``predicate(warm_pool())`` holds (it is evaluated on
+    the io loop), e.g. ``lambda pool: pool.ready_count() >= 1``. TimeoutError otherwise."""
+
+    async def check() -> bool:
+        return bool(predicate(warm_pool()))
+
+    deadline = time.monotonic() + timeout
+    while not await on_io_loop(check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"warm pool condition not met within {timeout:.0f}s")
+        await asyncio.sleep(0.5)
 
 
 @atexit.register

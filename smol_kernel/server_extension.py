@@ -25,24 +25,29 @@ def smolvm_kernelspecs(kernel_spec_manager) -> list[str]:
     return sorted(names)
 
 
-def _load_jupyter_server_extension(serverapp: Any) -> None:
+async def warm_kernelspec(spec: Any, cwd: str | None = None, parent: Any = None) -> str:
+    """Fill the warm pool for one kernelspec (a ``KernelSpec``) now; returns what it did.
+    Awaitable from any loop (the provisioner hops onto the io loop)."""
     from jupyter_client.provisioning import KernelProvisionerFactory
 
+    factory = KernelProvisionerFactory.instance(parent=parent)
+    provisioner = factory.create_provisioner_instance("", spec, parent)
+    return await provisioner.warm_up(cwd=cwd)
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
     from .ioloop import io_loop
 
     log = serverapp.log
     ksm = serverapp.kernel_spec_manager
-    factory = KernelProvisionerFactory.instance(parent=serverapp)
     for name in smolvm_kernelspecs(ksm):
         try:
-            provisioner = factory.create_provisioner_instance(
-                "", ksm.get_kernel_spec(name), parent=serverapp.kernel_manager
-            )
+            spec = ksm.get_kernel_spec(name)
         except Exception as e:  # a broken kernelspec must not stop the server
             log.warning("smol-kernel: not warming kernelspec %r: %s", name, e)
             continue
         fut = asyncio.run_coroutine_threadsafe(
-            provisioner.warm_up(cwd=serverapp.root_dir), io_loop()
+            warm_kernelspec(spec, serverapp.root_dir, serverapp.kernel_manager), io_loop()
         )
 
         def done(fut, name=name) -> None:

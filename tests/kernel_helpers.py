@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from smol_kernel.pool import wait_for_pool as wait_pool
+from smol_kernel.server_extension import warm_kernelspec
+
+__all__ = ["wait_pool"]
+
 
 @dataclass
 class CellResult:
@@ -51,31 +56,14 @@ async def run_cell(
 
 
 async def fill_pool(kernel_name: str, timeout: float = 240, **config) -> None:
-    """Fill the warm pool for a kernelspec (as the server extension does) and wait until
-    a VM for it is prepared."""
+    """Fill the warm pool for a kernelspec (as the server extension does), with ``config``
+    over its provisioner settings, and wait until a VM for it is prepared."""
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.provisioning import KernelProvisionerFactory
 
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
     spec.metadata["kernel_provisioner"]["config"].update(config)
-    prov = KernelProvisionerFactory.instance().create_provisioner_instance("", spec, None)
-    await prov.warm_up()
+    await warm_kernelspec(spec)
     await wait_pool(lambda pool: pool.ready_count() >= 1, timeout)
-
-
-async def wait_pool(predicate, timeout: float = 240) -> None:
-    """Wait until ``predicate(pool)`` holds (evaluated on the io loop)."""
-    from smol_kernel.ioloop import on_io_loop
-    from smol_kernel.pool import warm_pool
-
-    async def check() -> bool:
-        return bool(predicate(warm_pool()))
-
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await on_io_loop(check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"warm pool condition not met within {timeout}s")
-        await asyncio.sleep(0.5)
 
 
 async def start_kernel(

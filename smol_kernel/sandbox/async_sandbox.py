@@ -103,11 +103,9 @@ def kernel_spec(env: dict[str, str] | None, config: dict[str, Any]) -> KernelSpe
 async def warm_pool(env: dict[str, str] | None = None, **settings: Any) -> str:
     """Start filling the warm pool for sandboxes with these settings (``pool_size`` VMs),
     so the first one starts warm; returns what it did."""
-    from jupyter_client.provisioning import KernelProvisionerFactory
+    from ..server_extension import warm_kernelspec
 
-    spec = kernel_spec(env, provisioner_settings(**settings))
-    provisioner = KernelProvisionerFactory.instance().create_provisioner_instance("", spec, None)
-    return await provisioner.warm_up()
+    return await warm_kernelspec(kernel_spec(env, provisioner_settings(**settings)))
 
 
 class AsyncSandbox:

@@ -79,8 +79,7 @@ class Sessions:
         return True
 
     async def close_all(self) -> None:
-        for fut in self._starting.values():
-            fut.cancel()
+        # Starting sandboxes are awaited, not cancelled: a boot cut short could leave a VM.
         for fut in list(self._starting.values()):
             try:
                 sandbox = await fut

@@ -229,8 +229,7 @@ class AsyncSandbox:
     async def kill(self) -> None:
         """Stop the kernel and destroy its VM at once. Idempotent; the sandbox is done."""
         self._killed = True
-        if self._replacing is not None:
-            self._replacing.cancel()
+        if self._replacing is not None:  # let it finish: a boot cut short could leave a VM
             await asyncio.gather(self._replacing, return_exceptions=True)
         self._disconnect()
         km, self._km = self._km, None

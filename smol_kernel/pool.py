@@ -101,6 +101,9 @@ class WarmPool:
         self._runner: asyncio.Task | None = None
         self.refills = 0  # VMs booted for the pool (for tests and metrics)
         self.enabled = True  # False: want() is ignored (one-shot users, interpreter exit)
+        # Asked before a refill boots: None to go ahead, else why not (quotas).
+        self.admit: Callable[[KernelPlan], str | None] = lambda plan: None
+        self._closing: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- the public side
     def want(
@@ -175,6 +178,36 @@ class WarmPool:
         """The VM a refill is booting right now, once it exists."""
         return self._filling.vm if self._filling else None
 
+    def memory(self) -> list[int]:
+        """memory_mib of every pooled VM, ready or booting (they count against quotas)."""
+        ready = [p.plan.memory_mib for v in self._ready.values() for p in v]
+        fill = self._filling
+        return ready + ([fill.plan.memory_mib] if fill and not fill.stopped else [])
+
+    def nudge(self) -> None:
+        """Look again now (e.g. a kernel ended and a quota has room for a refill)."""
+        self._wake.set()
+
+    def give_way_now(self, keep: KernelPlan | None = None) -> bool:
+        """Kill one pooled VM, or stop the refill, to make room (a ``keep`` plan's VMs go
+        last); its runtime dir is removed in the background. False if there was none."""
+        plans = sorted(self._ready, key=lambda p: p == keep)
+        for plan in plans:
+            if ready := self._ready.get(plan):
+                pooled = ready.pop()
+                if not ready:
+                    del self._ready[plan]
+                pooled.vm.kill()
+                task = asyncio.ensure_future(pooled.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                return True
+        if (fill := self._filling) is not None and not fill.stopped:
+            fill.log.info("warm pool: refill stopped to stay within a quota")
+            fill.stop()
+            return True
+        return False
+
     def ready_vms(self, plan: KernelPlan | None = None) -> list[Vm]:
         return [p.vm for k, ready in self._ready.items() if plan in (None, k) for p in ready]
 
@@ -232,6 +265,9 @@ class WarmPool:
                 continue
             if want.retry_at > now:
                 next_check = min(next_check, want.retry_at - now)
+                continue
+            if self.admit(plan) is not None:  # a quota is full: check again later
+                next_check = min(next_check, RETRY_SECONDS)
                 continue
             fill = _Fill(plan, want.log)
             self._filling = fill

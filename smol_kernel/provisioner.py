@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -30,8 +31,9 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Bool, Enum, Float, Integer, List, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
+from . import metrics, quota
 from .agent_client import GuestAgent
 from .guest import protocol as P
 from .ioloop import on_io_loop
@@ -39,7 +41,7 @@ from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel
 from .pool import warm_pool
 from .relay import VsockRelay
 from .vm.base import Vm, VmError
-from .vm.process import RuntimeDir, kill_vm_dir, proc_start_time, reap_orphans
+from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
 from .vm.select import BACKENDS, Selection, select_backend
 from .vm.share import Share, ShareError, parse_share
 
@@ -118,6 +120,27 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "takes one (instant); a refill boots in the background, never during a cold start. "
         "0: no pool, nothing runs in the background.",
     )
+    max_vms = Integer(
+        0,
+        config=True,
+        help="Most kernel VMs this server process runs at once, counting starting, running "
+        "and warm-pool VMs (the pool gives way first); 0: no cap. A start over it fails "
+        "with HTTP 403 and a message naming this setting.",
+    )
+    max_total_memory_mib = Integer(
+        config=True,
+        help="Most guest memory (MiB) this server process's kernel VMs may have in total, "
+        "counted like max_vms; 0: no cap. Default: the spawner's MEM_LIMIT (JupyterHub sets "
+        "it from Spawner.mem_limit), else 0.",
+    )
+
+    @default("max_total_memory_mib")
+    def _default_max_total_memory_mib(self) -> int:
+        try:
+            return int(os.environ.get("MEM_LIMIT", "0")) // (1 << 20)
+        except ValueError:
+            return 0
+
     pool_ttl = Float(
         3600.0,
         config=True,
@@ -174,6 +197,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._shares: tuple[Share, ...] = ()
         self._cwd = "/root"
         self._exit_status: int | None = None
+        self._end_reason = "ended"  # why the kernel's VM went, for the audit line
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
 
     # ------------------------------------------------------------------ launch
@@ -244,7 +268,37 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         return tuple(shares), cwd
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        return await on_io_loop(self._launch())
+        try:
+            return await on_io_loop(self._launch())
+        except KernelStartError as e:
+            if isinstance(e, quota.ReadableStartError):
+                raise
+            # jupyter_server shows an HTTPError's message; anything else is "Unhandled error"
+            raise quota.ReadableStartError(500, str(e)) from e
+
+    def _reserve(self, plan: KernelPlan) -> None:
+        """Count this kernel's VM against the quotas, closing pooled VMs if that makes
+        room; QuotaExceeded (HTTP 403) if it cannot."""
+        book, pool = quota.ledger(), warm_pool()
+        limits = quota.Limits(self.max_vms, self.max_total_memory_mib)
+        book.limits = limits
+        pool.admit = lambda p: book.refusal(pool.memory(), p.memory_mib, book.limits)
+
+        def why_not() -> str | None:
+            memory = pool.memory()
+            if pool.ready_count(plan):  # claiming it: already counted
+                memory.remove(plan.memory_mib)
+            return book.refusal(memory, plan.memory_mib, limits)
+
+        while (why := why_not()) is not None:
+            if not pool.give_way_now(keep=plan):
+                book.refusals += 1
+                metrics.quota_refused()
+                self.log.warning("kernel %s: refused: %s", self.kernel_id, why)
+                raise quota.QuotaExceeded(
+                    f"cannot start a {self.kernel_spec.display_name} kernel: {why}"
+                )
+        book.kernels[id(self)] = plan.memory_mib
 
     async def _launch(self) -> KernelConnectionInfo:
         deadline = time.monotonic() + self.startup_timeout
@@ -261,6 +315,12 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.relay = relay
         self.plan = plan = self._plan(selection)
         self.backend_name = plan.backend
+        try:
+            self._reserve(plan)
+        except BaseException:
+            await relay.close()
+            self.relay = None
+            raise
         connection = _guest_connection(ci)
         pool = warm_pool()
         self.start_kind = None
@@ -310,6 +370,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             await self._teardown()
             raise
         self.ready_at = time.monotonic()
+        self._end_reason = "ended"
+        metrics.kernel_started(self.start_kind or "cold", self.ready_at - t0)
+        self._audit("kernel_start", start=self.start_kind, start_s=round(self.ready_at - t0, 2))
         if self.max_lifetime > 0:
             asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
         self.log.info(
@@ -372,7 +435,26 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 "kernel %s: max_lifetime of %.0fs reached, stopping VM %s",
                 self.kernel_id, self.max_lifetime, vm.id,
             )  # fmt: skip
+            self._end_reason = "max_lifetime"
             vm.kill()
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """One structured line per kernel start and end, for the operator's log."""
+        plan = self.plan
+        record = {
+            "event": event,
+            "user": owner_user(),
+            "kernel_id": self.kernel_id,
+            "vm_id": self.vm.id if self.vm else None,
+            "backend": self.backend_name,
+            "isolation": self.isolation,
+            "vcpus": plan.vcpus if plan else None,
+            "memory_mib": plan.memory_mib if plan else None,
+            "network": plan.network if plan else None,
+            "shares": [str(s) for s in plan.shares] if plan else [],
+            **fields,
+        }
+        self.log.info("smol-kernel audit: %s", json.dumps(record))
 
     # ------------------------------------------------------------------ process API
     @property
@@ -401,6 +483,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         while (status := await self._poll()) is None:
             await asyncio.sleep(0.1)
         self._exit_status = status
+        if self._end_reason == "ended":
+            self._end_reason = f"kernel exited ({status})"
         await self._teardown()
         return status
 
@@ -428,6 +512,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         return await self.agent.request(op, timeout=timeout, **fields)
 
     async def kill(self, restart: bool = False) -> None:
+        if self._end_reason == "ended":
+            self._end_reason = "restart" if restart else "killed"
         if self.vm is not None:
             self.vm.kill()
         elif self._loaded:
@@ -460,6 +546,12 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         relay, agent, vm = None if keep_relay else self.relay, self.agent, self.vm
         if not keep_relay:
             self.relay = None
+            if quota.ledger().kernels.pop(id(self), None) is not None:
+                warm_pool().nudge()  # a refill a quota held back may fit now
+        if vm is not None and self.ready_at is not None and not keep_relay:
+            lifetime = round(time.monotonic() - self.ready_at, 1)
+            self._audit("kernel_end", reason=self._end_reason, lifetime_s=lifetime)
+            self.ready_at = None
         self.agent = self.vm = None
         if relay is not None:
             await relay.close()
@@ -470,6 +562,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """The kernel got shutdown_request; when it exits the agent powers the VM off."""
+        self._end_reason = "restart" if restart else "shutdown"
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 10.0)  # an emulated guest needs longer to exit cleanly

@@ -1,0 +1,48 @@
+"""Prometheus metrics for jupyter_server's ``/metrics`` (prometheus_client's default
+registry, which that endpoint serves). Without prometheus_client, every call is a no-op."""
+
+from __future__ import annotations
+
+try:
+    import prometheus_client as prom
+except ImportError:  # pragma: no cover - jupyter_server depends on it
+    prom = None
+
+_starts = _start_seconds = _refusals = None
+if prom is not None:
+    _starts = prom.Counter("smol_kernel_vm_starts", "Kernel VMs started, by kind", ["kind"])
+    _start_seconds = prom.Histogram(
+        "smol_kernel_start_seconds",
+        "Seconds from launch to a reachable kernel, by kind (cold, pooled)",
+        ["kind"],
+        buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+    )
+    _refusals = prom.Counter("smol_kernel_quota_refusals", "Kernel starts refused by a quota")
+
+
+def kernel_started(kind: str, seconds: float) -> None:
+    if _starts is not None and _start_seconds is not None:
+        _starts.labels(kind).inc()
+        _start_seconds.labels(kind).observe(seconds)
+
+
+def quota_refused() -> None:
+    if _refusals is not None:
+        _refusals.inc()
+
+
+def _active_vms() -> int:
+    from .quota import ledger
+
+    return len(ledger().kernels)
+
+
+def _pool_vms() -> int:
+    from .pool import warm_pool
+
+    return len(warm_pool().memory())
+
+
+if prom is not None:
+    prom.Gauge("smol_kernel_active_vms", "Kernel VMs starting or running").set_function(_active_vms)
+    prom.Gauge("smol_kernel_pool_vms", "Warm-pool VMs, ready or booting").set_function(_pool_vms)

@@ -184,6 +184,11 @@ def cmd_install(args: argparse.Namespace) -> int:
             str(src), args.name, user=args.user and not prefix, prefix=prefix
         )
     print(f"installed kernelspec {args.name!r} ({args.display_name}) in {dest}")
+    if args.lockdown:
+        conf, default = _lock_down(args.name, args.user and not prefix, prefix)
+        print(f"locked down in {conf}: Jupyter servers offer and start only the smolvm "
+              f"kernelspecs locked down so far; {default!r} is the default. See "
+              "docs/deploy.md for what this does not stop.")  # fmt: skip
     if not args.no_server_extension:
         conf = _enable_server_extension(args.user and not prefix, prefix)
         print(f"enabled the smol_kernel server extension (fills the warm pool at server "
@@ -196,8 +201,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enable_server_extension(user: bool, prefix: str | None) -> str:
-    """Write jupyter_server_config.d/smol_kernel.json where the kernelspec went."""
+def _server_config_d(user: bool, prefix: str | None):
+    """The jupyter_server_config.d folder that goes with where the kernelspec went."""
     from pathlib import Path
 
     from jupyter_core.paths import ENV_CONFIG_PATH, SYSTEM_CONFIG_PATH, jupyter_config_dir
@@ -206,14 +211,37 @@ def _enable_server_extension(user: bool, prefix: str | None) -> str:
         base = Path(prefix) / "etc" / "jupyter"
     elif user:
         base = Path(jupyter_config_dir())
-    else:  # like KernelSpecManager's system-wide default
+    else:  # like KernelSpecManager's system-wide default (/etc/jupyter)
         base = Path(SYSTEM_CONFIG_PATH[0] if SYSTEM_CONFIG_PATH else ENV_CONFIG_PATH[0])
-    conf = base / "jupyter_server_config.d" / "smol_kernel.json"
-    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf_d = base / "jupyter_server_config.d"
+    conf_d.mkdir(parents=True, exist_ok=True)
+    return conf_d
+
+
+def _enable_server_extension(user: bool, prefix: str | None) -> str:
+    conf = _server_config_d(user, prefix) / "smol_kernel.json"
     conf.write_text(
         json.dumps({"ServerApp": {"jpserver_extensions": {"smol_kernel": True}}}, indent=2) + "\n"
     )
     return str(conf)
+
+
+def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
+    """Only smolvm kernelspecs may start, and new notebooks get ``name``. Kernelspecs
+    locked down earlier stay allowed; the first one stays the default."""
+    conf = _server_config_d(user, prefix) / "smol_kernel_lockdown.json"
+    try:
+        old = json.loads(conf.read_text())
+    except (OSError, ValueError):
+        old = {}
+    allowed = list(old.get("KernelSpecManager", {}).get("allowed_kernelspecs") or [])
+    default = old.get("MultiKernelManager", {}).get("default_kernel_name") or name
+    conf.write_text(json.dumps({
+        "KernelSpecManager": {"allowed_kernelspecs": sorted({*allowed, name}),
+                              "ensure_native_kernel": False},
+        "MultiKernelManager": {"default_kernel_name": default},
+    }, indent=2) + "\n")  # fmt: skip
+    return str(conf), default
 
 
 # ------------------------------------------------------------------ doctor / ps / kill
@@ -284,6 +312,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
                 if pids and owner_alive
                 else ("orphaned" if pids else "stale"),
                 "owner_pid": state.get("owner_pid"),
+                "user": str(state.get("user") or "-"),
             }
         )
     if args.json:
@@ -292,12 +321,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if not rows:
         print("no kernel VMs running")
         return 0
-    print(f"{'VM':<9} {'KERNEL ID':<37} {'BACKEND':<8} {'ISOL':<5} {'PID':>7} "
+    print(f"{'VM':<9} {'KERNEL ID':<37} {'USER':<12} {'BACKEND':<8} {'ISOL':<5} {'PID':>7} "
           f"{'UPTIME':>8} {'RSS':>9} {'STATE':<8} {'NET':<3} SHARES")  # fmt: skip
     for r in rows:
         up = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "?"
         net = "on" if r["network"] else "off"
-        print(f"{r['vm']:<9} {r['kernel_id'] or '-':<37} {r['backend']:<8} {r['isolation']:<5} "
+        print(f"{r['vm']:<9} {r['kernel_id'] or '-':<37} {r['user'][:12]:<12} "
+              f"{r['backend']:<8} {r['isolation']:<5} "
               f"{r['pid'] or '-':>7} {up:>8} {r['rss_mib']:>6.0f}MiB {r['state']:<8} {net:<3} "
               f"{' '.join(r['shares']) or '-'}")  # fmt: skip
     return 0
@@ -310,6 +340,24 @@ def _say_reaped(ids: list[str]) -> None:
               f"{', '.join(ids)}", file=sys.stderr)  # fmt: skip
 
 
+def _find_vm(ident: str, vms: list) -> tuple | None:
+    """The one VM whose id or kernel id starts with ``ident``; says why on stderr if none."""
+    matches = [
+        (rt, st) for rt, st in vms
+        if rt.id.startswith(ident) or (st.get("label") or "").startswith(ident)
+    ]  # fmt: skip
+    if not matches:
+        print(f"smol-kernel: no kernel VM matches {ident!r} (see: smol-kernel ps)",
+              file=sys.stderr)  # fmt: skip
+        return None
+    if len(matches) > 1:
+        ids = ", ".join(rt.id for rt, _ in matches)
+        print(f"smol-kernel: {ident!r} matches several VMs ({ids}); be more specific",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return matches[0]
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     from .vm.process import kill_vm_dir, list_vms, reap_orphans
 
@@ -317,24 +365,28 @@ def cmd_kill(args: argparse.Namespace) -> int:
     status = 0
     vms = list_vms()
     for ident in args.ids:
-        matches = [
-            (rt, st) for rt, st in vms
-            if rt.id.startswith(ident) or (st.get("label") or "").startswith(ident)
-        ]  # fmt: skip
-        if not matches:
-            print(f"smol-kernel: no kernel VM matches {ident!r} (see: smol-kernel ps)",
-                  file=sys.stderr)  # fmt: skip
+        if (found := _find_vm(ident, vms)) is None:
             status = 1
-        elif len(matches) > 1:
-            ids = ", ".join(rt.id for rt, _ in matches)
-            print(f"smol-kernel: {ident!r} matches several VMs ({ids}); be more specific",
-                  file=sys.stderr)  # fmt: skip
-            status = 1
-        else:
-            rt, st = matches[0]
-            kill_vm_dir(rt, st)
-            print(f"killed VM {rt.id}" + (f" (kernel {st['label']})" if st.get("label") else ""))
+            continue
+        rt, st = found
+        kill_vm_dir(rt, st)
+        print(f"killed VM {rt.id}" + (f" (kernel {st['label']})" if st.get("label") else ""))
     return status
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import re
+
+    from .vm.base import read_tail
+    from .vm.process import list_vms
+
+    if (found := _find_vm(args.id, list_vms())) is None:
+        return 1
+    rt, _ = found
+    text = read_tail(rt.path / "console.log", args.bytes).replace("\r\n", "\n")
+    # Guest-written: no terminal escape sequences or other control characters get through.
+    sys.stdout.write(re.sub(r"[^\n\t\x20-\x7e\u00a0-\U0010ffff]", "?", text))
+    return 0
 
 
 # ------------------------------------------------------------------ run
@@ -480,11 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     inst = sub.add_parser("install", help="install the 'Python (smolvm)' kernelspec")
     where = inst.add_mutually_exclusive_group()
+    where.add_argument("--system", action="store_true",
+                       help="install for every user of this machine (the default)")  # fmt: skip
     where.add_argument("--user", action="store_true", help="install for the current user")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
     where.add_argument("--prefix", help="install under this prefix")
     inst.add_argument("--name", default="smolvm", help="kernelspec name (default: %(default)s)")
     inst.add_argument("--display-name", default="Python (smolvm)")
+    inst.add_argument("--lockdown", action="store_true",
+                      help="also configure Jupyter servers to offer and start only smolvm "
+                      "kernelspecs, with this one as the default")  # fmt: skip
     inst.add_argument("--no-server-extension", action="store_true",
                       help="do not enable the server extension that fills the warm pool "
                       "when a Jupyter server starts")  # fmt: skip
@@ -532,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tool result size cap, characters (default: %(default)s)")  # fmt: skip
     _add_provisioner_flags(agent)
     agent.set_defaults(func=cmd_agent)
+
+    logs = sub.add_parser("logs", help="print a kernel VM's guest console (boot and kernel output)")
+    logs.add_argument("id", metavar="ID", help="VM id or kernel id (prefix)")
+    logs.add_argument("--bytes", type=int, default=1 << 20, help="at most the last N bytes")
+    logs.set_defaults(func=cmd_logs)
 
     kill = sub.add_parser("kill", help="kill kernel VMs by VM id or kernel id (prefix)")
     kill.add_argument("ids", nargs="+", metavar="ID")

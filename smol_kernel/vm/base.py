@@ -102,16 +102,21 @@ class Vm(abc.ABC):
         return self.poll()
 
     def console_tail(self, max_bytes: int = 4096) -> str:
-        """The last ``max_bytes`` of the console log (guest-written: read as text, bounded,
-        never through a link)."""
-        try:
-            fd = os.open(self.console_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return ""
-        with open(fd, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - max_bytes))
-            return f.read(max_bytes).decode("utf-8", "replace")
+        """The last ``max_bytes`` of the console log."""
+        return read_tail(self.console_log, max_bytes)
+
+
+def read_tail(path: Path, max_bytes: int) -> str:
+    """The last ``max_bytes`` of a guest-written file: read as text, bounded, never through
+    a link; "" if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with open(fd, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - max_bytes))
+        return f.read(max_bytes).decode("utf-8", "replace")
 
 
 class VmBackend(abc.ABC):

@@ -184,8 +184,21 @@ def stop_processes(procs) -> None:
 
 
 def owner_state() -> dict:
+    """Who owns a VM: this process, and the person it serves (the JupyterHub user under a
+    Hub, else the login name) for ``smol-kernel ps`` and the audit log."""
     pid = os.getpid()
-    return {"owner_pid": pid, "owner_start": proc_start_time(pid)}
+    return {"owner_pid": pid, "owner_start": proc_start_time(pid), "user": owner_user()}
+
+
+def owner_user() -> str:
+    if user := os.environ.get("JUPYTERHUB_USER"):
+        return user
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (containers)
+        return str(os.getuid())
 
 
 def _alive(pid: object, start: object) -> bool:

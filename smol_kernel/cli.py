@@ -201,8 +201,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_config_d(user: bool, prefix: str | None):
-    """The jupyter_server_config.d folder that goes with where the kernelspec went."""
+def _server_config_dir(user: bool, prefix: str | None):
+    """The Jupyter config folder that goes with where the kernelspec went."""
     from pathlib import Path
 
     from jupyter_core.paths import ENV_CONFIG_PATH, SYSTEM_CONFIG_PATH, jupyter_config_dir
@@ -213,13 +213,14 @@ def _server_config_d(user: bool, prefix: str | None):
         base = Path(jupyter_config_dir())
     else:  # like KernelSpecManager's system-wide default (/etc/jupyter)
         base = Path(SYSTEM_CONFIG_PATH[0] if SYSTEM_CONFIG_PATH else ENV_CONFIG_PATH[0])
-    conf_d = base / "jupyter_server_config.d"
-    conf_d.mkdir(parents=True, exist_ok=True)
-    return conf_d
+    base.mkdir(parents=True, exist_ok=True)
+    return base
 
 
 def _enable_server_extension(user: bool, prefix: str | None) -> str:
-    conf = _server_config_d(user, prefix) / "smol_kernel.json"
+    # jupyter_server reads only jpserver_extensions from jupyter_server_config.d
+    conf = _server_config_dir(user, prefix) / "jupyter_server_config.d" / "smol_kernel.json"
+    conf.parent.mkdir(exist_ok=True)
     conf.write_text(
         json.dumps({"ServerApp": {"jpserver_extensions": {"smol_kernel": True}}}, indent=2) + "\n"
     )
@@ -227,20 +228,22 @@ def _enable_server_extension(user: bool, prefix: str | None) -> str:
 
 
 def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
-    """Only smolvm kernelspecs may start, and new notebooks get ``name``. Kernelspecs
+    """Only smolvm kernelspecs may start, and new notebooks get ``name``: merged into
+    jupyter_server_config.json (the .d folder holds only extension switches). Kernelspecs
     locked down earlier stay allowed; the first one stays the default."""
-    conf = _server_config_d(user, prefix) / "smol_kernel_lockdown.json"
+    conf = _server_config_dir(user, prefix) / "jupyter_server_config.json"
     try:
-        old = json.loads(conf.read_text())
-    except (OSError, ValueError):
-        old = {}
-    allowed = list(old.get("KernelSpecManager", {}).get("allowed_kernelspecs") or [])
-    default = old.get("MultiKernelManager", {}).get("default_kernel_name") or name
-    conf.write_text(json.dumps({
-        "KernelSpecManager": {"allowed_kernelspecs": sorted({*allowed, name}),
-                              "ensure_native_kernel": False},
-        "MultiKernelManager": {"default_kernel_name": default},
-    }, indent=2) + "\n")  # fmt: skip
+        config = json.loads(conf.read_text())
+    except FileNotFoundError:
+        config = {}
+    except ValueError as e:
+        raise ValueError(f"{conf} is not valid JSON ({e}); fix it before --lockdown") from None
+    ksm = config.setdefault("KernelSpecManager", {})
+    mkm = config.setdefault("MultiKernelManager", {})
+    ksm["allowed_kernelspecs"] = sorted({*(ksm.get("allowed_kernelspecs") or []), name})
+    ksm["ensure_native_kernel"] = False
+    default = mkm.setdefault("default_kernel_name", name)
+    conf.write_text(json.dumps(config, indent=2) + "\n")
     return str(conf), default
 
 

@@ -21,11 +21,13 @@ Settings are traitlets: set them in a Jupyter config file (``c.SmolVMProvisioner
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
 import signal
 import time
+import weakref
 from string import Template
 from typing import Any
 
@@ -371,6 +373,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             raise
         self.ready_at = time.monotonic()
         self._end_reason = "ended"
+        _running.add(self)
         metrics.kernel_started(self.start_kind or "cold", self.ready_at - t0)
         self._audit("kernel_start", start=self.start_kind, start_s=round(self.ready_at - t0, 2))
         if self.max_lifetime > 0:
@@ -437,6 +440,13 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             )  # fmt: skip
             self._end_reason = "max_lifetime"
             vm.kill()
+
+    def _audit_end(self, reason: str) -> None:
+        if self.ready_at is not None:
+            lifetime = round(time.monotonic() - self.ready_at, 1)
+            self._audit("kernel_end", reason=reason, lifetime_s=lifetime)
+            self.ready_at = None
+        _running.discard(self)
 
     def _audit(self, event: str, **fields: Any) -> None:
         """One structured line per kernel start and end, for the operator's log."""
@@ -549,9 +559,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if quota.ledger().kernels.pop(id(self), None) is not None:
                 warm_pool().nudge()  # a refill a quota held back may fit now
         if vm is not None and self.ready_at is not None and not keep_relay:
-            lifetime = round(time.monotonic() - self.ready_at, 1)
-            self._audit("kernel_end", reason=self._end_reason, lifetime_s=lifetime)
-            self.ready_at = None
+            self._audit_end(self._end_reason)
         self.agent = self.vm = None
         if relay is not None:
             await relay.close()
@@ -618,6 +626,18 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         rt = RuntimeDir(Path(self._loaded["runtime_dir"]))
         kill_vm_dir(rt, rt.read_state())
         self._loaded = {}
+
+
+_running: weakref.WeakSet[SmolVMProvisioner] = weakref.WeakSet()
+
+
+@atexit.register
+def _audit_exit() -> None:
+    """A server that exits without shutting its kernels down (stopped by a spawner) still
+    logs their end; registered after vm/process.py's hook, so it runs before the VMs go."""
+    for provisioner in list(_running):
+        with contextlib.suppress(Exception):
+            provisioner._audit_end("server exited")
 
 
 def _guest_connection(ci: dict) -> dict:

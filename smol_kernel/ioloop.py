@@ -40,8 +40,9 @@ async def on_io_loop(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the io loop and await its result from any loop."""
     loop = io_loop()
     try:
-        if asyncio.get_running_loop() is loop:
-            return await coro
+        running = asyncio.get_running_loop()
     except RuntimeError:
-        pass
+        running = None
+    if running is loop:  # (a RuntimeError from coro itself must propagate, not retry it)
+        return await coro
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

@@ -1,0 +1,169 @@
+"""JupyterLab in a real headless Chromium (Debian's, driven by playwright): click
+"Python (smolvm)" in the launcher, run a cell, see its output; open a kernel that cannot
+start here and read the reason in JupyterLab's dialog. Screenshots are kept in
+``$SMOL_TEST_ARTIFACTS`` (default: test-artifacts/ in the checkout) to look at."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from smol_kernel.paths import runtime_dir
+from smol_kernel.vm.process import reap_orphans
+from smol_kernel.vm.select import select_backend
+
+from .conftest import processes_mentioning, runtime_entries
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("SMOL_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path, image):
+    from smol_kernel.cli import main as cli
+
+    prefix = tmp_path / "prefix"
+    assert cli(["install", "--prefix", str(prefix), "--memory-mib", "640"]) == 0  # pool + ext.
+    assert cli(["install", "--prefix", str(prefix), "--name", "smolvm-hw",
+                "--display-name", "Python (smolvm, hardware only)",
+                "--require-hardware-isolation", "--no-server-extension"]) == 0  # fmt: skip
+    token, port = uuid.uuid4().hex, free_port()
+    env = {**os.environ, "JUPYTER_PATH": f"{prefix}/share/jupyter",
+           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter"}  # fmt: skip
+    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--KernelSpecManager.ensure_native_kernel=False"]  # fmt: skip
+    if os.getuid() == 0:
+        argv.append("--allow-root")
+    with open(tmp_path / "lab.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/api/status", params={"token": token}).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        alive = proc.poll() is None and time.monotonic() < deadline
+        assert alive, (tmp_path / "lab.log").read_text()[-3000:]
+        time.sleep(0.5)
+    before = runtime_entries()
+    try:
+        yield url, token, tmp_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            # jupyter_client 8.10 keeps a kernel that failed to start in _pending_kernels;
+            # jupyter_server's shutdown_all then gets a 404 for it and the server does not
+            # exit on SIGTERM. Its VMs must still go with it.
+            proc.kill()
+            proc.wait(30)
+        left = runtime_entries() - before  # a killed server leaves dirs, never VMs
+        deadline = time.monotonic() + 30
+        while any(processes_mentioning(str(runtime_dir() / name)) for name in left):
+            assert time.monotonic() < deadline, f"the server's VMs outlived it: {left}"
+            time.sleep(0.5)
+        reap_orphans()  # what `smol-kernel ps` does with a dead owner's dirs
+        assert runtime_entries() - before == set()
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def drive_lab(page, url: str, token: str) -> str:
+    """Run a cell in a new smolvm notebook, then open the hardware-only kernel; returns the
+    text of the error dialog JupyterLab shows for it."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/lab?token={token}")
+    card = page.locator('.jp-LauncherCard[data-category="Notebook"][title="Python (smolvm)"]')
+    card.wait_for(timeout=60_000)
+    shot(page, "lab-launcher")
+    card.click()
+    # JupyterLab skips a cell run while the kernel is still starting (as for any kernel)
+    expect(page.locator(".jp-StatusBar-Widget", has_text="Python (smolvm) | Idle")).to_be_visible(
+        timeout=180_000
+    )
+    cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    cell.wait_for(timeout=60_000)
+    cell.click()
+    page.keyboard.type("import os; print('answer', 6 * 7, os.uname().release)")
+    page.keyboard.press("Shift+Enter")
+    output = page.locator(".jp-OutputArea-output", has_text="answer 42")
+    expect(output).to_be_visible(timeout=180_000)
+    assert os.uname().release not in output.inner_text(), "the cell ran on the host"
+    shot(page, "lab-cell-output")
+
+    page.keyboard.press("Escape")
+    page.locator(".lm-TabBar-addButton:not(.lm-mod-hidden)").first.click()  # "+": launcher
+    hw = page.locator(
+        '.jp-LauncherCard[data-category="Notebook"][title="Python (smolvm, hardware only)"]'
+    ).last
+    hw.wait_for(timeout=30_000)
+    hw.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_be_visible(timeout=60_000)
+    expect(dialog).to_contain_text("hardware", timeout=10_000)
+    text = dialog.inner_text()
+    shot(page, "lab-start-error")
+    return text
+
+
+def test_jupyterlab_runs_a_cell_in_a_smolvm_kernel_and_shows_start_errors(lab):
+    from playwright.sync_api import sync_playwright
+
+    url, token, _ = lab
+    before = runtime_entries()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        try:
+            text = drive_lab(page, url, token)
+        except Exception:
+            shot(page, "lab-failure")
+            raise
+        finally:
+            browser.close()
+    if select_backend("auto", "default", True).backend is None:
+        assert "require_hardware_isolation" in text or "hardware isolation" in text, text
+    # let the server finish with the failed start before the fixture stops it
+    deadline = time.monotonic() + 30
+    while len(requests.get(f"{url}/api/kernels", params={"token": token}).json()) != 1:
+        assert time.monotonic() < deadline, "the failed kernel is still listed"
+        time.sleep(0.5)
+    metrics = requests.get(f"{url}/metrics", params={"token": token}).text
+    assert re.search(r'smol_kernel_vm_starts_total\{kind="(pooled|cold)"\} 1\.0', metrics)
+    assert "smol_kernel_active_vms" in metrics
+    assert runtime_entries() - before, "the kernel (and pool) VMs are this server's"

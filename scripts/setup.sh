@@ -13,10 +13,19 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
 command -v passt >/dev/null || need+=(passt)  # network=True kernels
 command -v ip >/dev/null || need+=(iproute2)  # the network tests' namespace test host
+command -v chromium >/dev/null || need+=(chromium)  # the JupyterLab browser test (playwright)
+if ! command -v configurable-http-proxy >/dev/null && ! command -v npm >/dev/null; then
+    need+=(npm)  # JupyterHub's proxy comes from npm
+fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v configurable-http-proxy >/dev/null; then
+    echo "setup: installing configurable-http-proxy (npm) for the JupyterHub test"
+    $SUDO npm install -g --silent configurable-http-proxy >/dev/null
 fi
 
 echo "setup: installing smol-kernel (pip, editable, with test extras)"

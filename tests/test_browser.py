@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from smol_kernel.vm.process import reap_orphans
 from smol_kernel.vm.select import select_backend
 
 from .conftest import processes_mentioning, runtime_entries
+from .web_helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,12 +33,6 @@ pytestmark = [
         CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)"
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

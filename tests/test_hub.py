@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,11 @@ import uuid
 
 import pytest
 import requests
-import websocket
 
 from smol_kernel.paths import cache_dir
 
 from .conftest import runtime_entries
+from .web_helpers import free_port, ws_execute, ws_send_execute
 
 pytestmark = [
     pytest.mark.vm,
@@ -29,36 +28,6 @@ pytestmark = [
     ),
 ]
 TOKEN = uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def execute(ws_url: str, code: str, wait: bool = True) -> tuple[str, websocket.WebSocket]:
-    """Send one execute_request over a kernel's websocket; return its stdout."""
-    ws = websocket.create_connection(ws_url, header=[f"Authorization: token {TOKEN}"],
-                                     timeout=120)  # fmt: skip
-    msg_id = uuid.uuid4().hex
-    ws.send(json.dumps({
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
-                   "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": code, "silent": False, "store_history": True,
-                    "user_expressions": {}, "allow_stdin": False},
-    }))  # fmt: skip
-    out = ""
-    while wait:
-        msg = json.loads(ws.recv())
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            out += msg["content"]["text"]
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    return out, ws
 
 
 @pytest.fixture
@@ -152,9 +121,8 @@ def test_hub_user_gets_locked_down_sandboxed_kernels_with_quota_and_culling(hub)
 
     a = api.post(f"{user}/api/kernels", json={"name": "smolvm"}).json()["id"]
     ws_a = f"ws://127.0.0.1:{base.rsplit(':', 1)[1]}/user/alice/api/kernels/{a}/channels"
-    out, ws = execute(ws_a, "import os\nprint(os.environ.get('JUPYTERHUB_API_TOKEN'), "
-                      "os.environ.get('SMOL_TEST_HOST_SECRET'), os.uname().release)")  # fmt: skip
-    ws.close()
+    out = ws_execute(ws_a, TOKEN, "import os\nprint(os.environ.get('JUPYTERHUB_API_TOKEN'), "
+                     "os.environ.get('SMOL_TEST_HOST_SECRET'), os.uname().release)")  # fmt: skip
     token, secret, release = out.split()
     assert (token, secret) == ("None", "None") and release != os.uname().release
     ps = json.loads(subprocess.run([sys.executable, "-m", "smol_kernel.cli", "ps", "--json"],
@@ -166,7 +134,7 @@ def test_hub_user_gets_locked_down_sandboxed_kernels_with_quota_and_culling(hub)
     assert r.status_code == 403 and "max_vms" in r.json()["message"], r.text
 
     # a busy kernel is kept (cull_busy False), an idle one is culled with its VM
-    _, busy_ws = execute(ws_a, "import time\ntime.sleep(120)", wait=False)
+    busy_ws, _ = ws_send_execute(ws_a, TOKEN, "import time\ntime.sleep(120)")
     deadline = time.monotonic() + 90
     while {k["id"] for k in api.get(f"{user}/api/kernels").json()} != {a}:
         assert time.monotonic() < deadline, "the idle kernel was not culled"

@@ -17,6 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from .conftest import processes_mentioning, runtime_entries
 from .test_kernel import tiny_png
+from .web_helpers import free_port
 
 TOOLS = {"run_python", "run_shell", "interrupt", "restart", "read_file", "write_file",
          "list_files", "list_sessions", "close_session"}  # fmt: skip
@@ -93,12 +94,6 @@ async def test_stdio_tools_end_to_end():
         time.sleep(0.5)
     assert runtime_entries() == before
     assert processes_mentioning("smol_kernel.cli mcp") == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_http_transport_requires_the_bearer_token():

@@ -239,7 +239,8 @@ def test_sigkill_of_the_owner_leaves_no_pooled_vm(pool_spec, capsys):
 
 def test_the_server_extension_fills_the_pool_at_server_start(tmp_path, image):
     """``smol-kernel install`` enables the extension; the server's first kernel is warm."""
-    from .test_server import TOKEN, _api, _execute, _free_port
+    from .test_server import TOKEN, _api, _execute
+    from .web_helpers import free_port
 
     prefix = tmp_path / "prefix"
     assert cli_main(["install", "--prefix", str(prefix), "--name", "smolvm-ext",
@@ -249,7 +250,7 @@ def test_the_server_extension_fills_the_pool_at_server_start(tmp_path, image):
         "ServerApp": {"jpserver_extensions": {"smol_kernel": True}}}  # fmt: skip
     env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"),
                JUPYTER_CONFIG_PATH=str(prefix / "etc" / "jupyter"))  # fmt: skip
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(

@@ -5,29 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 
 import pytest
-import websocket
 
 from smol_kernel.cli import main as cli_main
 from smol_kernel.vm.process import list_vms
 
 from .conftest import processes_mentioning
+from .web_helpers import free_port, ws_execute
 
 pytestmark = pytest.mark.vm
 TOKEN = "smol-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -43,37 +35,14 @@ def _api(base: str, method: str, path: str, body: dict | None = None) -> dict:
 
 
 def _execute(ws_url: str, code: str, timeout: float = 60) -> str:
-    ws = websocket.create_connection(ws_url, timeout=timeout,
-                                     header=[f"Authorization: token {TOKEN}"])  # fmt: skip
-    try:
-        msg_id = uuid.uuid4().hex
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-        }))  # fmt: skip
-        out = ""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = json.loads(ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                out += msg["content"]["text"]
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                return out
-        raise TimeoutError(f"no idle status for {code!r}")
-    finally:
-        ws.close()
+    return ws_execute(ws_url, TOKEN, code, timeout)
 
 
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_server_session_executes_then_stopping_the_server_leaves_no_vm(
     smolvm_spec, jupyter_prefix, tmp_path, stop, capsys
 ):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(

@@ -58,6 +58,28 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .image.portable import export_image
+
+    digest = export_image(args.name, Path(args.file), compress=args.compress)
+    size = Path(args.file).stat().st_size
+    print(f"exported image {args.name!r} to {args.file} ({_fmt_size(size)})")
+    print(f"sha256 {digest}  (check it on import: --sha256 {digest})")
+    return 0
+
+
+def cmd_image_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .image.portable import import_image
+
+    image = import_image(Path(args.file), args.name, args.force, args.sha256)
+    print(f"imported image {image.name!r} ({image.kernel_release}) into {image.path}")
+    return 0
+
+
 def cmd_image_rm(args: argparse.Namespace) -> int:
     from .image.store import remove_image
 
@@ -529,6 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls = isub.add_parser("list", help="list built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
+    ex = isub.add_parser("export", help="write an image to one portable file")
+    ex.add_argument("name", metavar="NAME")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--compress", action="store_true", help="gzip it (smaller, slower)")
+    ex.set_defaults(func=cmd_image_export)
+    im = isub.add_parser("import", help="install an image from a file made by 'image export'")
+    im.add_argument("file", metavar="FILE")
+    im.add_argument("--name", help="install under this name (default: the image's own)")
+    im.add_argument("--force", action="store_true", help="replace an image of that name")
+    im.add_argument("--sha256", help="refuse the file unless it has this sha256 (from export)")
+    im.set_defaults(func=cmd_image_import)
     rm = isub.add_parser("rm", help="remove images")
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=cmd_image_rm)

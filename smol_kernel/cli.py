@@ -28,8 +28,10 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from .image.builder import ImageBuilder
     from .image.progress import StageProgress
 
-    builder = ImageBuilder(name=args.name, apt=args.apt, pip=args.pip, suite=args.suite)
-    stages = 6 + (1 if args.pip else 0)
+    name = args.name or args.preset or DEFAULT_IMAGE
+    builder = ImageBuilder(name=name, apt=args.apt, pip=args.pip, suite=args.suite,
+                           requirements=args.requirements, preset=args.preset)  # fmt: skip
+    stages = 6 + (1 if args.pip or args.requirements else 0)
     builder.progress = StageProgress(stages)
     image = builder.build(force=args.force)
     print(image.path)
@@ -542,7 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="build, list and remove guest images")
     isub = image.add_subparsers(dest="image_command", required=True)
     b = isub.add_parser("build", help="build (or update) a guest image")
-    b.add_argument("--name", default=DEFAULT_IMAGE, help="image name (default: %(default)s)")
+    b.add_argument("--name", help="image name (default: the preset's name, else 'default')")
+    b.add_argument("--preset", choices=["scipy"],
+                   help="scipy: numpy, pandas, matplotlib, scipy, ... from Debian")  # fmt: skip
+    b.add_argument("--requirements", "-r", metavar="FILE",
+                   help="pip requirements file installed into the image at build time")  # fmt: skip
     b.add_argument("--apt", nargs="+", default=[], metavar="PKG", help="extra Debian packages")
     b.add_argument("--pip", nargs="+", default=[], metavar="PKG", help="extra pip packages")
     b.add_argument("--suite", default="bookworm", help="Debian suite (default: %(default)s)")

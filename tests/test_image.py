@@ -69,6 +69,31 @@ def test_unknown_apt_package_surfaces_apts_message_and_leaks_nothing(tmp_path):
     assert list(root.iterdir()) == [], "a failed build must remove its work dir"
 
 
+def test_requirements_file_with_a_missing_package_surfaces_pips_message(tmp_path):
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# data tools\nno-such-package-smol-kernel-xyz==1.0\n")
+    root = tmp_path / "imgs"
+    b = ImageBuilder(name="t", requirements=reqs, images_root=root)
+    with pytest.raises(ImageBuildError, match="no-such-package-smol-kernel-xyz"):
+        b.build()
+    assert list(root.iterdir()) == [], "nothing half-built is left"
+    assert "no-such-package" in b.inputs()["requirements"], "the file's content is an input"
+
+
+def test_presets_and_requirements_are_inputs(tmp_path):
+    base = ImageBuilder().input_hash()
+    scipy = ImageBuilder(name="scipy", preset="scipy")
+    assert {"python3-numpy", "python3-pandas", "python3-matplotlib"} <= set(scipy.apt)
+    assert scipy.input_hash() != base
+    reqs = tmp_path / "r.txt"
+    reqs.write_text("rich\n")
+    assert ImageBuilder(requirements=reqs).input_hash() != base
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        ImageBuilder(preset="nope")
+    with pytest.raises(ValueError, match="cannot read the requirements file"):
+        ImageBuilder(requirements=tmp_path / "missing.txt")
+
+
 @contextlib.contextmanager
 def small_mount(path, options: str):
     if os.geteuid() != 0:

@@ -83,12 +83,21 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
     )
 
 
+# What a data notebook expects, from Debian (tested together, no compiler needed).
+PRESETS = {
+    "scipy": ("python3-numpy", "python3-pandas", "python3-matplotlib", "python3-scipy",
+              "python3-sympy", "python3-openpyxl"),
+}  # fmt: skip
+
+
 class ImageBuilder:
     """Builds one named guest image.
 
-    ``apt`` and ``pip`` are extra packages for the guest. pip packages are resolved on the
-    host (so the host's pip configuration applies) as wheels for the guest's Python and
-    copied into ``/usr/local/lib/python3.X/dist-packages``.
+    ``apt`` and ``pip`` are extra packages for the guest, ``requirements`` a pip
+    requirements file; ``preset`` adds a named set of Debian packages (``PRESETS``). pip
+    packages are resolved on the host (so the host's pip configuration applies; the network
+    is used at build time only) as wheels for the guest's Python and copied into
+    ``/usr/local/lib/python3.X/dist-packages``.
     """
 
     def __init__(
@@ -101,10 +110,22 @@ class ImageBuilder:
         images_root: Path | None = None,
         mmdebstrap: str = "mmdebstrap",
         progress: StageProgress | None = None,
+        requirements: Path | None = None,
+        preset: str | None = None,
     ) -> None:
         self.name = check_name(name)
-        self.apt = sorted(set(apt))
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        self.preset = preset
+        self.apt = sorted(set(apt) | set(PRESETS.get(preset or "", ())))
         self.pip = sorted(set(pip))
+        self.requirements = Path(requirements) if requirements else None
+        self._requirements_text = ""
+        if self.requirements is not None:
+            try:
+                self._requirements_text = self.requirements.read_text()
+            except OSError as e:
+                raise ValueError(f"cannot read the requirements file: {e}") from None
         if suite not in SUITE_PYTHON:
             raise ValueError(f"unsupported suite {suite!r}; choose from {sorted(SUITE_PYTHON)}")
         self.suite = suite
@@ -128,6 +149,7 @@ class ImageBuilder:
             "suite": self.suite,
             "apt": self.apt,
             "pip": self.pip,
+            "requirements": self._requirements_text,
             "kernel_package": self.kernel_package,
             "modules": list(GUEST_MODULES),
             "optional_modules": OPTIONAL_MODULES,
@@ -221,6 +243,13 @@ class ImageBuilder:
         out.mkdir()
         versions: dict[str, str] = {}
 
+        staging = None  # pip first: a requirement that cannot be met fails before downloads
+        if self.pip or self.requirements:
+            what = ", ".join(self.pip + ([f"-r {self.requirements}"] if self.requirements else []))
+            self._stage(f"pip packages for the guest ({what})")
+            staging = work / "pip"
+            self._pip_install(staging)
+
         self._stage("helper tools (vhost-device-vsock)")
         install_vhost_device_vsock(log=lambda _m: None)
 
@@ -236,12 +265,6 @@ class ImageBuilder:
         release = releases[-1].name
         versions["kernel_package"] = kernel_pkg
         versions["kernel_release"] = release
-
-        staging = None
-        if self.pip:
-            self._stage(f"pip packages for the guest ({', '.join(self.pip)})")
-            staging = work / "pip"
-            self._pip_install(staging)
 
         self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
         self._mmdebstrap(out / "root.ext4", work, staging)
@@ -320,7 +343,8 @@ class ImageBuilder:
         for plat in PIP_PLATFORMS:
             cmd += ["--platform", plat]
         try:
-            self._run([*cmd, *self.pip], "pip install (for the guest)")
+            reqs = ["-r", str(self.requirements)] if self.requirements else []
+            self._run([*cmd, *self.pip, *reqs], "pip install (for the guest)")
         except ImageBuildError as e:
             raise ImageBuildError(
                 f"{e}\n(guest pip packages must be available as wheels for CPython {pyver} "

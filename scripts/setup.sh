@@ -33,3 +33,5 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 
 echo "setup: building the default guest image (skipped when up to date)"
 smol-kernel image build
+echo "setup: building the scipy guest image (numpy, pandas, matplotlib, scipy; skipped when up to date)"
+smol-kernel image build --preset scipy

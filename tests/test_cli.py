@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from smol_kernel.cli import main
 
-from .conftest import processes_mentioning
+from .conftest import install_spec, processes_mentioning
 from .kernel_helpers import start_kernel, stop_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +75,25 @@ def test_run_executes_the_demo_notebook(smolvm_spec, capsys):
     assert "not visible in the VM" in out
     assert "[image/png:" in out
     assert "only in this VM" in out
+
+
+@pytest.mark.vm
+def test_run_executes_the_scipy_notebook_with_a_plot(jupyter_prefix, tmp_path, capsys):
+    from smol_kernel.image.store import GuestImage, ImageNotFound
+
+    try:
+        GuestImage.load("scipy")
+    except ImageNotFound:
+        pytest.skip("the scipy image is not built here: smol-kernel image build --preset scipy "
+                    "(scripts/setup.sh builds it)")  # fmt: skip
+    spec = install_spec(jupyter_prefix, "smolvm-scipy", "--image", "scipy")
+    out_nb = tmp_path / "scipy-out.ipynb"
+    assert main(["run", str(ROOT / "notebooks" / "scipy-demo.ipynb"), "--kernel", spec,
+                 "--output", str(out_nb)]) == 0  # fmt: skip
+    assert "trend: " in capsys.readouterr().out
+    nb = json.loads(out_nb.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    table = [o for o in outputs if o.get("output_type") == "execute_result"]
+    assert table and "visits" in "".join(table[0]["data"]["text/plain"])
+    (plot,) = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert base64.b64decode(plot["data"]["image/png"]).startswith(b"\x89PNG\r\n\x1a\n")

@@ -207,10 +207,12 @@ class QemuBackend(VmBackend):
                           + (",readonly=on" if share.read_only else ""),
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
             ]  # fmt: skip
-        # +arat: without "APIC timer always running" the guest keeps its 250 Hz tick even
-        # when idle (no broadcast timer on microvm), and each emulated tick costs host CPU.
+        # max: every feature TCG emulates. qemu64 advertised 3DNow!, so OpenBLAS picked
+        # kernels TCG cannot run (numpy.dot died of SIGILL in matplotlib). +arat: without
+        # "APIC timer always running" the guest keeps its 250 Hz tick even when idle (no
+        # broadcast timer on microvm), and each emulated tick costs host CPU.
         accel = ["-accel", "kvm", "-cpu", "host"] if isolation is Isolation.KVM else [
-            "-accel", f"tcg,tb-size={self.tb_size_mib}", "-cpu", "qemu64,+arat"]  # fmt: skip
+            "-accel", f"tcg,tb-size={self.tb_size_mib}", "-cpu", "max,+arat"]  # fmt: skip
         return [
             self.qemu,
             "-name", f"smol-{rt.id}",

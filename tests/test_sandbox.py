@@ -60,7 +60,7 @@ async def test_bad_settings_are_refused_before_any_vm():
 
 async def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing():
     before = runtime_entries()
-    with pytest.raises(SandboxError, match=r"did not start.*no-such-image"):
+    with pytest.raises(SandboxError, match=r"(?s)did not start.*no-such-image"):
         await AsyncSandbox.create(image="no-such-image", pool_size=0)
     assert runtime_entries() == before
 

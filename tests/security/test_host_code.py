@@ -312,6 +312,7 @@ async def test_a_kernel_with_a_refused_share_does_not_boot(jupyter_prefix, smolv
     (dst / "kernel.json").write_text(json.dumps(spec))
     before = runtime_entries()
     km = AsyncKernelManager(kernel_name="smolvm-badshare")
-    with pytest.raises(Exception, match="could run code on the host"):
+    with pytest.raises(Exception) as err:
         await km.start_kernel(cwd=str(tmp_path))
+    assert "could run code on the host" in " ".join(str(err.value).split())  # (wrapped)
     assert runtime_entries() == before, "no VM was started"

@@ -42,6 +42,7 @@ from .ioloop import on_io_loop
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel_vm, claim
 from .pool import warm_pool
 from .relay import VsockRelay
+from .start_errors import ReadableStartError
 from .vm.base import Vm, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
 from .vm.select import BACKENDS, Selection, select_backend
@@ -272,11 +273,10 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         try:
             return await on_io_loop(self._launch())
+        except ReadableStartError:
+            raise
         except KernelStartError as e:
-            if isinstance(e, quota.ReadableStartError):
-                raise
-            # jupyter_server shows an HTTPError's message; anything else is "Unhandled error"
-            raise quota.ReadableStartError(500, str(e)) from e
+            raise ReadableStartError(500, str(e)) from e
 
     def _reserve(self, plan: KernelPlan) -> None:
         """Count this kernel's VM against the quotas, closing pooled VMs if that makes

@@ -9,31 +9,9 @@ jupyter_server passes to JupyterLab's dialog as it is.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass, field
 
-from tornado.web import HTTPError
-
-from .kernel_vm import KernelStartError
-
-
-class ReadableStartError(HTTPError, KernelStartError):
-    """A kernel start failure jupyter_server reports with its message (not "Unhandled
-    error"), wrapped for JupyterLab's dialog; elsewhere it is a KernelStartError whose
-    ``str()`` is that message."""
-
-    def __init__(self, status_code: int, message: str):
-        # log_message is what JupyterLab's dialog shows, in a <pre>: wrap long lines. It
-        # is also %-formatted when tornado logs the error.
-        shown = "\n".join(
-            textwrap.fill(line, 88, break_long_words=False, break_on_hyphens=False)
-            for line in message.splitlines()
-        )
-        super().__init__(status_code, shown.replace("%", "%%"))
-        self.message = shown  # the sessions API passes str(error) on
-
-    def __str__(self) -> str:
-        return self.message
+from .start_errors import ReadableStartError
 
 
 class QuotaExceeded(ReadableStartError):

@@ -40,7 +40,7 @@ def hub(tmp_path, image):
                 *flags]) == 0  # fmt: skip
     conf = prefix / "etc" / "jupyter" / "jupyter_server_config.json"
     config = json.loads(conf.read_text())  # the lock-down, plus culling:
-    config["MappingKernelManager"] = {"cull_idle_timeout": 20, "cull_interval": 4,
+    config["MappingKernelManager"] = {"cull_idle_timeout": 10, "cull_interval": 2,
                                       "cull_busy": False, "cull_connected": True}  # fmt: skip
     conf.write_text(json.dumps(config))
     # alice's own kernelspec, which would run on the host: lock-down must hide it
@@ -129,12 +129,13 @@ def test_hub_user_gets_locked_down_sandboxed_kernels_with_quota_and_culling(hub)
                                    capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert [r["user"] for r in ps if r["kernel_id"] == a] == ["alice"]
 
+    # a busy kernel is kept (cull_busy False), an idle one is culled with its VM; a goes
+    # busy first, as b's start can take longer than the cull timeout
+    busy_ws, _ = ws_send_execute(ws_a, TOKEN, "import time\ntime.sleep(120)")
     b = api.post(f"{user}/api/kernels", json={"name": "smolvm"}).json()["id"]
     r = api.post(f"{user}/api/kernels", json={"name": "smolvm"})
     assert r.status_code == 403 and "max_vms" in r.json()["message"], r.text
 
-    # a busy kernel is kept (cull_busy False), an idle one is culled with its VM
-    busy_ws, _ = ws_send_execute(ws_a, TOKEN, "import time\ntime.sleep(120)")
     deadline = time.monotonic() + 90
     while {k["id"] for k in api.get(f"{user}/api/kernels").json()} != {a}:
         assert time.monotonic() < deadline, "the idle kernel was not culled"

@@ -242,7 +242,9 @@ async def test_two_clients_on_one_kernel(kernel):
         kc2.stop_channels()
 
 
-async def test_restart_gives_a_fresh_vm(backend_spec):
+async def test_restart_gives_a_fresh_vm(backend_spec, request):
+    if "pooled" in request.node.callspec.id:
+        pytest.skip("test_pool's restart test covers a restart of a pooled kernel, and more")
     km, kc = await start_kernel(backend_spec)
     try:
         old_vm = km.provisioner.vm

@@ -28,11 +28,13 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from .image.builder import ImageBuilder
     from .image.progress import StageProgress
 
+    if args.from_oci and not args.name:
+        raise ValueError("name the image built from a container image: --name NAME")
     name = args.name or args.preset or DEFAULT_IMAGE
     builder = ImageBuilder(name=name, apt=args.apt, pip=args.pip, suite=args.suite,
-                           requirements=args.requirements, preset=args.preset)  # fmt: skip
-    stages = 6 + (1 if args.pip or args.requirements else 0)
-    builder.progress = StageProgress(stages)
+                           requirements=args.requirements, preset=args.preset,
+                           from_oci=args.from_oci)  # fmt: skip
+    builder.progress = StageProgress(builder.stage_count())
     image = builder.build(force=args.force)
     print(image.path)
     return 0
@@ -53,6 +55,8 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         m = img.manifest
         size = sum(f["size"] for f in m.get("files", {}).values())
         extra = " ".join(m["inputs"].get("apt", []) + m["inputs"].get("pip", [])) or "-"
+        if "from_oci" in m["inputs"]:
+            extra = f"from {m['inputs']['from_oci']}" + (f" + {extra}" if extra != "-" else "")
         print(
             f"{img.name:<16} {m.get('created', '?'):<21} {img.kernel_release:<18} "
             f"{_fmt_size(size):>10}  {extra}"
@@ -552,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--apt", nargs="+", default=[], metavar="PKG", help="extra Debian packages")
     b.add_argument("--pip", nargs="+", default=[], metavar="PKG", help="extra pip packages")
     b.add_argument("--suite", default="bookworm", help="Debian suite (default: %(default)s)")
+    b.add_argument("--from-oci", metavar="PATH",
+                   help="root from a container image on disk: an OCI image layout (folder or "
+                   "tar) or a `docker save` tar; needs --name")  # fmt: skip
     b.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
     b.set_defaults(func=cmd_image_build)
     ls = isub.add_parser("list", help="list built images")

@@ -1,4 +1,5 @@
 """Build a guest image: Debian root (mmdebstrap) + kernel + tiny initramfs + our agent.
+With ``from_oci`` the root comes from a container image on disk instead (``oci.py``).
 
 The build happens in a temporary directory next to the destination and is renamed into
 place only when complete, so a failed or interrupted build never leaves a half image (and
@@ -27,6 +28,8 @@ from ..guest import agent as _agent_mod
 from ..trusted import find_program
 from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
+from .oci import OciError, open_image, unpack
+from .oci_root import GUEST_DIR, find_python, link_python, make_dirs, put_tree, tree_size
 from .progress import StageProgress
 from .store import DEFAULT_IMAGE, GuestImage, check_name
 from .tools import install_vhost_device_vsock
@@ -112,8 +115,20 @@ class ImageBuilder:
         progress: StageProgress | None = None,
         requirements: Path | None = None,
         preset: str | None = None,
+        from_oci: Path | None = None,
     ) -> None:
         self.name = check_name(name)
+        self.from_oci = Path(from_oci).absolute() if from_oci else None
+        self._oci_identity = ""
+        if self.from_oci is not None:
+            if apt or preset or suite != "bookworm":
+                raise ValueError(
+                    "--apt, --preset and --suite build a Debian root; with --from-oci the root "
+                    "is the container image's: install packages in the image, or add pip "
+                    "packages with --pip or --requirements"
+                )
+            with open_image(self.from_oci) as image:  # OciError: what is wrong with it
+                self._oci_identity = image.identity
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         self.preset = preset
@@ -144,10 +159,12 @@ class ImageBuilder:
     def inputs(self) -> dict:
         guest_files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in GUEST_FILES}
         guest_files["init.sh"] = hashlib.sha256(self._init_script()).hexdigest()
+        root = {"suite": self.suite, "apt": self.apt}
+        if self.from_oci is not None:
+            root = {"from_oci": str(self.from_oci), "oci_image": self._oci_identity}
         return {
             "builder_version": BUILDER_VERSION,
-            "suite": self.suite,
-            "apt": self.apt,
+            **root,
             "pip": self.pip,
             "requirements": self._requirements_text,
             "kernel_package": self.kernel_package,
@@ -214,8 +231,20 @@ class ImageBuilder:
             "SMOL_KERNEL_CACHE_DIR to a larger disk."
         )
 
+    def stage_count(self) -> int:
+        if self.from_oci is not None:
+            return 8  # layers, python, pip, tools, kernel, ext4, vmlinux, initramfs
+        return 6 + (1 if self.pip or self.requirements else 0)
+
     def _preflight(self) -> None:
-        if not find_program(self.mmdebstrap):
+        if self.from_oci is not None:
+            if os.geteuid() != 0:
+                raise ImageBuildError(
+                    "image build --from-oci must run as root: the image's files keep their "
+                    "owners (root, service users) only when root unpacks them. Run it with "
+                    "sudo, with SMOL_KERNEL_CACHE_DIR set to the cache your kernels use."
+                )
+        elif not find_program(self.mmdebstrap):
             raise HostToolError(
                 f"{self.mmdebstrap} is not installed; it builds the guest's Debian root. "
                 "Install it with: sudo apt-get install mmdebstrap"
@@ -244,7 +273,9 @@ class ImageBuilder:
         versions: dict[str, str] = {}
 
         staging = None  # pip first: a requirement that cannot be met fails before downloads
-        if self.pip or self.requirements:
+        if self.from_oci is not None:
+            tree = self._oci_tree(work, versions)
+        elif self.pip or self.requirements:
             what = ", ".join(self.pip + ([f"-r {self.requirements}"] if self.requirements else []))
             self._stage(f"pip packages for the guest ({what})")
             staging = work / "pip"
@@ -266,8 +297,13 @@ class ImageBuilder:
         versions["kernel_package"] = kernel_pkg
         versions["kernel_release"] = release
 
-        self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
-        self._mmdebstrap(out / "root.ext4", work, staging)
+        if self.from_oci is not None:
+            self._stage("read-only root image (ext4)")
+            self._make_ext4(tree, out / "root.ext4")
+            shutil.rmtree(tree)
+        else:
+            self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
+            self._mmdebstrap(out / "root.ext4", work, staging)
         vfile = work / "versions.txt"
         for line in vfile.read_text().splitlines() if vfile.exists() else []:
             pkg, _, ver = line.partition(" ")
@@ -333,8 +369,8 @@ class ImageBuilder:
             raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n{detail}")
         return proc
 
-    def _pip_install(self, staging: Path) -> None:
-        pyver = SUITE_PYTHON[self.suite]
+    def _pip_install(self, staging: Path, pyver: str = "", extra: tuple[str, ...] = ()) -> None:
+        pyver = pyver or SUITE_PYTHON[self.suite]
         cmd = [
             sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
             "--target", str(staging), "--only-binary=:all:", "--implementation", "cp",
@@ -344,7 +380,7 @@ class ImageBuilder:
             cmd += ["--platform", plat]
         try:
             reqs = ["-r", str(self.requirements)] if self.requirements else []
-            self._run([*cmd, *self.pip, *reqs], "pip install (for the guest)")
+            self._run([*cmd, *self.pip, *extra, *reqs], "pip install (for the guest)")
         except ImageBuildError as e:
             raise ImageBuildError(
                 f"{e}\n(guest pip packages must be available as wheels for CPython {pyver} "
@@ -395,3 +431,66 @@ class ImageBuilder:
         if mirror:
             cmd.append(str(mirror))
         self._run(cmd, "mmdebstrap (Debian root filesystem)")
+
+    # ---------------------------------------------------------------- from an OCI image
+    def _oci_tree(self, work: Path, versions: dict[str, str]) -> Path:
+        """Unpack the container image into ``work/tree`` and add the guest's pieces."""
+        tree = work / "tree"
+        tree.mkdir(mode=0o755)
+        with open_image(self.from_oci) as image:
+            if image.identity != self._oci_identity:
+                raise OciError(f"{self.from_oci} changed while the build started; run it again")
+            self._stage(f"container image layers ({len(image.layers)}, {image.kind})")
+            stats = unpack(image, tree)
+        versions["oci_image"] = image.identity
+        versions["oci_layers"] = str(stats.layers)
+        if stats.skipped:
+            versions["oci_skipped"] = ", ".join(f"{n} {k}" for k, n in stats.skipped.items())
+
+        self._stage("the image's python3 and ipykernel")
+        python = find_python(tree)
+        versions["python"] = f"{python.version} ({python.executable})"
+        extra = () if python.ipykernel else ("ipykernel",)
+        versions["ipykernel"] = "from the image" if python.ipykernel else "added with pip"
+        wanted = [*self.pip, *extra] + ([f"-r {self.requirements}"] if self.requirements else [])
+        self._stage(f"pip packages for the guest ({', '.join(wanted) or 'none'})")
+        same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == python.version
+        if self.pip or self.requirements or extra:
+            if python.musl:
+                raise OciError(
+                    "the image uses musl libc (Alpine), where pip's manylinux wheels do not run;"
+                    " install ipykernel and your packages in the image itself (e.g. apk add "
+                    "py3-ipykernel, or pip install in the image)"
+                )
+            staging = work / "pip"
+            self._pip_install(staging, python.version, extra)
+            if same_python:
+                self._compile(staging, python.site)
+            put_tree(tree, python.site, staging)
+            shutil.rmtree(staging)
+        guest = work / "guest"
+        guest.mkdir()
+        for f in GUEST_FILES:
+            shutil.copy2(f, guest / f.name)
+        if same_python:  # else the guest compiles them in memory at each start
+            self._compile(guest, "/" + GUEST_DIR)
+        make_dirs(tree, "root", "run/smol-kernel", "tmp", "proc", "sys", "dev")
+        put_tree(tree, GUEST_DIR, guest)
+        link_python(tree, python)
+        return tree
+
+    def _compile(self, folder: Path, guest_path: str) -> None:
+        import compileall
+
+        if not compileall.compile_dir(folder, quiet=2, ddir=guest_path, workers=0):
+            raise ImageBuildError(f"compiling the Python files for {guest_path} failed")
+
+    def _make_ext4(self, tree: Path, root_image: Path) -> None:
+        used, inodes = tree_size(tree)
+        size_mib = used * 5 // 4 // (1 << 20) + 96
+        mke2fs = find_program("mke2fs") or "mke2fs"
+        self._run(
+            [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "smolroot",
+             "-N", str(inodes * 5 // 4 + 1024), "-d", str(tree), str(root_image), f"{size_mib}M"],
+            "mke2fs (root image)",
+        )  # fmt: skip

@@ -1,0 +1,288 @@
+"""``smol-kernel image build --from-oci``: container images on disk (OCI layouts and
+``docker save`` archives), their whiteouts, what a hostile image cannot do to the host, and
+a built image that boots.
+
+The archives are made here with tarfile from spelled-out layers; the bootable one's base
+layer is the default guest image's own root (dumped with debugfs), less our agent, so the
+build has to add it back."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from smol_kernel.image.oci import OciError, open_image, unpack
+from smol_kernel.image.store import GuestImage
+
+from .conftest import install_spec
+from .kernel_helpers import run_cell, start_kernel, stop_kernel
+
+# ------------------------------------------------------------------ making archives
+
+
+def layer(entries: list[tuple], compress: bool = False) -> bytes:
+    """A layer tar from (kind, name, arg) entries: file (arg: bytes), dir, symlink and
+    hardlink (arg: target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for kind, name, *arg in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_700_000_000
+            if kind == "file":
+                ti.size, ti.mode = len(arg[0]), 0o644
+                tf.addfile(ti, io.BytesIO(arg[0]))
+                continue
+            ti.type, ti.mode = {
+                "dir": (tarfile.DIRTYPE, 0o755),
+                "symlink": (tarfile.SYMTYPE, 0o777),
+                "hardlink": (tarfile.LNKTYPE, 0o644),
+            }[kind]
+            if arg:
+                ti.linkname = arg[0]
+            tf.addfile(ti)
+    data = buf.getvalue()
+    return gzip.compress(data, 1) if compress else data
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def config_for(layers: list[bytes], arch: str = "amd64") -> bytes:
+    diff_ids = [sha(gzip.decompress(b) if b[:2] == b"\x1f\x8b" else b) for b in layers]
+    return json.dumps({"os": "linux", "architecture": arch, "config": {},
+                       "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()  # fmt: skip
+
+
+def oci_layout(root: Path, layers: list[bytes], arch: str = "amd64") -> Path:
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> dict:
+        (blobs / sha(data)[7:]).write_bytes(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    config = blob(config_for(layers, arch))
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar"
+                    + ("+gzip" if b[:2] == b"\x1f\x8b" else ""), **blob(b)} for b in layers],
+    }).encode()  # fmt: skip
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(manifest),
+            "platform": {"os": "linux", "architecture": arch}}  # fmt: skip
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return root
+
+
+def docker_save(path: Path, layers: list[bytes]) -> Path:
+    with tarfile.open(path, "w") as tf:
+
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+        names = []
+        for i, data in enumerate(layers):
+            names.append(f"layer{i}/layer.tar")
+            add(names[-1], data)
+        config = config_for(layers)
+        add("config.json", config)
+        add("manifest.json", json.dumps([{"Config": "config.json", "RepoTags": ["t:1"],
+                                          "Layers": names}]).encode())  # fmt: skip
+    return path
+
+
+def unpacked(source: Path, dest: Path) -> Path:
+    dest.mkdir()
+    with open_image(source) as image:
+        unpack(image, dest)
+    return dest
+
+
+# ------------------------------------------------------------------ layers and whiteouts
+LOWER = [
+    ("dir", "srv"), ("file", "srv/doomed.txt", b"bye"), ("file", "srv/kept.txt", b"stays"),
+    ("dir", "etc/opaque"), ("file", "etc/opaque/old.txt", b"old"),
+    ("dir", "etc/opaque/sub"), ("file", "etc/opaque/sub/old2.txt", b"old"),
+    ("dir", "var/gone"), ("file", "var/gone/a", b"a"),
+    ("file", "usr/bin/tool", b"v1"), ("hardlink", "usr/bin/tool-alias", "usr/bin/tool"),
+]  # fmt: skip
+UPPER = [
+    ("file", "srv/.wh.doomed.txt", b""),
+    ("file", "etc/opaque/new.txt", b"new"),  # before the marker: still kept
+    ("file", "etc/opaque/.wh..wh..opq", b""),
+    ("dir", "etc/opaque/sub"),
+    ("file", "var/.wh.gone", b""),
+    ("file", "usr/bin/tool", b"v2"),
+]  # fmt: skip
+
+
+def check_whiteouts(root: Path) -> None:
+    assert not (root / "srv/doomed.txt").exists() and (root / "srv/kept.txt").read_text() == "stays"
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "etc/opaque").rglob("*")) == [
+        "etc/opaque/new.txt", "etc/opaque/sub"]  # fmt: skip
+    assert not (root / "var/gone").exists() and (root / "var").is_dir()
+    assert (root / "usr/bin/tool").read_text() == "v2"
+    assert (root / "usr/bin/tool-alias").read_text() == "v1"  # the lower file, linked
+    assert not any(".wh." in p.name for p in root.rglob("*"))
+
+
+def test_oci_layout_layers_apply_in_order_with_whiteouts(tmp_path):
+    src = oci_layout(tmp_path / "img", [layer(LOWER), layer(UPPER, compress=True)])
+    check_whiteouts(unpacked(src, tmp_path / "root"))
+
+
+def test_docker_save_archive_and_a_tarred_layout_unpack_the_same(tmp_path):
+    layers = [layer(LOWER), layer(UPPER)]
+    check_whiteouts(unpacked(docker_save(tmp_path / "saved.tar", layers), tmp_path / "r1"))
+    oci_layout(tmp_path / "img", layers)
+    with tarfile.open(tmp_path / "layout.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "img", arcname=".")
+    check_whiteouts(unpacked(tmp_path / "layout.tar.gz", tmp_path / "r2"))
+
+
+def test_a_hostile_image_cannot_touch_host_files(tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "canary").write_text("host data")
+    hostile = [
+        ("symlink", "abs", str(host)), ("symlink", "rel", "../../../../../../" + str(host)),
+        ("symlink", "etc", str(host)),
+    ]  # fmt: skip
+    through = [
+        ("file", "abs/pwned", b"x"), ("file", "rel/pwned2", b"x"), ("file", "../../escaped", b"x"),
+        ("file", "abs/.wh.canary", b""), ("file", "etc/.wh..wh..opq", b""),
+        ("symlink", "abs/canary", "/elsewhere"),
+    ]  # fmt: skip
+    root = unpacked(oci_layout(tmp_path / "img", [layer(hostile), layer(through)]),
+                    tmp_path / "root")  # fmt: skip
+    assert sorted(p.name for p in host.iterdir()) == ["canary"]
+    assert (host / "canary").read_text() == "host data" and not (host / "canary").is_symlink()
+    assert not (tmp_path / "escaped").exists() and (root / "escaped").read_text() == "x"
+    inside = root / str(host).lstrip("/")  # where the links lead when root is "/"
+    assert (inside / "pwned").exists() and (inside / "pwned2").exists()
+    assert os.readlink(inside / "canary") == "/elsewhere"
+
+    # a hard link to a host file is a link to that path inside the image: missing there
+    linker = layer([("hardlink", "stolen", str(host / "canary"))])
+    with pytest.raises(OciError, match=r"hard link to .*not in the image"):
+        unpacked(oci_layout(tmp_path / "img2", [linker]), tmp_path / "root2")
+    assert os.stat(host / "canary").st_nlink == 1
+
+
+def test_damaged_or_unusable_archives_are_refused_with_the_reason(tmp_path):
+    layers = [layer(LOWER, compress=True)]
+    good = oci_layout(tmp_path / "good", layers)
+    [blob] = [b for b in (good / "blobs/sha256").iterdir() if b.read_bytes() == layers[0]]
+    bad = shutil.copytree(good, tmp_path / "bad")
+    data = bytearray(blob.read_bytes())
+    data[-12] ^= 0xFF  # inside the gzip trailer's reach: a different layer
+    (bad / "blobs/sha256" / blob.name).write_bytes(bytes(data))
+    with pytest.raises(OciError, match="is corrupt: its sha256 is"):
+        unpacked(bad, tmp_path / "r1")
+
+    cases = {
+        tmp_path / "nothing": "not an OCI image layout .* `docker save`",
+        tmp_path / "missing": "does not exist",
+        oci_layout(tmp_path / "arm", layers, arch="arm64"): "linux/arm64",
+    }
+    (tmp_path / "nothing").mkdir()
+    (blobless := shutil.copytree(good, tmp_path / "blobless")).joinpath(
+        "blobs/sha256", blob.name
+    ).unlink()
+    cases[blobless] = "incomplete"
+    (tmp_path / "zstd").mkdir()
+    cases[oci_layout(tmp_path / "zstd/img", [b"\x28\xb5\x2f\xfd" + b"\0" * 64])] = "zstd"
+    for path, message in cases.items():
+        with pytest.raises(OciError, match=message):
+            unpacked(path, tmp_path / f"out-{path.name}")
+
+
+# ------------------------------------------------------------------ building and booting
+def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"SMOL_KERNEL_CACHE_DIR": str(cache)} if cache else {})}
+    return subprocess.run([sys.executable, "-m", "smol_kernel.cli", "image", *args],
+                          capture_output=True, text=True, env=env, timeout=580)  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="image build --from-oci unpacks as root")
+def test_an_image_without_python3_is_refused_and_leaves_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    src = oci_layout(tmp_path / "img", [layer([("file", "bin/sh", b"#!")])])
+    r = cli("build", "--from-oci", str(src), "--name", "nopy", cache=cache)
+    assert r.returncode == 2, r.stderr
+    assert "no python3" in r.stderr and "python:3.12-slim" in r.stderr, r.stderr
+    assert list((cache / "images").iterdir()) == []  # no image, no half-built folder
+
+    r = cli("build", "--from-oci", str(src), cache=cache)
+    assert r.returncode == 2 and "--name NAME" in r.stderr, r.stderr
+    r = cli("build", "--from-oci", str(src), "--name", "x", "--preset", "scipy", cache=cache)
+    assert r.returncode == 2 and "container image" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def base_layer(image, tmp_path_factory) -> bytes:
+    """The default image's root as a layer tar, without our agent (the build adds it)."""
+    root = tmp_path_factory.mktemp("base") / "root"
+    root.mkdir()
+    debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
+    subprocess.run([debugfs, "-R", f"rdump / {root}", str(image.path / "root.ext4")],
+                   check=True, capture_output=True)  # fmt: skip
+    shutil.rmtree(root / "opt" / "smol-kernel")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(root, arcname=".")
+    shutil.rmtree(root)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="image build --from-oci unpacks as root")
+async def test_oci_image_builds_boots_and_shows_its_layers(base_layer, tmp_path, jupyter_prefix):
+    """Layer 2 deletes a file of the base and Debian's ipykernel (so the build adds one
+    with pip, for the image's Python 3.11), and adds a file; the guest sees just that."""
+    upper = layer([
+        ("file", "etc/.wh.debian_version", b""),
+        ("file", "usr/lib/python3/dist-packages/.wh.ipykernel", b""),
+        ("file", "srv/from-layer-2.txt", b"layer two"),
+    ], compress=True)  # fmt: skip
+    src = docker_save(tmp_path / "saved.tar", [base_layer, upper])
+    r = cli("build", "--from-oci", str(src), "--name", "oci-test", "--force")
+    assert r.returncode == 0, r.stderr[-3000:]
+    image = GuestImage.load("oci-test")
+    try:
+        versions = image.manifest["versions"]
+        assert versions["ipykernel"] == "added with pip" and versions["python"].startswith("3.11")
+        r = cli("build", "--from-oci", str(src), "--name", "oci-test")
+        assert r.returncode == 0 and "up to date" in r.stdout + r.stderr, r.stderr
+
+        spec = install_spec(jupyter_prefix, "smolvm-oci", "--image", "oci-test",
+                            "--memory-mib", "768", "--pool-size", "0")  # fmt: skip
+        km, kc = await start_kernel(spec)
+        try:
+            code = (
+                "import os, ipykernel\n"
+                "print(os.path.exists('/etc/debian_version'), open('/srv/from-layer-2.txt').read(),"
+                " ipykernel.__file__.startswith('/usr/local/lib/python3.11/dist-packages/'),"
+                " os.path.exists('/etc/passwd'), 'agent.py' in os.listdir('/opt/smol-kernel'))"
+            )
+            r = await run_cell(kc, code)
+            assert r.stdout.split() == ["False", "layer", "two", "True", "True", "True"], (
+                r.stdout + r.stderr
+            )
+        finally:
+            await stop_kernel(km, kc)
+    finally:
+        shutil.rmtree(image.path)

@@ -14,6 +14,7 @@ command -v mke2fs >/dev/null || need+=(e2fsprogs)
 command -v passt >/dev/null || need+=(passt)  # network=True kernels
 command -v ip >/dev/null || need+=(iproute2)  # the network tests' namespace test host
 command -v chromium >/dev/null || need+=(chromium)  # the JupyterLab browser test (playwright)
+command -v skopeo >/dev/null || need+=(skopeo)  # OCI layouts as a real tool writes them (tests)
 if ! command -v configurable-http-proxy >/dev/null && ! command -v npm >/dev/null; then
     need+=(npm)  # JupyterHub's proxy comes from npm
 fi

@@ -154,6 +154,28 @@ def test_docker_save_archive_and_a_tarred_layout_unpack_the_same(tmp_path):
     check_whiteouts(unpacked(tmp_path / "layout.tar.gz", tmp_path / "r2"))
 
 
+@pytest.mark.skipif(
+    not shutil.which("skopeo"), reason="skopeo is not installed (setup installs it)"
+)
+def test_layouts_written_by_skopeo_unpack_the_same(tmp_path):
+    """skopeo converts a docker save archive into an OCI layout folder (gzip layers) and
+    an OCI archive, as it would an image from a registry; two tags of one image are one."""
+    saved = docker_save(tmp_path / "saved.tar", [layer(LOWER), layer(UPPER)])
+    for dest in ("oci:{}/gz:latest", "oci-archive:{}/layout.tar", "oci:{}/gz:again"):
+        flags = ["--dest-compress"] if dest.startswith("oci:") else []
+        subprocess.run(["skopeo", "copy", "-q", *flags, f"docker-archive:{saved}",
+                        dest.format(tmp_path)], check=True, capture_output=True)  # fmt: skip
+    check_whiteouts(unpacked(tmp_path / "gz", tmp_path / "r1"))
+    check_whiteouts(unpacked(tmp_path / "layout.tar", tmp_path / "r2"))
+    index = json.loads((tmp_path / "gz/index.json").read_text())
+    assert len(index["manifests"]) == 2  # latest and again
+    manifest = json.loads(
+        (tmp_path / "gz/blobs" / index["manifests"][0]["digest"].replace(":", "/")).read_text()
+    )
+    layer_types = [d["mediaType"] for d in manifest["layers"]]
+    assert layer_types and all(t.endswith("tar+gzip") for t in layer_types), layer_types
+
+
 def test_a_hostile_image_cannot_touch_host_files(tmp_path):
     host = tmp_path / "host"
     host.mkdir()

@@ -42,6 +42,7 @@ INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
+REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON = 16 << 20  # a manifest, index or config larger than this is not one
 MAX_SYMLINK_HOPS = 40
 
@@ -202,7 +203,11 @@ def _open_oci(path: Path, blobs: _Blobs, platform: str) -> OciImage:
             if media in INDEX_TYPES:
                 sub, _ = blobs.read_json(_blob_path(desc["digest"]), desc["digest"])
                 walk(sub, depth + 1)
-            elif media in MANIFEST_TYPES and where != "unknown/unknown":  # not attestations
+            elif (
+                media in MANIFEST_TYPES
+                and where != "unknown/unknown"  # attestations
+                and all(c[0].get("digest") != desc.get("digest") for c in candidates)  # retags
+            ):
                 candidates.append((desc, where))
 
     walk(index, 0)
@@ -210,7 +215,13 @@ def _open_oci(path: Path, blobs: _Blobs, platform: str) -> OciImage:
     if len(matching) > 1:
         matching = [c for c in matching if c[1] == platform] or matching
     if len(matching) != 1:
-        found = sorted({c[1] or "unnamed" for c in candidates}) or ["none"]
+        found = sorted(
+            {
+                " ".join(x for x in (c[1], (c[0].get("annotations") or {}).get(REF_NAME)) if x)
+                or "unnamed"
+                for c in candidates
+            }
+        ) or ["none"]
         raise OciError(
             f"{path} holds {len(candidates)} images ({', '.join(found)}); expected one for "
             f"{platform}. Save just the one you want."

@@ -15,6 +15,7 @@ command -v passt >/dev/null || need+=(passt)  # network=True kernels
 command -v ip >/dev/null || need+=(iproute2)  # the network tests' namespace test host
 command -v chromium >/dev/null || need+=(chromium)  # the JupyterLab browser test (playwright)
 command -v skopeo >/dev/null || need+=(skopeo)  # OCI layouts as a real tool writes them (tests)
+command -v fakeroot >/dev/null || need+=(fakeroot)  # image build --from-oci without root
 if ! command -v configurable-http-proxy >/dev/null && ! command -v npm >/dev/null; then
     need+=(npm)  # JupyterHub's proxy comes from npm
 fi

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from smol_kernel.image.oci import OciError, open_image, unpack
-from smol_kernel.image.store import GuestImage
 
 from .conftest import install_spec
 from .kernel_helpers import run_cell, start_kernel, stop_kernel
@@ -31,8 +31,8 @@ from .kernel_helpers import run_cell, start_kernel, stop_kernel
 
 
 def layer(entries: list[tuple], compress: bool = False) -> bytes:
-    """A layer tar from (kind, name, arg) entries: file (arg: bytes), dir, symlink and
-    hardlink (arg: target)."""
+    """A layer tar from (kind, name, arg) entries: file (arg: bytes, then optionally
+    owner uid and mode), dir, symlink and hardlink (arg: target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for kind, name, *arg in entries:
@@ -40,6 +40,9 @@ def layer(entries: list[tuple], compress: bool = False) -> bytes:
             ti.mtime = 1_700_000_000
             if kind == "file":
                 ti.size, ti.mode = len(arg[0]), 0o644
+                if len(arg) > 1:
+                    ti.uid = ti.gid = arg[1]
+                    ti.mode = arg[2]
                 tf.addfile(ti, io.BytesIO(arg[0]))
                 continue
             ti.type, ti.mode = {
@@ -119,6 +122,7 @@ LOWER = [
     ("dir", "etc/opaque/sub"), ("file", "etc/opaque/sub/old2.txt", b"old"),
     ("dir", "var/gone"), ("file", "var/gone/a", b"a"),
     ("file", "usr/bin/tool", b"v1"), ("hardlink", "usr/bin/tool-alias", "usr/bin/tool"),
+    ("file", "srv/owned.txt", b"mine", 1234, 0o4750),
 ]  # fmt: skip
 UPPER = [
     ("file", "srv/.wh.doomed.txt", b""),
@@ -138,6 +142,9 @@ def check_whiteouts(root: Path) -> None:
     assert (root / "usr/bin/tool").read_text() == "v2"
     assert (root / "usr/bin/tool-alias").read_text() == "v1"  # the lower file, linked
     assert not any(".wh." in p.name for p in root.rglob("*"))
+    st = (root / "srv/owned.txt").stat()
+    assert st.st_mode & 0o7777 == 0o4750  # owners too, when root unpacks:
+    assert os.geteuid() != 0 or (st.st_uid, st.st_gid) == (1234, 1234)
 
 
 def test_oci_layout_layers_apply_in_order_with_whiteouts(tmp_path):
@@ -271,22 +278,43 @@ def base_layer(image, tmp_path_factory) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="image build --from-oci unpacks as root")
-async def test_oci_image_builds_boots_and_shows_its_layers(base_layer, tmp_path, jupyter_prefix):
+def ext4_stat(root_ext4: Path, path: str) -> tuple[int, int, str]:
+    """(uid, gid, mode) of ``path`` in an ext4 image, as debugfs reads it."""
+    debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
+    out = subprocess.run([debugfs, "-R", f"stat {path}", str(root_ext4)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    fields = dict(re.findall(r"(User|Group|Mode):\s+(\S+)", out))
+    return int(fields["User"]), int(fields["Group"]), fields["Mode"]
+
+
+@pytest.mark.skipif(not shutil.which("fakeroot"), reason="fakeroot is not installed")
+async def test_oci_image_builds_with_fakeroot_boots_and_shows_its_layers(
+    base_layer, tmp_path, jupyter_prefix
+):
     """Layer 2 deletes a file of the base and Debian's ipykernel (so the build adds one
-    with pip, for the image's Python 3.11), and adds a file; the guest sees just that."""
+    with pip, for the image's Python 3.11), adds files with owners and a setuid bit. Built
+    as a user without root would (fakeroot; forced, as the suite runs as root): the owners
+    are in the ext4 though the unpacked files never had them. The guest sees the layers."""
+    from smol_kernel.image.builder import ImageBuilder
+
     upper = layer([
         ("file", "etc/.wh.debian_version", b""),
         ("file", "usr/lib/python3/dist-packages/.wh.ipykernel", b""),
         ("file", "srv/from-layer-2.txt", b"layer two"),
+        ("file", "srv/app/data.txt", b"x", 1234, 0o640),
+        ("file", "usr/bin/su-like", b"x", 0, 0o4755),
     ], compress=True)  # fmt: skip
     src = docker_save(tmp_path / "saved.tar", [base_layer, upper])
-    r = cli("build", "--from-oci", str(src), "--name", "oci-test", "--force")
-    assert r.returncode == 0, r.stderr[-3000:]
-    image = GuestImage.load("oci-test")
+    image = ImageBuilder("oci-test", from_oci=src, fakeroot=True).build(force=True)
     try:
         versions = image.manifest["versions"]
-        assert versions["ipykernel"] == "added with pip" and versions["python"].startswith("3.11")
+        assert versions["owners"] == "fakeroot" and versions["python"].startswith("3.11")
+        assert versions["ipykernel"] == "added with pip"
+        root = image.path / "root.ext4"
+        assert ext4_stat(root, "/srv/app/data.txt") == (1234, 1234, "0640")
+        assert ext4_stat(root, "/usr/bin/su-like") == (0, 0, "04755")
+        assert ext4_stat(root, "/opt/smol-kernel/agent.py")[:2] == (0, 0)
+        assert not list(image.path.parent.glob(".build-oci-test-*"))
         r = cli("build", "--from-oci", str(src), "--name", "oci-test")
         assert r.returncode == 0 and "up to date" in r.stdout + r.stderr, r.stderr
 
@@ -298,10 +326,11 @@ async def test_oci_image_builds_boots_and_shows_its_layers(base_layer, tmp_path,
                 "import os, ipykernel\n"
                 "print(os.path.exists('/etc/debian_version'), open('/srv/from-layer-2.txt').read(),"
                 " ipykernel.__file__.startswith('/usr/local/lib/python3.11/dist-packages/'),"
-                " os.path.exists('/etc/passwd'), 'agent.py' in os.listdir('/opt/smol-kernel'))"
+                " os.stat('/srv/app/data.txt').st_uid,"
+                " 'agent.py' in os.listdir('/opt/smol-kernel'))"
             )
             r = await run_cell(kc, code)
-            assert r.stdout.split() == ["False", "layer", "two", "True", "True", "True"], (
+            assert r.stdout.split() == ["False", "layer", "two", "True", "1234", "True"], (
                 r.stdout + r.stderr
             )
         finally:

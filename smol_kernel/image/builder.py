@@ -9,6 +9,7 @@ never leaks its temp dir). An image is rebuilt only when its inputs change.
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -25,11 +26,12 @@ from pathlib import Path
 
 from .. import __version__, paths
 from ..guest import agent as _agent_mod
-from ..trusted import find_program
+from ..trusted import find_program, helper_env, python_argv
+from . import oci_steps
 from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
-from .oci import OciError, open_image, unpack
-from .oci_root import GUEST_DIR, find_python, link_python, make_dirs, put_tree, tree_size
+from .oci import OciError, open_image
+from .oci_root import GUEST_DIR, GuestPython
 from .progress import StageProgress
 from .store import DEFAULT_IMAGE, GuestImage, check_name
 from .tools import install_vhost_device_vsock
@@ -101,6 +103,11 @@ class ImageBuilder:
     packages are resolved on the host (so the host's pip configuration applies; the network
     is used at build time only) as wheels for the guest's Python and copied into
     ``/usr/local/lib/python3.X/dist-packages``.
+
+    ``from_oci``: the root is that container image's (``oci.py``), with our agent added and
+    ipykernel too if it has none; ``apt``, ``preset`` and ``suite`` do not apply. Its files
+    get their owners really when ``fakeroot`` is false (needs root), else in fakeroot's
+    records, which mke2fs reads (default: fakeroot unless running as root).
     """
 
     def __init__(
@@ -116,9 +123,12 @@ class ImageBuilder:
         requirements: Path | None = None,
         preset: str | None = None,
         from_oci: Path | None = None,
+        fakeroot: bool | None = None,
     ) -> None:
         self.name = check_name(name)
         self.from_oci = Path(from_oci).absolute() if from_oci else None
+        # how --from-oci gives files their owners: really (root), or in fakeroot's records
+        self.fakeroot = os.geteuid() != 0 if fakeroot is None else fakeroot
         self._oci_identity = ""
         if self.from_oci is not None:
             if apt or preset or suite != "bookworm":
@@ -233,16 +243,15 @@ class ImageBuilder:
 
     def stage_count(self) -> int:
         if self.from_oci is not None:
-            return 8  # layers, python, pip, tools, kernel, ext4, vmlinux, initramfs
+            return 7  # layers, pip, ext4, tools, kernel, vmlinux, initramfs
         return 6 + (1 if self.pip or self.requirements else 0)
 
     def _preflight(self) -> None:
         if self.from_oci is not None:
-            if os.geteuid() != 0:
-                raise ImageBuildError(
-                    "image build --from-oci must run as root: the image's files keep their "
-                    "owners (root, service users) only when root unpacks them. Run it with "
-                    "sudo, with SMOL_KERNEL_CACHE_DIR set to the cache your kernels use."
+            if self.fakeroot and not find_program("fakeroot"):
+                raise HostToolError(
+                    "image build --from-oci needs root or fakeroot (the image's files keep "
+                    "their owners in the guest). Install it with: sudo apt-get install fakeroot"
                 )
         elif not find_program(self.mmdebstrap):
             raise HostToolError(
@@ -274,7 +283,7 @@ class ImageBuilder:
 
         staging = None  # pip first: a requirement that cannot be met fails before downloads
         if self.from_oci is not None:
-            tree = self._oci_tree(work, versions)
+            self._oci_root(work, out / "root.ext4", versions)
         elif self.pip or self.requirements:
             what = ", ".join(self.pip + ([f"-r {self.requirements}"] if self.requirements else []))
             self._stage(f"pip packages for the guest ({what})")
@@ -297,11 +306,7 @@ class ImageBuilder:
         versions["kernel_package"] = kernel_pkg
         versions["kernel_release"] = release
 
-        if self.from_oci is not None:
-            self._stage("read-only root image (ext4)")
-            self._make_ext4(tree, out / "root.ext4")
-            shutil.rmtree(tree)
-        else:
+        if self.from_oci is None:
             self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
             self._mmdebstrap(out / "root.ext4", work, staging)
         vfile = work / "versions.txt"
@@ -433,64 +438,72 @@ class ImageBuilder:
         self._run(cmd, "mmdebstrap (Debian root filesystem)")
 
     # ---------------------------------------------------------------- from an OCI image
-    def _oci_tree(self, work: Path, versions: dict[str, str]) -> Path:
-        """Unpack the container image into ``work/tree`` and add the guest's pieces."""
-        tree = work / "tree"
-        tree.mkdir(mode=0o755)
-        with open_image(self.from_oci) as image:
-            if image.identity != self._oci_identity:
-                raise OciError(f"{self.from_oci} changed while the build started; run it again")
-            self._stage(f"container image layers ({len(image.layers)}, {image.kind})")
-            stats = unpack(image, tree)
-        versions["oci_image"] = image.identity
-        versions["oci_layers"] = str(stats.layers)
-        if stats.skipped:
-            versions["oci_skipped"] = ", ".join(f"{n} {k}" for k, n in stats.skipped.items())
-
-        self._stage("the image's python3 and ipykernel")
-        python = find_python(tree)
+    def _oci_root(self, work: Path, root_image: Path, versions: dict[str, str]) -> None:
+        """The container image's root, with our pieces, as the ext4 ``root_image``."""
+        self._stage("container image layers, and its python3")
+        info = self._oci_step(work, "unpack", str(self.from_oci), self._oci_identity,
+                              str(work / "tree"))  # fmt: skip
+        python = GuestPython(**info["python"])
+        versions["oci_image"] = f"{self._oci_identity} ({info['kind']}, {info['layers']} layers)"
+        if info["skipped"]:
+            versions["oci_skipped"] = ", ".join(f"{n} {k}" for k, n in info["skipped"].items())
         versions["python"] = f"{python.version} ({python.executable})"
-        extra = () if python.ipykernel else ("ipykernel",)
         versions["ipykernel"] = "from the image" if python.ipykernel else "added with pip"
+        versions["owners"] = "fakeroot" if self.fakeroot else "root"
+
+        extra = () if python.ipykernel else ("ipykernel",)
         wanted = [*self.pip, *extra] + ([f"-r {self.requirements}"] if self.requirements else [])
         self._stage(f"pip packages for the guest ({', '.join(wanted) or 'none'})")
         same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == python.version
-        if self.pip or self.requirements or extra:
+        staging = ""
+        if wanted:
             if python.musl:
                 raise OciError(
                     "the image uses musl libc (Alpine), where pip's manylinux wheels do not run;"
                     " install ipykernel and your packages in the image itself (e.g. apk add "
                     "py3-ipykernel, or pip install in the image)"
                 )
-            staging = work / "pip"
-            self._pip_install(staging, python.version, extra)
+            self._pip_install(work / "pip", python.version, extra)
             if same_python:
-                self._compile(staging, python.site)
-            put_tree(tree, python.site, staging)
-            shutil.rmtree(staging)
+                self._compile(work / "pip", python.site)
+            staging = str(work / "pip")
         guest = work / "guest"
         guest.mkdir()
         for f in GUEST_FILES:
             shutil.copy2(f, guest / f.name)
         if same_python:  # else the guest compiles them in memory at each start
             self._compile(guest, "/" + GUEST_DIR)
-        make_dirs(tree, "root", "run/smol-kernel", "tmp", "proc", "sys", "dev")
-        put_tree(tree, GUEST_DIR, guest)
-        link_python(tree, python)
-        return tree
+
+        self._stage("read-only root image (ext4)")
+        python_json = json.dumps(dataclasses.asdict(python))
+        self._oci_step(work, "finish", str(work / "tree"), python_json, staging, str(guest),
+                       str(root_image))  # fmt: skip
+        shutil.rmtree(work / "tree")
+
+    def _oci_step(self, work: Path, step: str, *args: str) -> dict:
+        """Run one of ``oci_steps`` as root: here if we are, else under fakeroot (one state
+        file for both steps, so the second sees the owners the first gave)."""
+        if not self.fakeroot:
+            return oci_steps.STEPS[step](*args)
+        state = work / "fakeroot.state"
+        fakeroot = ["fakeroot", "-s", str(state)] + (["-i", str(state)] if state.exists() else [])
+        argv = [*fakeroot, "--", *python_argv("smol_kernel.image.oci_steps", step, *args)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=helper_env(), cwd=work)
+        try:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise ImageBuildError(
+                f"the {step} step under fakeroot failed (exit {proc.returncode}):\n"
+                + (proc.stderr or proc.stdout).strip()[-2000:]
+            ) from None
+        if "error" in result:
+            if result.get("enospc"):
+                raise ImageBuildError(self._disk_full_message())
+            raise OciError(result["error"])
+        return result
 
     def _compile(self, folder: Path, guest_path: str) -> None:
         import compileall
 
         if not compileall.compile_dir(folder, quiet=2, ddir=guest_path, workers=0):
             raise ImageBuildError(f"compiling the Python files for {guest_path} failed")
-
-    def _make_ext4(self, tree: Path, root_image: Path) -> None:
-        used, inodes = tree_size(tree)
-        size_mib = used * 5 // 4 // (1 << 20) + 96
-        mke2fs = find_program("mke2fs") or "mke2fs"
-        self._run(
-            [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "smolroot",
-             "-N", str(inodes * 5 // 4 + 1024), "-d", str(tree), str(root_image), f"{size_mib}M"],
-            "mke2fs (root image)",
-        )  # fmt: skip

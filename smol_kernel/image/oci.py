@@ -300,13 +300,11 @@ class UnpackStats:
     skipped: dict[str, int] = field(default_factory=dict)  # what was left out, counted
 
 
-def unpack(image: OciImage, dest: Path, on_layer=None) -> UnpackStats:
+def unpack(image: OciImage, dest: Path) -> UnpackStats:
     """Apply ``image``'s layers in order into the existing, empty folder ``dest``. Owners
-    are kept when running as root; ``on_layer(i, n)`` is called before each layer."""
+    are kept when running as root (or under fakeroot)."""
     stats = UnpackStats()
     for i, layer in enumerate(image.layers):
-        if on_layer:
-            on_layer(i, len(image.layers))
         where = _blob_path(layer.digest) if layer.digest else layer.locator
         what = f"layer {i + 1} of {len(image.layers)} ({layer.locator})"
         with image._blobs.open(where) as raw:

@@ -262,6 +262,24 @@ def test_an_image_without_python3_is_refused_and_leaves_nothing(tmp_path):
     assert r.returncode == 2 and "container image" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(not shutil.which("fakeroot"), reason="fakeroot is not installed")
+def test_fakeroot_build_failures_say_why_and_leave_nothing(tmp_path, monkeypatch):
+    from smol_kernel.image.builder import ImageBuilder
+    from smol_kernel.image.debian import HostToolError
+
+    images = tmp_path / "images"
+    src = oci_layout(tmp_path / "img", [layer([("file", "bin/sh", b"#!")])])
+    builder = ImageBuilder("nopy", from_oci=src, images_root=images, fakeroot=True)
+    with pytest.raises(OciError, match="the image has no python3"):
+        builder.build()  # the error crossed the fakeroot helper's process boundary
+    assert list(images.iterdir()) == []
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(HostToolError, match=r"needs root or fakeroot.*apt-get install fakeroot"):
+        builder.build()
+    assert list(images.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def base_layer(image, tmp_path_factory) -> bytes:
     """The default image's root as a layer tar, without our agent (the build adds it)."""

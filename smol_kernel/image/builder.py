@@ -484,7 +484,12 @@ class ImageBuilder:
         """Run one of ``oci_steps`` as root: here if we are, else under fakeroot (one state
         file for both steps, so the second sees the owners the first gave)."""
         if not self.fakeroot:
-            return oci_steps.STEPS[step](*args)
+            try:
+                return oci_steps.STEPS[step](*args)
+            except oci_steps.StepError as e:
+                if "No space left" in str(e):
+                    raise ImageBuildError(self._disk_full_message()) from e
+                raise ImageBuildError(str(e)) from e
         state = work / "fakeroot.state"
         fakeroot = ["fakeroot", "-s", str(state)] + (["-i", str(state)] if state.exists() else [])
         argv = [*fakeroot, "--", *python_argv("smol_kernel.image.oci_steps", step, *args)]
@@ -499,7 +504,7 @@ class ImageBuilder:
         if "error" in result:
             if result.get("enospc"):
                 raise ImageBuildError(self._disk_full_message())
-            raise OciError(result["error"])
+            raise (OciError if result.get("oci") else ImageBuildError)(result["error"])
         return result
 
     def _compile(self, folder: Path, guest_path: str) -> None:

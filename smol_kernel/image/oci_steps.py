@@ -13,11 +13,13 @@ Run as a helper, a step prints one JSON line: its result, or ``{"error": message
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from ..trusted import find_program
 from .oci import OciError, open_image, unpack
 from .oci_root import (
     GUEST_DIR,
@@ -28,6 +30,10 @@ from .oci_root import (
     put_tree,
     tree_size,
 )
+
+
+class StepError(Exception):
+    """A host tool of a step failed; the message has its output."""
 
 
 def unpack_step(source: str, identity: str, tree: str) -> dict:
@@ -54,12 +60,13 @@ def finish_step(tree: str, python: str, site_files: str, guest_files: str, image
     put_tree(root, GUEST_DIR, Path(guest_files))
     link_python(root, py)
     used, inodes = tree_size(root)
-    cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "smolroot",
+    mke2fs = find_program("mke2fs") or "mke2fs"
+    cmd = [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", "smolroot",
            "-N", str(inodes * 5 // 4 + 1024), "-d", tree, image,
            f"{used * 5 // 4 // (1 << 20) + 96}M"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise OSError(f"mke2fs (root image) failed: {(proc.stderr or proc.stdout).strip()}")
+        raise StepError(f"mke2fs (root image) failed: {(proc.stderr or proc.stdout).strip()}")
     return {"bytes": used, "inodes": inodes}
 
 
@@ -70,8 +77,9 @@ def main(argv: list[str]) -> int:
     step, *args = argv
     try:
         result = STEPS[step](*args)
-    except (OciError, OSError) as e:
-        print(json.dumps({"error": str(e), "enospc": getattr(e, "errno", 0) == 28}))
+    except (OciError, StepError, OSError) as e:
+        enospc = getattr(e, "errno", 0) == errno.ENOSPC or "No space left" in str(e)
+        print(json.dumps({"error": str(e), "oci": isinstance(e, OciError), "enospc": enospc}))
         return 1
     print(json.dumps(result))
     return 0

@@ -6,4 +6,6 @@ bash scripts/setup.sh
 ruff check .
 ruff format --check .
 smol-kernel doctor || true
-exec python3 -m pytest -q --durations=10 "$@"
+# Two workers, a test file each (module-scoped VMs stay shared): a VM under TCG keeps one
+# core busy, and much of a test is waiting on one.
+exec python3 -m pytest -q -n 2 --dist loadfile --durations=10 "$@"

@@ -11,7 +11,7 @@ from jupyter_client.manager import AsyncKernelManager
 from smol_kernel import paths
 from smol_kernel.vm.qemu import QemuBackend
 
-from .conftest import install_spec, processes_mentioning, runtime_entries
+from .conftest import close_warm_pool, install_spec, processes_mentioning, runtime_entries
 
 
 def flat(error: BaseException) -> str:
@@ -21,6 +21,7 @@ def flat(error: BaseException) -> str:
 async def expect_start_failure(
     spec: str, match: str, start_kw: dict | None = None, **km_kw
 ) -> AsyncKernelManager:
+    close_warm_pool()  # a pooled VM of an earlier test could be recycled meanwhile
     before = runtime_entries()
     vm_procs = set(processes_mentioning(str(paths.runtime_dir())))
     km = AsyncKernelManager(kernel_name=spec, **km_kw)

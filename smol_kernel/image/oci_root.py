@@ -136,6 +136,11 @@ def link_python(tree: Path, python: GuestPython) -> None:
     os.symlink(python.executable, link)
 
 
+def remove(tree: Path, guest_path: str) -> None:
+    """Remove ``guest_path`` from the tree (a link itself, not what it points to)."""
+    _replace(resolve_in_root(tree, guest_path))
+
+
 def make_dirs(tree: Path, *guest_dirs: str) -> None:
     for d in guest_dirs:
         _make_dirs(tree, resolve_in_root(tree, d, follow_last=True))

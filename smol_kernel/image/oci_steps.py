@@ -28,6 +28,7 @@ from .oci_root import (
     link_python,
     make_dirs,
     put_tree,
+    remove,
     tree_size,
 )
 
@@ -57,6 +58,7 @@ def finish_step(tree: str, python: str, site_files: str, guest_files: str, image
     if site_files:
         put_tree(root, py.site, Path(site_files))
     make_dirs(root, "root", "run/smol-kernel", "tmp", "proc", "sys", "dev")
+    remove(root, GUEST_DIR)  # ours only: nothing of the image's own copy stays beside it
     put_tree(root, GUEST_DIR, Path(guest_files))
     link_python(root, py)
     used, inodes = tree_size(root)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -236,6 +238,7 @@ async def main() -> None:
     from smol_kernel.cli import main as cli
 
     prefix = tempfile.mkdtemp(prefix="smol-bench-prefix-")
+    atexit.register(shutil.rmtree, prefix, True)  # the run's kernelspecs
     os.environ["JUPYTER_PATH"] = f"{prefix}/share/jupyter"
     cold_name, warm_name = args.kernel + "-cold", args.kernel + "-warm"
     for name, pool in ((cold_name, "0"), (warm_name, "1")):

@@ -295,8 +295,6 @@ class _Hashing(io.RawIOBase):
 @dataclass
 class UnpackStats:
     layers: int = 0
-    entries: int = 0
-    whiteouts: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # what was left out, counted
 
 
@@ -363,7 +361,8 @@ def resolve_in_root(root: Path, rel: str, follow_last: bool = False) -> Path:
     return root.joinpath(*done)
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
+    """Remove a file, link (not what it points to) or folder; nothing if missing."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
     else:
@@ -386,13 +385,11 @@ def _apply_layer(tf: tarfile.TarFile, root: Path, stats: UnpackStats) -> None:
         base = parts[-1]
         if base == ".wh..wh..opq":
             opaque.append(parent)
-            stats.whiteouts += 1
             continue
         if base.startswith(".wh."):
             victim = parent / base[4:]
             if base[4:] not in ("", "..") and _rel(root, victim) not in written:
-                _remove(victim)
-            stats.whiteouts += 1
+                remove_entry(victim)
             continue
         if base == "..":
             continue
@@ -410,13 +407,13 @@ def _apply_layer(tf: tarfile.TarFile, root: Path, stats: UnpackStats) -> None:
         exists = path.is_symlink() or path.exists()
         if m.isdir():
             if exists and (path.is_symlink() or not path.is_dir()):
-                _remove(path)
+                remove_entry(path)
                 exists = False
             if not exists:
                 path.mkdir(mode=0o700)
         else:
             if exists:
-                _remove(path)
+                remove_entry(path)
             if m.issym():
                 os.symlink(m.linkname, path)
             elif m.islnk():
@@ -438,7 +435,6 @@ def _apply_layer(tf: tarfile.TarFile, root: Path, stats: UnpackStats) -> None:
                     if data is not None:
                         shutil.copyfileobj(data, out, 1 << 20)
         written.add(_rel(root, path))
-        stats.entries += 1
         if m.islnk():
             continue  # a hard link shares its source's inode and metadata
         if as_root:
@@ -455,6 +451,6 @@ def _clear_lower(root: Path, folder: Path, written: set[str]) -> None:
     """Remove from ``folder`` what layers below put there (an opaque whiteout)."""
     for entry in list(folder.iterdir()):
         if _rel(root, entry) not in written:
-            _remove(entry)
+            remove_entry(entry)
         elif entry.is_dir() and not entry.is_symlink():
             _clear_lower(root, entry, written)

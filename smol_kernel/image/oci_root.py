@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .oci import OciError, resolve_in_root
+from .oci import OciError, remove_entry, resolve_in_root
 
 PYTHON_CANDIDATES = ("usr/bin/python3", "usr/local/bin/python3", "bin/python3")
 MIN_PYTHON = (3, 9)
@@ -99,7 +99,7 @@ def put_file(tree: Path, guest_path: str, source: Path) -> None:
     there; mode and mtime kept (a .pyc checks its source's mtime), owner root."""
     dest = resolve_in_root(tree, guest_path)
     _make_dirs(tree, dest.parent)
-    _replace(dest)
+    remove_entry(dest)
     st = source.stat()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with open(source, "rb") as src, os.fdopen(os.open(dest, flags, 0o600), "wb") as out:
@@ -132,13 +132,13 @@ def link_python(tree: Path, python: GuestPython) -> None:
     ):
         return
     _make_dirs(tree, link.parent)
-    _replace(link)
+    remove_entry(link)
     os.symlink(python.executable, link)
 
 
 def remove(tree: Path, guest_path: str) -> None:
     """Remove ``guest_path`` from the tree (a link itself, not what it points to)."""
-    _replace(resolve_in_root(tree, guest_path))
+    remove_entry(resolve_in_root(tree, guest_path))
 
 
 def make_dirs(tree: Path, *guest_dirs: str) -> None:
@@ -156,13 +156,6 @@ def _make_dirs(tree: Path, path: Path) -> None:
     for p in reversed(missing):
         p.mkdir(mode=0o755)
         _own(p, 0o755)
-
-
-def _replace(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _own(path: Path, mode: int) -> None:

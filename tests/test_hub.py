@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
 
 from smol_kernel.paths import cache_dir
 
-from .conftest import runtime_entries
+from .conftest import processes_mentioning, runtime_entries
 from .web_helpers import free_port, ws_execute, ws_send_execute
 
 pytestmark = [
@@ -116,8 +117,16 @@ def test_hub_user_gets_locked_down_sandboxed_kernels_with_quota_and_culling(hub)
 
     specs = api.get(f"{user}/api/kernelspecs").json()
     assert set(specs["kernelspecs"]) == {"smolvm"} and specs["default"] == "smolvm"
-    r = api.post(f"{user}/api/kernels", json={"name": "mine"})
-    assert r.status_code >= 400 and api.get(f"{user}/api/kernels").json() == []
+    for name in ("mine", "python3", "../kernels/mine"):  # none may start on the host
+        r = api.post(f"{user}/api/kernels", json={"name": name})
+        assert r.status_code == 403 and "not allowed" in r.json()["message"], (name, r.text)
+    assert api.post(f"{user}/api/terminals").status_code == 404, "lock-down turns them off"
+    time.sleep(2)  # a host kernel, had one started, would be running now
+    assert api.get(f"{user}/api/kernels").json() == []
+    home = str(tmp / "home" / "alice")
+    host_kernels = [p for p in processes_mentioning(home) if "ipykernel" in
+                    Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+    assert host_kernels == [], "a host kernel runs for alice"
 
     a = api.post(f"{user}/api/kernels", json={"name": "smolvm"}).json()["id"]
     ws_a = f"ws://127.0.0.1:{base.rsplit(':', 1)[1]}/user/alice/api/kernels/{a}/channels"

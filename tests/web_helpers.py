@@ -49,3 +49,46 @@ def ws_execute(ws_url: str, token: str, code: str, timeout: float = 120) -> str:
         raise TimeoutError(f"no idle status for {code!r}")
     finally:
         ws.close()
+
+
+# JupyterLab's websocket protocol (jupyter_server's v1: binary, no server-side rate limit).
+WS_V1 = "v1.kernel.websocket.jupyter.org"
+
+
+def ws_v1_encode(channel: str, msg: dict) -> bytes:
+    names = ("header", "parent_header", "metadata", "content")
+    parts = [channel.encode()] + [json.dumps(msg[k]).encode() for k in names]
+    count = len(parts) + 1
+    offsets, at = [], 8 * (count + 1)
+    for p in parts:
+        offsets.append(at)
+        at += len(p)
+    offsets.append(at)
+    head = count.to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
+    return head + b"".join(parts)
+
+
+def ws_v1_decode(data: bytes) -> tuple[str, dict]:
+    """(channel, message) of one v1 frame (buffers ignored)."""
+    count = int.from_bytes(data[:8], "little")
+    offsets = [int.from_bytes(data[8 + 8 * i : 16 + 8 * i], "little") for i in range(count)]
+    parts = [data[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+    names = ("header", "parent_header", "metadata", "content")
+    msg = {name: json.loads(part) for name, part in zip(names, parts[1:5], strict=False)}
+    msg["msg_type"] = msg.get("header", {}).get("msg_type")
+    return parts[0].decode(), msg
+
+
+def ws_v1_connect(ws_url: str, token: str, timeout: float = 120):
+    return websocket.create_connection(ws_url, timeout=timeout, subprotocols=[WS_V1],
+                                       header=[f"Authorization: token {token}"])  # fmt: skip
+
+
+def ws_v1_execute_request(code: str, session: str) -> bytes:
+    return ws_v1_encode("shell", {
+        "header": {"msg_id": uuid.uuid4().hex, "username": "test", "session": session,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {},
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+    })  # fmt: skip

@@ -1,0 +1,192 @@
+"""A real ``jupyter server`` configured by ``smol-kernel install --lockdown``: every way of
+starting a kernel by a name that is not allowed is refused before any host process starts,
+terminals are off, a smolvm kernel still runs, and a guest flooding 60 MiB output messages
+cannot grow the server's memory past the output caps (a browser that does not read, then
+one that went away)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+
+from ..conftest import processes_mentioning
+from ..web_helpers import (
+    free_port,
+    ws_execute,
+    ws_v1_connect,
+    ws_v1_decode,
+    ws_v1_execute_request,
+)
+
+pytestmark = pytest.mark.vm
+TOKEN = "lockdown-test-token"
+FLOOD_SECONDS = 60
+# Every byte a 60 MiB-message flood could pile up in the server is capped: the relay's
+# backlog (iopub_backlog_mib, 256), one queued message per client socket (64 MiB), the
+# server extension's websocket / offline buffer caps (32 MiB) and what is in flight.
+SERVER_GROWTH_MIB = 256 + 64 + 32 + 160
+
+
+@pytest.fixture(scope="module")
+def locked_server(tmp_path_factory, image):
+    from smol_kernel.cli import main as cli
+
+    tmp = tmp_path_factory.mktemp("locked")
+    prefix = tmp / "prefix"
+    assert cli(["install", "--prefix", str(prefix), "--lockdown", "--pool-size", "0",
+                "--memory-mib", "768"]) == 0  # fmt: skip
+    assert cli(["install", "--prefix", str(prefix), "--lockdown", "--pool-size", "0",
+                "--memory-mib", "768"]) == 0, "--lockdown again changes nothing"  # fmt: skip
+    # A kernelspec that would run on the host, installed where the server finds it.
+    host = prefix / "share" / "jupyter" / "kernels" / "hostpy"
+    host.mkdir(parents=True)
+    (host / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "host python", "language": "python"}))  # fmt: skip
+    runtime = tmp / "jupyter-runtime"
+    port = free_port()
+    env = {**os.environ, "JUPYTER_PATH": f"{prefix}/share/jupyter",
+           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter",
+           "JUPYTER_RUNTIME_DIR": str(runtime)}  # fmt: skip
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    api = requests.Session()
+    api.headers["Authorization"] = f"token {TOKEN}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if api.get(f"{base}/api/status").ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (
+            tmp / "server.log").read_text()[-3000:]  # fmt: skip
+        time.sleep(0.3)
+    try:
+        yield base, api, server, runtime, tmp
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def host_kernels(runtime: Path) -> list[int]:
+    """Host kernel processes this server started (their connection file is in its runtime
+    folder; a smolvm kernel has no process of its own there)."""
+    return [p for p in processes_mentioning(str(runtime)) if "ipykernel" in
+            Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+
+
+def test_lockdown_refuses_every_name_but_the_smolvm_kernelspec(locked_server):
+    base, api, _, runtime, tmp = locked_server
+    conf = json.loads((tmp / "prefix" / "etc" / "jupyter" / "jupyter_server_config.json")
+                      .read_text())  # fmt: skip
+    assert conf["ServerApp"]["terminals_enabled"] is False
+    assert conf["LabApp"]["extension_manager"] == "readonly"
+    assert set(api.get(f"{base}/api/kernelspecs").json()["kernelspecs"]) == {"smolvm"}
+    for name in ("python3", "Python3", "hostpy", "../kernels/hostpy", "smolvm/../hostpy"):
+        r = api.post(f"{base}/api/kernels", json={"name": name})
+        assert r.status_code == 403, (name, r.status_code, r.text)
+        assert "not allowed" in r.json()["message"], r.text
+    (tmp / "nb.ipynb").write_text("{}")
+    r = api.post(f"{base}/api/sessions", json={"path": "nb.ipynb", "type": "notebook",
+                                               "kernel": {"name": "python3"}})  # fmt: skip
+    assert r.status_code >= 400, r.text
+    assert api.post(f"{base}/api/terminals").status_code == 404, "terminals are off"
+    time.sleep(2)  # a host kernel, had one started, would be running by now
+    assert api.get(f"{base}/api/kernels").json() == []
+    assert host_kernels(runtime) == []
+
+
+FLOOD = f"""
+import threading, time
+k = get_ipython().kernel
+parent = k.get_parent()
+def flood():
+    blob = "x" * (60 << 20)
+    t0 = time.time()
+    while time.time() - t0 < {FLOOD_SECONDS}:
+        k.session.send(k.iopub_socket, "stream", {{"name": "stdout", "text": blob}},
+                       parent=parent)
+threading.Thread(target=flood, daemon=True).start()
+print("flooding")
+"""
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server):
+    base, api, server, runtime, _ = locked_server
+    r = api.post(f"{base}/api/kernels", json={"name": "smolvm"})
+    assert r.status_code == 201, r.text
+    kernel_id = r.json()["id"]
+    ws_url = f"ws://{base.split('//', 1)[1]}/api/kernels/{kernel_id}/channels"
+    try:
+        out = ws_execute(ws_url, TOKEN, "import os; print(os.environ['SMOL_KERNEL_ISOLATION'])")
+        assert out.strip() in ("kvm", "tcg", "hvf")
+        assert host_kernels(runtime) == []
+
+        before = _rss_mib(server.pid)
+        peak = before
+        # JupyterLab's protocol (no server-side rate limit): a browser that does not read
+        # for half the flood, then goes away.
+        session = "flood-session"
+        ws = ws_v1_connect(f"{ws_url}?session_id={session}", TOKEN)
+        ws.send_binary(ws_v1_execute_request(FLOOD, session))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < FLOOD_SECONDS / 2:
+            peak = max(peak, _rss_mib(server.pid))
+            time.sleep(1)
+        ws.close()
+        while time.monotonic() - t0 < FLOOD_SECONDS + 10:
+            peak = max(peak, _rss_mib(server.pid))
+            time.sleep(1)
+        grew = peak - before
+        print(f"server RSS: {before:.0f} MiB before, peak {peak:.0f} MiB (+{grew:.0f})")
+        assert grew < SERVER_GROWTH_MIB, f"the server grew {grew:.0f} MiB during the flood"
+
+        # The kernel still answers, and the browser that comes back is told output was
+        # dropped: by the relay, or first by jupyter_server's own rate limiter (1 MB/s of
+        # stream output by default), which drops output and says so before our line can.
+        seen = ""
+        ws = ws_v1_connect(f"{ws_url}?session_id={session}", TOKEN, timeout=10)
+        deadline = time.monotonic() + 120
+        while not seen and time.monotonic() < deadline:
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            if isinstance(raw, bytes):
+                _, msg = ws_v1_decode(raw)
+                text = str(msg.get("content", {}).get("text", ""))
+                if msg["msg_type"] == "stream" and ("smol-kernel" in text or "rate" in text):
+                    seen = text
+        ws.close()
+        ours = "dropped" in seen and "iopub_backlog_mib" in seen
+        assert ours or "IOPub data rate exceeded" in seen, seen
+        assert ws_execute(ws_url, TOKEN, "print(6 * 7)").strip() == "42"
+    finally:
+        api.delete(f"{base}/api/kernels/{kernel_id}")

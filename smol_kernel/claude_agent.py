@@ -156,15 +156,21 @@ def run_agent_cli(args: argparse.Namespace, config: dict, env: dict[str, str]) -
         raise ValueError("set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) for the Messages API")
     client = anthropic.AsyncAnthropic(**({"base_url": args.base_url} if args.base_url else {}))
 
+    from .shown import printable
+
+    # The model's text and code, and the sandbox's output: no control characters on the
+    # terminal (a cell, or a prompt injected into the model, could print escape sequences).
     def show_text(text: str) -> None:
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text))
         sys.stdout.flush()
 
     def show_tool(code: str, ex: Execution | None) -> None:
         if ex is None:
-            print(f"\n--- execute_python ---\n{code}\n---", flush=True)
+            text = f"\n--- execute_python ---\n{code}\n---\n"
         else:
-            print(f"[{ex.status}, {ex.duration_s:.1f}s]\n{ex.report()}\n---", flush=True)
+            text = f"[{ex.status}, {ex.duration_s:.1f}s]\n{ex.report()}\n---\n"
+        sys.stdout.write(printable(text))
+        sys.stdout.flush()
 
     async def main() -> AgentResult:
         async with AsyncSandbox(env=env, max_output_chars=args.max_output_chars,

@@ -258,7 +258,11 @@ def _enable_server_extension(user: bool, prefix: str | None) -> str:
 def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     """Only smolvm kernelspecs may start, and new notebooks get ``name``: merged into
     jupyter_server_config.json (the .d folder holds only extension switches). Kernelspecs
-    locked down earlier stay allowed; the first one stays the default."""
+    locked down earlier stay allowed; the first one stays the default. Terminals and
+    JupyterLab's extension installs (both run programs on the host) are turned off unless
+    the file already turns them on. Running it again changes nothing."""
+    from .lockdown import KERNEL_SPEC_MANAGER
+
     conf = _server_config_dir(user, prefix) / "jupyter_server_config.json"
     try:
         config = json.loads(conf.read_text())
@@ -268,8 +272,12 @@ def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
         raise ValueError(f"{conf} is not valid JSON ({e}); fix it before --lockdown") from None
     ksm = config.setdefault("KernelSpecManager", {})
     mkm = config.setdefault("MultiKernelManager", {})
+    server = config.setdefault("ServerApp", {})
     ksm["allowed_kernelspecs"] = sorted({*(ksm.get("allowed_kernelspecs") or []), name})
     ksm["ensure_native_kernel"] = False
+    server["kernel_spec_manager_class"] = KERNEL_SPEC_MANAGER
+    server.setdefault("terminals_enabled", False)
+    config.setdefault("LabApp", {}).setdefault("extension_manager", "readonly")
     default = mkm.setdefault("default_kernel_name", name)
     conf.write_text(json.dumps(config, indent=2) + "\n")
     return str(conf), default
@@ -318,6 +326,7 @@ def _rss_kib(pid: int) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     import time
 
+    from .shown import escaped
     from .vm.process import _alive, list_vms, reap_orphans, vm_processes
 
     _say_reaped(reap_orphans())
@@ -354,13 +363,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return 0
     print(f"{'VM':<9} {'KERNEL ID':<37} {'USER':<12} {'BACKEND':<8} {'ISOL':<5} {'PID':>7} "
           f"{'UPTIME':>8} {'RSS':>9} {'STATE':<8} {'NET':<3} SHARES")  # fmt: skip
-    for r in rows:
+    for r in rows:  # client-chosen kernel ids and user names: shown escaped
         up = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "?"
         net = "on" if r["network"] else "off"
-        print(f"{r['vm']:<9} {r['kernel_id'] or '-':<37} {r['user'][:12]:<12} "
-              f"{r['backend']:<8} {r['isolation']:<5} "
-              f"{r['pid'] or '-':>7} {up:>8} {r['rss_mib']:>6.0f}MiB {r['state']:<8} {net:<3} "
-              f"{' '.join(r['shares']) or '-'}")  # fmt: skip
+        shares = " ".join(escaped(s) for s in r["shares"]) or "-"
+        print(f"{escaped(r['vm']):<9} {escaped(r['kernel_id']) or '-':<37} "
+              f"{escaped(r['user'])[:12]:<12} {escaped(r['backend']):<8} "
+              f"{escaped(r['isolation']):<5} {escaped(r['pid'] or '-'):>7} {up:>8} "
+              f"{r['rss_mib']:>6.0f}MiB {r['state']:<8} {net:<3} {shares}")  # fmt: skip
     return 0
 
 
@@ -390,6 +400,7 @@ def _find_vm(ident: str, vms: list) -> tuple | None:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    from .shown import escaped
     from .vm.process import kill_vm_dir, list_vms, reap_orphans
 
     _say_reaped(reap_orphans())
@@ -401,22 +412,21 @@ def cmd_kill(args: argparse.Namespace) -> int:
             continue
         rt, st = found
         kill_vm_dir(rt, st)
-        print(f"killed VM {rt.id}" + (f" (kernel {st['label']})" if st.get("label") else ""))
+        label = f" (kernel {escaped(st['label'])})" if st.get("label") else ""
+        print(f"killed VM {rt.id}{label}")
     return status
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    import re
-
+    from .shown import printable
     from .vm.base import read_tail
     from .vm.process import list_vms
 
     if (found := _find_vm(args.id, list_vms())) is None:
         return 1
     rt, _ = found
-    text = read_tail(rt.path / "console.log", args.bytes).replace("\r\n", "\n")
     # Guest-written: no terminal escape sequences or other control characters get through.
-    sys.stdout.write(re.sub(r"[^\n\t\x20-\x7e\u00a0-\U0010ffff]", "?", text))
+    sys.stdout.write(printable(read_tail(rt.path / "console.log", args.bytes)))
     return 0
 
 
@@ -424,14 +434,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _print_outputs(cell, index: int) -> None:
+    """A cell's outputs on the terminal: guest-written, so no control characters."""
     import base64
 
+    from .shown import printable
+
     first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-    print(f"--- [{index}] {first[:90]}")
+    lines = [f"--- [{index}] {first[:90]}\n"]
     for out in cell.get("outputs", []):
         kind = out.get("output_type")
         if kind == "stream":
-            sys.stdout.write(out["text"])
+            lines.append(str(out.get("text", "")))
         elif kind in ("execute_result", "display_data"):
             data = out.get("data", {})
             for mime, value in data.items():
@@ -439,13 +452,14 @@ def _print_outputs(cell, index: int) -> None:
                     continue
                 if mime.startswith("image/"):
                     size = len(base64.b64decode(value)) if isinstance(value, str) else 0
-                    print(f"[{mime}: {size} bytes]")
+                    lines.append(f"[{mime}: {size} bytes]\n")
                 else:
-                    print(f"[{mime}]")
+                    lines.append(f"[{mime}]\n")
             if "text/plain" in data:
-                print(data["text/plain"])
+                lines.append(f"{data['text/plain']}\n")
         elif kind == "error":
-            print(f"{out['ename']}: {out['evalue']}")
+            lines.append(f"{out.get('ename')}: {out.get('evalue')}\n")
+    sys.stdout.write(printable("".join(lines)))
     sys.stdout.flush()
 
 
@@ -455,6 +469,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nbclient.exceptions import CellExecutionError
 
     from .pool import warm_pool
+    from .shown import printable
 
     nb = nbformat.read(args.notebook, as_version=4)
     index = 0
@@ -481,7 +496,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         client.execute()
         status = 0
     except CellExecutionError as e:
-        print(f"smol-kernel: cell {index} failed: {e.ename}: {e.evalue}", file=sys.stderr)
+        print(printable(f"smol-kernel: cell {index} failed: {e.ename}: {e.evalue}"),
+              file=sys.stderr)  # fmt: skip
         status = 1
     finally:
         pool.enabled = True

@@ -31,6 +31,7 @@ import weakref
 from string import Template
 from typing import Any
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
@@ -40,8 +41,11 @@ from .agent_client import GuestAgent
 from .guest import protocol as P
 from .ioloop import on_io_loop
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel_vm, claim
+from .message_pump import MessageGate
+from .output_policy import OutputPolicy
 from .pool import warm_pool
 from .relay import VsockRelay
+from .shown import escaped
 from .start_errors import ReadableStartError
 from .vm.base import Vm, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
@@ -49,6 +53,7 @@ from .vm.select import BACKENDS, Selection, select_backend
 from .vm.share import Share, ShareError, parse_share
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CLIENT_RCVHWM = 1  # messages a client socket of a smolvm kernel queues (see bound_client_queues)
 # Host variables a kernel legitimately needs to know; everything else stays on the host.
 PASSED_THROUGH = ("JPY_SESSION_NAME",)
 
@@ -182,6 +187,21 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     cwd_guest_path = Unicode(
         "/work", config=True, help="Where share_cwd mounts the notebook's folder in the guest."
     )
+    trusted_outputs = Bool(
+        False,
+        config=True,
+        help="Show the kernel's outputs as the kernel sent them, JavaScript and all. This "
+        "lets the code in the VM run script in your browser as you (and, through the "
+        "Jupyter server's API, start programs on the host). Off: HTML, Markdown and SVG are "
+        "sanitized and script outputs are replaced by a note (docs/security.md).",
+    )
+    iopub_backlog_mib = Integer(
+        256,
+        config=True,
+        help="Most output (MiB) the host holds for this kernel's clients that they have not "
+        "taken yet; over it, output messages are dropped and each client that missed some "
+        "is told so in a stream line.",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -203,9 +223,15 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._end_reason = "ended"  # why the kernel's VM went, for the audit line
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
 
+    @property
+    def _shown_id(self) -> str:
+        """The kernel id for log lines: a REST client chooses it, so escaped."""
+        return escaped(self.kernel_id)
+
     # ------------------------------------------------------------------ launch
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         await asyncio.to_thread(reap_orphans)
+        bound_client_queues(self.parent)
         extra = list(kwargs.get("extra_arguments") or [])
         kwargs = await super().pre_launch(**kwargs)  # ports, connection file, curve keys
         self._guest_env, self._kernel_env = self._split_env(kwargs.get("env") or {})
@@ -296,7 +322,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if not pool.give_way_now(keep=plan):
                 book.refusals += 1
                 metrics.quota_refused()
-                self.log.warning("kernel %s: refused: %s", self.kernel_id, why)
+                self.log.warning("kernel %s: refused: %s", self._shown_id, why)
                 raise quota.QuotaExceeded(
                     f"cannot start a {self.kernel_spec.display_name} kernel: {why}"
                 )
@@ -312,6 +338,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             str(ci.get("transport", "tcp")),
             str(ci.get("ip", "127.0.0.1")),
             {ch: int(ci[f"{ch}_port"]) for ch in P.CHANNEL_PORTS},  # type: ignore[call-overload]
+            self._message_gate(),
         )
         relay.bind()
         self.relay = relay
@@ -342,7 +369,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                 pooled.vm.set_label(self.kernel_id or "")
                 self.log.info(
                     "kernel %s: claimed pooled VM %s (%s, isolation %s)",
-                    self.kernel_id, pooled.vm.id, self.backend_name, self.isolation,
+                    self._shown_id, pooled.vm.id, self.backend_name, self.isolation,
                 )  # fmt: skip
                 try:
                     await claim(pooled.vm, pooled.agent, connection, self._kernel_env,
@@ -352,7 +379,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                     why_cold = f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
                     await self._teardown(keep_relay=True)
             if self.start_kind != "pooled":
-                self.log.info("kernel %s: cold start (%s)", self.kernel_id, why_cold)
+                self.log.info("kernel %s: cold start (%s)", self._shown_id, why_cold)
                 assert selection.backend is not None
                 async with pool.cold_start():
                     _, self.agent = await boot_kernel_vm(
@@ -380,9 +407,27 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
         self.log.info(
             "kernel %s: ready in VM %s (%s start, %.1fs)",
-            self.kernel_id, vm.id, self.start_kind, self.ready_at - t0,
+            self._shown_id, vm.id, self.start_kind, self.ready_at - t0,
         )  # fmt: skip
         return self.connection_info
+
+    def _message_gate(self) -> MessageGate:
+        """The kernel's key, output policy and iopub cap, for the relay."""
+        ci = self.connection_info
+        if ci.get("curve_secretkey"):
+            raise KernelStartError(
+                f"cannot start a {self.kernel_spec.display_name} kernel with CurveZMQ "
+                "encryption: the host reads what the kernel sends (output policy, memory "
+                "bounds), which an end-to-end encrypted connection would hide. Use the "
+                "default HMAC-signed connection (the channels stay on this host)."
+            )
+        key = ci.get("key") or b""
+        return MessageGate(
+            key=key.encode() if isinstance(key, str) else bytes(key),
+            signature_scheme=str(ci.get("signature_scheme") or "hmac-sha256"),
+            policy=None if self.trusted_outputs else OutputPolicy(),
+            iopub_backlog=max(1, self.iopub_backlog_mib) << 20,
+        )
 
     async def _select_backend(self) -> Selection:
         selection = await asyncio.to_thread(
@@ -423,8 +468,6 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             return "pool_size is 0"
         if not plan.two_step:
             return "the kernelspec argv is not 'python3 -m ipykernel_launcher ...'"
-        if connection.get("curve_secretkey"):
-            return "the connection uses CurveZMQ keys, which a prepared kernel cannot take"
         return None
 
     def _adopt(self, vm: Vm) -> None:
@@ -436,7 +479,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         if self.vm is vm and vm.poll() is None:
             self.log.warning(
                 "kernel %s: max_lifetime of %.0fs reached, stopping VM %s",
-                self.kernel_id, self.max_lifetime, vm.id,
+                self._shown_id, self.max_lifetime, vm.id,
             )  # fmt: skip
             self._end_reason = "max_lifetime"
             vm.kill()
@@ -638,6 +681,31 @@ def _audit_exit() -> None:
     for provisioner in list(_running):
         with contextlib.suppress(Exception):
             provisioner._audit_end("server exited")
+
+
+def bound_client_queues(manager: Any) -> None:
+    """Sockets of this kernel's manager and of the clients it makes (``manager.client()``:
+    nbclient, papermill, consoles; jupyter_server's own channels) queue at most
+    ``CLIENT_RCVHWM`` messages each: a client that does not read (between cells) then
+    pushes back on the relay, which holds at most ``iopub_backlog_mib`` and drops the rest
+    with a notice, instead of pyzmq queueing a thousand messages of up to 64 MiB."""
+    context = getattr(manager, "context", None)
+    if isinstance(context, zmq.Context):
+        context.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+    factory = getattr(manager, "client_factory", None)
+    if not isinstance(factory, type) or getattr(factory, "_smol_bounded", False):
+        return
+
+    class BoundedClient(factory):  # type: ignore[misc, valid-type]
+        _smol_bounded = True
+
+        def _context_default(self) -> zmq.Context:
+            context = super()._context_default()
+            context.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+            return context
+
+    BoundedClient.__name__ = BoundedClient.__qualname__ = factory.__name__
+    manager.client_factory = BoundedClient
 
 
 def _guest_connection(ci: dict) -> dict:

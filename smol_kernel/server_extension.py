@@ -6,15 +6,19 @@ Without it the pool fills after the first kernel of a configuration started cold
 kernel a user opens is already a warm one. Kernelspecs that share the notebook's folder
 (``share_cwd``) are warmed for the server's root folder.
 
-It also lets the server stop after a kernel failed to start (see ``forget_failed_starts``).
+It also lets the server stop after a kernel failed to start (see ``forget_failed_starts``),
+and bounds what the server itself holds of a smolvm kernel's output (``bound_server_output``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 PROVISIONER_NAME = "smolvm-provisioner"
+WEBSOCKET_BACKLOG = 32 << 20  # bytes written to one browser and not yet sent, at most
+OFFLINE_BUFFER = 32 << 20  # bytes kept for a disconnected session, at most
 
 
 def smolvm_kernelspecs(kernel_spec_manager) -> list[str]:
@@ -57,12 +61,89 @@ def forget_failed_starts(kernel_manager: Any) -> bool:
     return True
 
 
+def _is_smolvm(kernel_manager: Any, kernel_id: str) -> bool:
+    try:
+        provisioner = kernel_manager.get_kernel(kernel_id).provisioner
+    except Exception:
+        return False
+    return type(provisioner).__module__.startswith("smol_kernel.")
+
+
+def bound_server_output() -> bool:
+    """jupyter_server holds a kernel's output twice without a bound: tornado queues what a
+    browser has not read yet, and a session whose browser went away gets every message
+    buffered in a list until it comes back. For smolvm kernels, stop reading the kernel's
+    iopub while ``WEBSOCKET_BACKLOG`` bytes wait for a browser, or once ``OFFLINE_BUFFER``
+    bytes are buffered: the relay then holds the rest up to ``iopub_backlog_mib`` and drops
+    what is over it, with a notice. False if this jupyter_server is not built that way."""
+    try:
+        from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+        from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+    except ImportError:
+        return False
+    write, buffering = KernelWebsocketHandler.write_message, MappingKernelManager.start_buffering
+    if getattr(write, "_smol_bounded", False):
+        return True
+
+    def iopub_of(handler: Any) -> Any:
+        channels = getattr(getattr(handler, "connection", None), "channels", None) or {}
+        return channels.get("iopub")
+
+    def write_message(self, message, binary=False):
+        future = write(self, message, binary)
+        if not getattr(self, "_smol_checked", False):
+            self._smol_checked = True
+            self._smol_bound = _is_smolvm(self.kernel_manager, self.kernel_id)
+            self._smol_pending = 0
+        if not self._smol_bound:
+            return future
+        size = len(message)
+        self._smol_pending += size
+        stream = iopub_of(self)
+        if self._smol_pending > WEBSOCKET_BACKLOG and stream is not None and not stream.closed():
+            stream.stop_on_recv()  # the relay holds (and drops) the rest
+
+        def written(_future: Any) -> None:
+            self._smol_pending -= size
+            stream = iopub_of(self)
+            paused = stream is not None and not stream.closed() and not stream.receiving()
+            if paused and self._smol_pending < WEBSOCKET_BACKLOG // 2:
+                stream.on_recv_stream(self.connection.handle_outgoing_message)
+
+        future.add_done_callback(written)
+        return future
+
+    def start_buffering(self, kernel_id, session_key, channels):
+        buffering(self, kernel_id, session_key, channels)
+        info = getattr(self, "_kernel_buffers", {}).get(kernel_id) or {}
+        if info.get("channels") is not channels or not _is_smolvm(self, kernel_id):
+            return
+        held = [0]
+
+        def buffer_msg(channel: str, parts: list) -> None:
+            info["buffer"].append((channel, parts))
+            held[0] += sum(len(p) for p in parts)
+            if held[0] > OFFLINE_BUFFER:  # reconnecting replays and reads again
+                for stream in channels.values():
+                    stream.stop_on_recv()
+
+        for channel, stream in channels.items():
+            stream.on_recv(functools.partial(buffer_msg, channel))
+
+    write_message._smol_bounded = True  # type: ignore[attr-defined]
+    KernelWebsocketHandler.write_message = write_message
+    MappingKernelManager.start_buffering = start_buffering
+    return True
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     from .ioloop import io_loop
 
     log = serverapp.log
     if not forget_failed_starts(serverapp.kernel_manager):
         log.warning("smol-kernel: this kernel manager may not stop after a failed start")
+    if not bound_server_output():
+        log.warning("smol-kernel: cannot bound the output this server holds for browsers")
     ksm = serverapp.kernel_spec_manager
     for name in smolvm_kernelspecs(ksm):
         try:

@@ -35,17 +35,40 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def lab(tmp_path, image):
+def install_lab_kernelspecs(prefix: Path) -> None:
     from smol_kernel.cli import main as cli
 
-    prefix = tmp_path / "prefix"
     # the server extension (its metrics), and no pool: a refill would only cost time here
     assert cli(["install", "--prefix", str(prefix), "--memory-mib", "640",
                 "--pool-size", "0"]) == 0  # fmt: skip
     assert cli(["install", "--prefix", str(prefix), "--name", "smolvm-hw",
                 "--display-name", "Python (smolvm, hardware only)",
                 "--require-hardware-isolation", "--no-server-extension"]) == 0  # fmt: skip
+
+
+def install_output_kernelspecs(prefix: Path) -> None:
+    """The hostile-output test's kernels: scipy (pandas, matplotlib) with the default output
+    policy, and the default image with trusted_outputs (the positive control)."""
+    from smol_kernel.cli import main as cli
+    from smol_kernel.image.store import GuestImage, ImageNotFound
+
+    try:
+        GuestImage.load("scipy")
+    except ImageNotFound:
+        pytest.fail("the scipy image is not built: smol-kernel image build --preset scipy "
+                    "(scripts/setup.sh builds it)")  # fmt: skip
+    assert cli(["install", "--prefix", str(prefix), "--name", "smolvm-scipy", "--image", "scipy",
+                "--display-name", "Python (smolvm, scipy)", "--pool-size", "0"]) == 0  # fmt: skip
+    assert cli(["install", "--prefix", str(prefix), "--name", "smolvm-trusted",
+                "--display-name", "Python (smolvm, trusted outputs)", "--trusted-outputs",
+                "--memory-mib", "640", "--pool-size", "0",
+                "--no-server-extension"]) == 0  # fmt: skip
+
+
+@pytest.fixture
+def lab(request, tmp_path, image):
+    prefix = tmp_path / "prefix"
+    getattr(request, "param", install_lab_kernelspecs)(prefix)
     token, port = uuid.uuid4().hex, free_port()
     env = {**os.environ, "JUPYTER_PATH": f"{prefix}/share/jupyter",
            "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter"}  # fmt: skip
@@ -163,3 +186,97 @@ def test_jupyterlab_runs_a_cell_in_a_smolvm_kernel_and_shows_start_errors(lab):
     assert re.search(r'smol_kernel_vm_starts_total\{kind="(pooled|cold)"\} 1\.0', metrics)
     assert "smol_kernel_active_vms" in metrics
     assert runtime_entries() - before, "the kernel (and pool) VMs are this server's"
+
+
+# Each payload would add its name to window.smolPwned if it ran.
+HOSTILE_OUTPUTS = r"""
+from IPython.display import HTML, SVG, Javascript, Markdown, display
+mark = "(window.parent.smolPwned = (window.parent.smolPwned || []).concat(['%s']))"
+display(Javascript(mark % "javascript"))
+display(HTML("<script>%s</script>" % (mark % "script")))
+display(HTML("<img src=x onerror=\"%s\">" % (mark % "img-onerror")))
+display(SVG("<svg xmlns='http://www.w3.org/2000/svg' onload=\"%s\"><script>%s</script>"
+            "</svg>" % (mark % "svg-onload", mark % "svg-script")))
+display(Markdown("<img src=x onerror=\"%s\"> **markdown**" % (mark % "markdown")))
+display(HTML("<iframe srcdoc=\"<script>%s</script>\"></iframe>" % (mark % "iframe")))
+print("payloads sent")
+"""
+SCIPY_OUTPUTS = r"""
+import pandas as pd, matplotlib
+matplotlib.use("module://matplotlib_inline.backend_inline")
+import matplotlib.pyplot as plt
+df = pd.DataFrame({"visits": [3, 5, 8]}, index=["a", "b", "c"])
+display(df)
+plt.plot([1, 2, 3], [2, 4, 8]); plt.title("trend"); plt.show()
+"""
+
+
+def _notebook(path: Path, kernel: str, *cells: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, path)
+
+
+def _run_notebook(page, url: str, token: str, name: str) -> None:
+    """Open a notebook, wait for its kernel, run all cells, wait for the last output."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}")  # reset: only this notebook
+    expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=240_000)
+    page.locator(".jp-Notebook:visible").first.click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("Control+a")  # select every cell in command mode
+    page.keyboard.press("Shift+Enter")  # runs the selection
+    expect(page.locator(".jp-OutputArea-output", has_text="payloads sent")).to_be_visible(
+        timeout=240_000
+    )
+    page.wait_for_timeout(3000)  # onerror/onload handlers fire after the DOM insertion
+
+
+@pytest.mark.parametrize("lab", [install_output_kernelspecs], indirect=True)
+def test_kernel_outputs_run_no_script_in_jupyterlab_unless_trusted(lab):
+    """Every way a cell's output could run script in the user's page (JavaScript, <script>,
+    onerror, SVG onload/script, Markdown HTML, iframe srcdoc) does nothing with the output
+    policy, while a DataFrame table and a matplotlib plot still render. The same payloads
+    from a trusted_outputs kernel do run: the probe can see script run (positive control).
+    """
+    from playwright.sync_api import sync_playwright
+
+    url, token, root = lab
+    _notebook(root / "hostile.ipynb", "smolvm-scipy", SCIPY_OUTPUTS, HOSTILE_OUTPUTS)
+    _notebook(root / "trusted.ipynb", "smolvm-trusted", HOSTILE_OUTPUTS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            _run_notebook(page, url, token, "hostile.ipynb")
+            shot(page, "outputs-policy")
+            page.locator(
+                ".jp-OutputArea-output", has_text="payloads sent"
+            ).scroll_into_view_if_needed()
+            shot(page, "outputs-policy-payloads")
+            assert page.evaluate("window.smolPwned || []") == []
+            output = page.locator(".jp-OutputArea-output")
+            assert output.locator("table.dataframe").count() == 1, "the DataFrame table"
+            assert "visits" in output.locator("table.dataframe").inner_text()
+            plots = output.locator("img[src^='data:image/png']")
+            assert plots.count() >= 1 and plots.first.evaluate("i => i.naturalWidth") > 100
+            svg = output.locator("img[src^='data:image/svg+xml']")
+            assert svg.count() == 1, "the SVG is shown as an image"
+            assert output.locator("strong", has_text="markdown").count() == 1
+            assert output.filter(has_text="not shown: application/javascript").count() == 1
+
+            page.goto("about:blank")
+            _run_notebook(page, url, token, "trusted.ipynb")
+            shot(page, "outputs-trusted")
+            ran = page.evaluate("window.smolPwned || []")
+            assert "javascript" in ran and "img-onerror" in ran, ran
+        except Exception:
+            shot(page, "outputs-failure")
+            raise
+        finally:
+            browser.close()

@@ -161,6 +161,55 @@ async def test_huge_output_is_truncated_with_bounded_memory(sb):
     assert peak < 20 * 1024 * 1024, f"held {peak / 2**20:.0f} MiB for 50 MB of output"
 
 
+FLOOD_BETWEEN_CALLS = """
+import threading, time
+k = get_ipython().kernel
+parent = k.get_parent()
+def flood():
+    blob = "x" * (60 << 20)
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        k.session.send(k.iopub_socket, "stream", {"name": "stdout", "text": blob},
+                       parent=parent)
+threading.Thread(target=flood, daemon=True).start()
+"""
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_a_flood_between_calls_stays_within_the_output_cap(sb):
+    """A guest thread sends 60 MiB stream messages for 60 s while nobody reads (between
+    run_code calls): this process (relay and client) grows by at most the relay's backlog
+    cap (256 MiB) plus one queued message and slack, and the next call says what was
+    dropped. Before the cap, every message queued in the client socket."""
+    before = peak = _rss_mib()
+    assert (await sb.run_code(FLOOD_BETWEEN_CALLS)).status == "ok"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 70:
+        peak = max(peak, _rss_mib())
+        await asyncio.sleep(1)
+    grew = peak - before
+    print(f"sandbox process RSS: {before:.0f} MiB before, +{grew:.0f} MiB at the peak")
+    assert grew < 256 + 64 + 160, f"the host held {grew:.0f} MiB of a flood nobody read"
+    gate = sb._km.provisioner.relay.gate
+    assert gate.dropped_messages > 0
+    # The note comes once the client caught up: in the next call, or the one after.
+    notes = ""
+    for _ in range(2):
+        ex = await sb.run_code("print('after')", timeout=120)
+        assert ex.status == "ok" and "after" in "".join(ex.logs.stdout)
+        notes += "".join(ex.logs.stderr)
+        if "dropped" in notes:
+            break
+    assert "dropped" in notes and "iopub_backlog_mib" in notes, notes
+
+
 # ------------------------------------------------------------------ files and commands
 
 

@@ -30,15 +30,15 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..agent_client import AgentError
 from ..guest import protocol as P
+from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
+from ..provisioner import CLIENT_RCVHWM
+from ..shown import escaped
 from ..vm.base import VmError
 from .execution import Execution, ExecutionError, OutputCollector, Result
 
 PROVISIONER_NAME = "smolvm-provisioner"
 KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MAX_FILE_BYTES = 100 * 1024 * 1024
-# The guest writes every byte our client receives; a bigger message drops the connection
-# instead of being held in memory (our guest kernel sends stream output in 1 MiB pieces).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class SandboxError(RuntimeError):
@@ -61,6 +61,13 @@ class EntryInfo:
     type: str  # file, dir, symlink or other (symlinks are not followed)
     size: int
     mtime: float
+
+
+def _valid_name(name: str) -> bool:
+    """A single path component: not empty, ``.`` or ``..``; no ``/``, NUL or control."""
+    if name in ("", ".", "..") or "/" in name:
+        return False
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name)
 
 
 class _OneKernelSpec(KernelSpecManager):
@@ -190,6 +197,8 @@ class AsyncSandbox:
         if self._zmq is None:
             self._zmq = zmq.asyncio.Context()
             self._zmq.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # default for its sockets
+            # Between calls nothing reads iopub: the relay holds (and drops) the backlog.
+            self._zmq.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         kc = self._km.client(context=self._zmq)
         kc.start_channels()
         try:
@@ -328,7 +337,9 @@ class AsyncSandbox:
                 if not await self._km.is_alive():
                     return "died"
                 continue
-            if msg["parent_header"].get("msg_id") == msg_id and collector.feed(msg):
+            ours = msg["parent_header"].get("msg_id") == msg_id
+            relay_note = msg["header"].get("session") == RELAY_SESSION  # dropped output
+            if (ours or relay_note) and collector.feed(msg):
                 return "idle"
         return "died" if not await self._km.is_alive() else "timeout"
 
@@ -408,20 +419,27 @@ class AsyncFiles:
             raise ValueError(f"{path} is not UTF-8 text; use format='bytes'") from e
 
     async def list(self, path: str = ".") -> list[EntryInfo]:
+        """The folder's entries. Names are the guest's: one that no file system could hold
+        (empty, ``.``/``..``, with ``/``, NUL or control characters) is refused with
+        SandboxError rather than passed on to code that would join it to a path."""
         reply = await self._sb._agent(P.OP_LIST_FILES, path=path)
         base = path.rstrip("/") or "/"
         prefix = "" if base == "/" else base
         entries = reply.get("entries", [])
-        return [
-            EntryInfo(
-                str(e["name"]),
-                f"{prefix}/{e['name']}",
-                str(e["type"]),
-                int(e["size"]),
-                float(e["mtime"]),
-            )
-            for e in entries
-        ]
+        out = []
+        for e in entries if isinstance(entries, list) else []:
+            try:
+                name, kind = e["name"], str(e["type"])
+                size, mtime = int(e["size"]), float(e["mtime"])
+            except (KeyError, TypeError, ValueError):
+                raise SandboxError("the sandbox's file listing is malformed") from None
+            if not isinstance(name, str) or not _valid_name(name):
+                raise SandboxError(
+                    f"the sandbox listed a file name no file system holds: "
+                    f'"{escaped(name)}" (in {escaped(path)}); the guest is misbehaving'
+                )
+            out.append(EntryInfo(name, f"{prefix}/{name}", kind, size, mtime))
+        return out
 
     async def remove(self, path: str) -> None:
         """Remove a file, a symlink (not its target) or a folder with its content."""

@@ -1,0 +1,392 @@
+"""The output policy and the message relay, without a VM: a real ipykernel on the host is the
+message source (standing in for the guest's), our relay sits between it and a real
+jupyter_client. What reaches the client is what a browser would render. The end-to-end
+proof in a browser is tests/test_browser_outputs.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+
+import pytest
+import zmq
+from jupyter_client.manager import AsyncKernelManager
+
+from smol_kernel import zmtp
+from smol_kernel.guest.protocol import CHANNEL_PORTS
+from smol_kernel.ioloop import on_io_loop
+from smol_kernel.message_pump import MessageGate
+from smol_kernel.output_policy import OutputPolicy, sanitize_bundle, sanitize_html
+from smol_kernel.relay import VsockRelay
+
+from .kernel_helpers import run_cell
+from .web_helpers import free_port
+
+HOSTILE_HTML = [
+    "<script>window.pwned=1</script>",
+    "<img src=x onerror='window.pwned=1'>",
+    "<svg onload='window.pwned=1'><script>window.pwned=1</script></svg>",
+    '<iframe srcdoc="<script>parent.pwned=1</script>"></iframe>',
+    "<a href='javascript:window.pwned=1'>x</a>",
+    "<a href=' JaVaScRiPt:window.pwned=1'>x</a>",
+    "<object data='javascript:window.pwned=1'></object>",
+    "<embed src='javascript:window.pwned=1'>",
+    "<form action='javascript:window.pwned=1'><button>x</button></form>",
+    "<meta http-equiv='refresh' content='0;url=javascript:window.pwned=1'>",
+    "<base href='javascript:window.pwned=1//'>",
+    "<div style='background:url(javascript:window.pwned=1)'>x</div>",
+    "<math><mtext><table><mglyph><style><img src=x onerror=window.pwned=1>",
+    '<noscript><p title="</noscript><img src=x onerror=window.pwned=1>">',
+]
+
+
+def _dangerous(html: str) -> list[str]:
+    low = html.lower()
+    return [w for w in ("<script", "onerror", "onload", "javascript:", "<iframe", "<object",
+                        "<embed", "<form", "<meta", "<base", "<svg", "<style", "url(")
+            if w in low]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the policy itself
+@pytest.mark.parametrize("html", HOSTILE_HTML)
+def test_hostile_html_loses_everything_that_runs(html):
+    out = sanitize_html(html)
+    assert _dangerous(out) == [], out
+
+
+def test_a_dataframe_table_and_plain_formatting_survive():
+    table = (
+        "<div><style scoped>.dataframe tbody tr th {vertical-align: top;}</style>"
+        '<table border="1" class="dataframe"><thead><tr style="text-align: right;">'
+        "<th></th><th>a</th></tr></thead><tbody><tr><th>0</th><td>1.5</td></tr></tbody>"
+        "</table></div><p><b>bold</b> <a href='https://example.org/x'>link</a></p>"
+    )
+    out = sanitize_html(table)
+    for kept in ("<table", 'class="dataframe"', "<th>a</th>", "<td>1.5</td>",
+                 "text-align:", "<b>bold</b>", 'href="https://example.org/x"'):  # fmt: skip
+        assert kept in out, (kept, out)
+    assert "<style" not in out
+
+
+def test_nothing_is_loaded_from_elsewhere_but_data_images_are_shown():
+    out = sanitize_html(
+        '<img src="https://evil.example/?secret=1"><img src="//evil.example/x">'
+        '<img src="data:image/png;base64,iVBORw0KGgo="><img src="data:text/html,<b>x">'
+    )
+    assert "evil.example" not in out and "text/html" not in out, out
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in out
+
+
+def test_script_types_are_replaced_by_a_note_and_safe_types_kept():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+    data, metadata = sanitize_bundle(
+        {"application/javascript": "window.pwned=1", "text/plain": "<Figure>",
+         "image/png": png, "application/vnd.bokehjs_exec.v0+json": {},
+         "application/x-unknown": "x", "application/json": {"a": [1, 2]},
+         "application/vnd.jupyter.widget-view+json": {"model_id": "m", "version_major": 2}},
+        {"image/png": {"width": 100, "isolated": True}, "isolated": True},
+    )  # fmt: skip
+    assert set(data) == {"text/plain", "image/png", "application/json",
+                         "application/vnd.jupyter.widget-view+json"}  # fmt: skip
+    assert data["image/png"] == png
+    assert data["text/plain"].startswith("<Figure>\n[smol-kernel: not shown: ")
+    note = data["text/plain"]
+    assert "application/javascript" in note and "trusted_outputs" in note
+    assert metadata == {"image/png": {"width": 100}}
+
+
+def test_markdown_without_markup_stays_markdown():
+    for text in ("**bold** and [a link](https://example.org)", "# Title\n\n- item\n"):
+        assert sanitize_bundle({"text/markdown": text})[0] == {"text/markdown": text}
+    for text in ("[x](JavaScript:alert(1))", "[x](java\\script:alert(1))", "a &lt; b",
+                 "![beacon](https://evil.example/x.png)", "<b>html</b>"):  # fmt: skip
+        data = sanitize_bundle({"text/markdown": text})[0]
+        assert set(data) == {"text/html"} and _dangerous(data["text/html"]) == [], data
+        assert "evil.example" not in data["text/html"]
+
+
+def test_markdown_is_rendered_and_sanitized_and_svg_shown_as_an_image():
+    data, _ = sanitize_bundle({"text/markdown": "# Title\n\n<img src=x onerror=alert(1)> "
+                               "[a](javascript:alert(1)) `<b>` $x_1$"})  # fmt: skip
+    html = data["text/html"]
+    assert "<h1>Title" in html and "<code>&lt;b&gt;</code>" in html and "x_1" in html
+    assert _dangerous(html) == [], html
+    svg = "<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'><circle r='4'/></svg>"
+    data, _ = sanitize_bundle({"image/svg+xml": svg, "text/plain": "<svg>"})
+    assert "image/svg+xml" not in data
+    src = data["text/html"].split('src="', 1)[1].split('"', 1)[0]
+    assert src.startswith("data:image/svg+xml;base64,")
+    assert base64.b64decode(src.split(",", 1)[1]).decode() == svg  # shown as it was, in <img>
+
+
+def test_typeset_math_cannot_make_links_or_macros():
+    data, _ = sanitize_bundle({"text/latex": r"$\href{javascript:alert(1)}{x} \def\h{\url}$",
+                               "text/html": r"<p>$\href{javascript:alert(1)}{y}$</p>"})  # fmt: skip
+    for value in data.values():
+        assert "\\href{" not in value and "\\def" not in value and "\\url" not in value, value
+
+
+def test_help_links_and_comms_and_widget_html():
+    policy = OutputPolicy(targets=frozenset({"jupyter.widget"}))
+    info = policy.filter("kernel_info_reply", {"help_links": [
+        {"text": "ok", "url": "https://docs.python.org"},
+        {"text": "bad", "url": "javascript:alert(1)"},
+        {"text": "data", "url": "data:text/html,x"}]})  # fmt: skip
+    assert info["help_links"] == [{"text": "ok", "url": "https://docs.python.org"}]
+    assert policy.filter("comm_open", {"comm_id": "c1", "target_name": "bokeh", "data": {}}) is None
+    opened = policy.filter("comm_open", {"comm_id": "c2", "target_name": "jupyter.widget", "data": {
+        "state": {"_model_name": "HTMLModel", "value": "<img src=x onerror=alert(1)>",
+                  "description_allow_html": True}}})  # fmt: skip
+    state = opened["data"]["state"]
+    assert "onerror" not in state["value"] and state["description_allow_html"] is False
+    update = policy.filter("comm_msg", {"comm_id": "c2", "data": {
+        "method": "update", "state": {"value": "<script>x</script>"}}})  # fmt: skip
+    assert "<script" not in update["data"]["state"]["value"]
+    # a label model shown through the HTML view is HTML too
+    policy.filter(
+        "comm_open",
+        {
+            "comm_id": "c3",
+            "target_name": "jupyter.widget",
+            "data": {
+                "state": {"_model_name": "LabelModel", "_view_name": "HTMLView", "value": "x"}
+            },
+        },
+    )
+    update = policy.filter("comm_msg", {"comm_id": "c3", "data": {
+        "method": "update", "state": {"value": "<img src=x onerror=alert(1)>"}}})  # fmt: skip
+    assert "onerror" not in update["data"]["state"]["value"]
+    no_frontend = OutputPolicy(targets=frozenset())
+    widget = {"comm_id": "c", "target_name": "jupyter.widget"}
+    assert no_frontend.filter("comm_open", widget) is None
+
+
+# ---------------------------------------------------------------- through the relay
+class RelayedKernel:
+    """A local ipykernel behind our relay (the kernel's ports stand in for the guest's)."""
+
+    def __init__(self, km: AsyncKernelManager, relay: VsockRelay, info: dict) -> None:
+        self.km, self.relay, self.info = km, relay, info
+
+    def client(self, **kwargs):
+        ports = {f"{ch}_port": self.info[f"{ch}_port"] for ch in CHANNEL_PORTS}
+        kc = self.km.client(**ports, **kwargs)
+        kc.start_channels()
+        return kc
+
+
+@contextlib.asynccontextmanager
+async def relayed_kernel(trusted: bool = False, backlog: int = 256 << 20):
+    km = AsyncKernelManager(kernel_name="python3")
+    await km.start_kernel()
+    info = km.get_connection_info()
+    kernel_ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNEL_PORTS}
+    host_ports = {ch: free_port() for ch in CHANNEL_PORTS}
+    policy = None if trusted else OutputPolicy()
+    gate = MessageGate(key=info["key"], signature_scheme=info["signature_scheme"],
+                       policy=policy, iopub_backlog=backlog)  # fmt: skip
+    relay = VsockRelay("tcp", "127.0.0.1", host_ports, gate)
+    by_vport = {CHANNEL_PORTS[ch]: port for ch, port in kernel_ports.items()}
+
+    async def open_stream(vport: int, timeout: float = 5.0):
+        return await asyncio.open_connection("127.0.0.1", by_vport[vport], limit=1 << 20)
+
+    async def serve():
+        relay.bind()
+        await relay.start_serving(open_stream)
+
+    await on_io_loop(serve())
+    try:
+        yield RelayedKernel(km, relay, {**info, **{f"{c}_port": p for c, p in host_ports.items()}})
+    finally:
+        await on_io_loop(relay.close())
+        await km.shutdown_kernel(now=True)
+
+
+HOSTILE_CELL = r"""
+from IPython.display import display, HTML, Javascript, SVG, Markdown
+display(Javascript("window.pwned = 1"))
+display(HTML("<img src=x onerror='window.pwned=1'><b>kept</b>"))
+display(SVG("<svg xmlns='http://www.w3.org/2000/svg' onload='window.pwned=1'></svg>"))
+display(Markdown("<img src=x onerror='window.pwned=1'> **md**"))
+get_ipython().payload_manager.write_payload(
+    {"source": "page", "data": {"text/html": "<script>window.pwned=1</script>page"}})
+"""
+
+
+async def test_a_client_gets_sanitized_outputs_signed_with_the_kernel_key():
+    async with relayed_kernel() as k:
+        kc = k.client()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            replies = []
+            reply = await kc.execute_interactive(
+                HOSTILE_CELL, timeout=60, output_hook=lambda m: replies.append(m)
+            )
+            bundles = [m["content"]["data"] for m in replies if m["msg_type"] == "display_data"]
+            assert len(bundles) == 4, replies  # (every one verified against the key)
+            text = json.dumps(bundles)
+            assert _dangerous(text) == [], text
+            assert "<b>kept</b>" in text and "<strong>md</strong>" in text
+            assert "application/javascript" in bundles[0]["text/plain"]
+            page = reply["content"]["payload"][0]["data"]
+            assert _dangerous(json.dumps(page)) == [] and "page" in page["text/html"]
+            # kernel_info's help links; the kernel's own are kept
+            r = await run_cell(kc, "get_ipython().kernel.help_links = "
+                               "[{'text': 'x', 'url': 'javascript:window.pwned=1'}]")  # fmt: skip
+            assert r.status == "ok"
+            info = await kc.kernel_info(reply=True)
+            assert info["content"]["help_links"] == []
+        finally:
+            kc.stop_channels()
+
+
+async def test_trusted_outputs_pass_javascript_unchanged():
+    """The positive control: the same cell with trusted_outputs shows what it sent."""
+    async with relayed_kernel(trusted=True) as k:
+        kc = k.client()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            seen = []
+            await kc.execute_interactive(HOSTILE_CELL, timeout=60,
+                                         output_hook=lambda m: seen.append(m))  # fmt: skip
+            bundles = [m["content"]["data"] for m in seen if m["msg_type"] == "display_data"]
+            assert bundles[0]["application/javascript"] == "window.pwned = 1"
+            assert "onerror" in bundles[1]["text/html"]
+        finally:
+            kc.stop_channels()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+FLOOD = r"""
+import sys, threading
+def flood():
+    for _ in range({n}):
+        sys.stdout.write("x" * {size})
+        sys.stdout.flush()
+threading.Thread(target=flood, daemon=True).start()
+"""
+
+
+async def test_a_client_that_does_not_read_cannot_make_the_host_hold_the_flood():
+    """A thread floods 8 MiB stream messages between cells while the client reads nothing:
+    the relay holds at most its backlog cap (32 MiB here), drops the rest, and the client
+    later gets one line saying what was dropped. Without the cap the client's socket
+    would queue up to 1000 messages (8 GB)."""
+    async with relayed_kernel(backlog=32 << 20) as k:
+        ctx = zmq.asyncio.Context()
+        ctx.setsockopt(zmq.RCVHWM, 4)
+        kc = k.client(context=ctx)
+        try:
+            await kc.wait_for_ready(timeout=60)
+            before = _rss_mib()
+            await kc.execute_interactive(FLOOD.format(n=60, size=8 << 20), timeout=60,
+                                         output_hook=lambda m: None)  # fmt: skip
+            gate = k.relay.gate
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 120
+            while gate.dropped_messages < 20 and loop.time() < deadline:
+                await asyncio.sleep(0.5)
+            grew = _rss_mib() - before
+            assert gate.dropped_messages >= 20, gate.dropped_messages
+            assert gate.peak_backlog <= (32 + 9) << 20, gate.peak_backlog
+            # relay backlog (32) + client queue (4 x 8) + a message in flight + slack
+            assert grew < 32 + 4 * 8 + 8 + 60, f"host grew {grew:.0f} MiB"
+            notices = []
+            deadline = loop.time() + 120
+            while not notices and loop.time() < deadline:
+                with contextlib.suppress(Exception):
+                    msg = await kc.get_iopub_msg(timeout=5)
+                    if msg["msg_type"] == "stream" and "smol-kernel" in msg["content"]["text"]:
+                        notices.append(msg["content"]["text"])
+            assert notices and "dropped" in notices[0] and "iopub_backlog_mib" in notices[0]
+        finally:
+            kc.stop_channels()
+            ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------- a guest that lies
+def _greeting(mechanism: bytes = b"NULL", major: int = 3) -> bytes:
+    return (b"\xff" + b"\0" * 8 + b"\x7f" + bytes((major, 1)) + mechanism.ljust(20, b"\0")
+            + b"\0" + b"\0" * 31)  # fmt: skip
+
+
+async def _fake_guest_relay(script: bytes):
+    """A relay whose 'kernel' iopub port sends ``script`` (then closes); returns what a raw
+    client connected to the relay's iopub port receives."""
+    gate = MessageGate(key=b"k", policy=OutputPolicy(), iopub_backlog=1 << 20)
+    ports = {ch: free_port() for ch in CHANNEL_PORTS}
+    relay = VsockRelay("tcp", "127.0.0.1", ports, gate)
+
+    async def open_stream(vport: int, timeout: float = 5.0):
+        r, w = socket.socketpair()
+        r.sendall(script)
+        r.shutdown(socket.SHUT_WR)
+        reader, writer = await asyncio.open_connection(sock=w)
+        reader._smol_keep = r  # type: ignore[attr-defined]
+        return reader, writer
+
+    async def run() -> bytes:
+        relay.bind()
+        await relay.start_serving(open_stream)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["iopub"])
+        got = b""
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(1 << 16), 5):
+                got += chunk
+        writer.close()
+        await relay.close()
+        return got
+
+    return await on_io_loop(run())
+
+
+async def test_a_guest_that_breaks_zmtp_loses_the_connection_and_nothing_else_passes():
+    evil = {"data": {"text/html": "<script>x</script>"}, "metadata": {}}
+    header = json.dumps({"msg_type": "display_data", "msg_id": "1"}).encode()
+    content = json.dumps(evil).encode()
+    msg = zmtp.frames([b"t", zmtp.DELIMITER, b"sig", header, b"{}", b"{}", content])
+    # a well-formed message is rewritten (and signed with our key)
+    got = await _fake_guest_relay(_greeting() + msg)
+    assert got.startswith(_greeting()) and b"<script" not in got and b"display_data" in got
+    # CurveZMQ: greeting forwarded, then nothing
+    assert await _fake_guest_relay(_greeting(b"CURVE") + msg) == _greeting(b"CURVE")
+    # ZMTP 2: refused
+    assert b"display_data" not in await _fake_guest_relay(_greeting(major=2) + msg)
+    # a frame that claims 2**62 bytes in the routing part: connection ends, nothing kept
+    huge = b"\x03" + struct.pack(">Q", 1 << 62)
+    assert await _fake_guest_relay(_greeting() + huge + b"x" * 100) == _greeting()
+    # a display_data whose content is not JSON: dropped
+    bad = zmtp.frames([b"t", zmtp.DELIMITER, b"sig", header, b"{}", b"{}", b"{not json"])
+    assert b"display_data" not in await _fake_guest_relay(_greeting() + bad)
+    # a header that is not JSON passes as an unknown type (clients drop it themselves)
+    odd = zmtp.frames([b"t", zmtp.DELIMITER, b"sig", b"\xff", b"{}", b"{}", b"{}"])
+    assert (await _fake_guest_relay(_greeting() + odd)).endswith(b"{}")
+
+
+@pytest.mark.skipif(os.environ.get("SMOL_SKIP_SLOW"), reason="SMOL_SKIP_SLOW is set")
+async def test_relay_throughput_of_a_large_output_is_kept():
+    """50 MB printed in 1 MiB messages passes the message relay whole and in order."""
+    async with relayed_kernel() as k:
+        kc = k.client()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            r = await run_cell(kc, "import sys\nfor i in range(50):\n"
+                               "    sys.stdout.write(str(i % 10) * 1_000_000); sys.stdout.flush()",
+                               timeout=120)  # fmt: skip
+            assert len(r.stdout) == 50_000_000
+            assert r.stdout[:1_000_000] == "0" * 1_000_000 and r.stdout[-1] == "9"
+        finally:
+            kc.stop_channels()

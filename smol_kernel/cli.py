@@ -10,6 +10,7 @@ import sys
 
 from .image.debian import HostToolError
 from .image.store import DEFAULT_IMAGE, ImageNotFound
+from .paths import RuntimeDirError
 from .vm.base import VmError
 
 
@@ -42,6 +43,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 def cmd_image_list(args: argparse.Namespace) -> int:
     from .image.store import list_images
+    from .shown import printable as escaped_row
 
     images = list_images()
     if args.json:
@@ -51,15 +53,21 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         print("no guest images; build one with: smol-kernel image build")
         return 0
     print(f"{'NAME':<16} {'CREATED':<21} {'KERNEL':<18} {'SIZE':>10}  EXTRA PACKAGES")
-    for img in images:
-        m = img.manifest
-        size = sum(f["size"] for f in m.get("files", {}).values())
-        extra = " ".join(m["inputs"].get("apt", []) + m["inputs"].get("pip", [])) or "-"
-        if "from_oci" in m["inputs"]:
-            extra = f"from {m['inputs']['from_oci']}" + (f" + {extra}" if extra != "-" else "")
+    for img in images:  # an imported image's manifest is the importer's: read it gently
+        m, inputs = img.manifest, img.inputs
+        files = m.get("files") if isinstance(m.get("files"), dict) else {}
+        size = sum(f.get("size", 0) for f in files.values()
+                   if isinstance(f, dict) and isinstance(f.get("size"), int))  # fmt: skip
+        packages = [str(p) for key in ("apt", "pip") if isinstance(inputs.get(key), list)
+                    for p in inputs[key]]  # fmt: skip
+        extra = " ".join(packages) or "-"
+        if "from_oci" in inputs:
+            extra = f"from {inputs['from_oci']}" + (f" + {extra}" if extra != "-" else "")
         print(
-            f"{img.name:<16} {m.get('created', '?'):<21} {img.kernel_release:<18} "
-            f"{_fmt_size(size):>10}  {extra}"
+            escaped_row(
+                f"{img.name:<16} {m.get('created', '?')!s:<21} {img.kernel_release:<18} "
+                f"{_fmt_size(size):>10}  {extra}"
+            )
         )
     return 0
 
@@ -671,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (HostToolError, ImageNotFound, ValueError, VmError) as e:
+    except (HostToolError, ImageNotFound, ValueError, VmError, RuntimeDirError) as e:
         print(f"smol-kernel: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

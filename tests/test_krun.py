@@ -122,6 +122,10 @@ def test_launcher_call_sequence(stubs, image, vm_dir, tmp_path):
     assert not any("SMOL_TEST_HOST_SECRET" in e for e in ex["envp"]), "host env leaked"
     assert by["krun_set_console_output"]["path"] == str(vm_dir / "console.log")
     assert by["krun_start_enter"]["open_fds"] == [0, 1, 2], "inherited fds must be closed"
+    # The VMM could not write into the guest's root (libkrun shares it read-write): the
+    # launcher made it read-only for itself; the same folder stays writable for us.
+    assert by["krun_start_enter"]["root_writable"] == 0
+    (Path(cfg["root_dir"]) / "ours.txt").write_text("the host may still write here")
 
 
 def test_launcher_adds_network_and_shares(stubs, image, vm_dir, tmp_path):

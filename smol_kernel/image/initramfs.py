@@ -169,7 +169,9 @@ def build_initramfs(
 
 
 def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
-    """Entries (name, mode, data) of a newc archive such as the one we write."""
+    """Entries (name, mode, data) of a newc archive such as the one we write. An imported
+    image's archive is anyone's: names are checked (relative, no ``..``, no empty or NUL
+    part); ValueError says which entry is wrong."""
     out = []
     pos = 0
     while pos + 110 <= len(data):
@@ -187,5 +189,10 @@ def read_cpio(data: bytes) -> list[tuple[str, int, bytes]]:
         pos += -pos % 4
         if name == "TRAILER!!!":
             break
-        out.append((name, mode, body))
+        parts = name.split("/")
+        if name.startswith("/") or "\0" in name or any(p in ("", "..") for p in parts):
+            if name not in (".", "./"):
+                raise ValueError(f"cpio entry {name!r} is not a plain relative path")
+            continue
+        out.append((name.removeprefix("./"), mode, body))
     return out

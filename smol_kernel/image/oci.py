@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .store import max_image_bytes
+
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -296,6 +298,7 @@ class _Hashing(io.RawIOBase):
 class UnpackStats:
     layers: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # what was left out, counted
+    written: int = 0  # bytes of files unpacked, all layers (capped: max_image_bytes)
 
 
 def unpack(image: OciImage, dest: Path) -> UnpackStats:
@@ -429,6 +432,12 @@ def _apply_layer(tf: tarfile.TarFile, root: Path, stats: UnpackStats) -> None:
             elif m.isfifo():
                 os.mkfifo(path, 0o600)
             else:
+                stats.written += m.size
+                if stats.written > (cap := max_image_bytes()):
+                    raise OciError(
+                        f"the image unpacks to over {cap / (1 << 30):.0f} GiB "
+                        "(SMOL_KERNEL_MAX_IMAGE_GIB): refusing it before it fills the disk"
+                    )
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 with os.fdopen(os.open(path, flags, 0o600), "wb") as out:
                     data = tf.extractfile(m)

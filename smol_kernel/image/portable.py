@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import paths
-from .store import IMAGE_FILES, GuestImage, ImageNotFound, check_name
+from .store import IMAGE_FILES, GuestImage, ImageNotFound, check_name, max_image_bytes
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -133,6 +133,7 @@ def _unpack(src: Path, work: Path) -> dict:
                     if member.size > MAX_MANIFEST_BYTES:
                         raise ImageFileError(f"{where} is too large for a manifest")
                     manifest = _read_manifest(f.read(), src)
+                    _check_room(manifest, src, work)
                     seen.append(MANIFEST)
                     continue
                 want = manifest["files"][member.name]
@@ -149,6 +150,21 @@ def _unpack(src: Path, work: Path) -> dict:
         raise ImageFileError(f"{src} is truncated or incomplete: no {', '.join(missing)}")
     assert manifest is not None
     return manifest
+
+
+def _check_room(manifest: dict, src: Path, work: Path) -> None:
+    """Before a byte of the image is written: its files fit the size cap and the disk."""
+    total = sum(int(f["size"]) for f in manifest["files"].values())
+    cap = max_image_bytes()
+    if total > cap or any(int(f["size"]) < 0 for f in manifest["files"].values()):
+        raise ImageFileError(
+            f"{src} unpacks to {total / (1 << 30):.1f} GiB, over the "
+            f"{cap / (1 << 30):.0f} GiB cap (SMOL_KERNEL_MAX_IMAGE_GIB)"
+        )
+    free = shutil.disk_usage(work).free
+    if total > free:
+        raise ImageFileError(f"{src} needs {total >> 20} MiB and {work} has {free >> 20} MiB "
+                             "free: make room first")  # fmt: skip
 
 
 def _read_manifest(data: bytes, src: Path) -> dict:

@@ -19,12 +19,27 @@ from pathlib import Path
 from .. import paths
 
 DEFAULT_IMAGE = "default"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_INITRAMFS_BYTES = 256 << 20
 IMAGE_FILES = ("root.ext4", "vmlinux", "initramfs.cpio")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ImageNotFound(Exception):
     """The named guest image has not been built."""
+
+
+def max_image_bytes() -> int:
+    """Most bytes an image file, an OCI image's layers or an import may unpack to:
+    ``SMOL_KERNEL_MAX_IMAGE_GIB`` (default 32). Checked while reading, so a gzip bomb or a
+    sparse member stops at the cap instead of filling the disk."""
+    import os
+
+    try:
+        gib = float(os.environ.get("SMOL_KERNEL_MAX_IMAGE_GIB", "32"))
+    except ValueError:
+        gib = 32.0
+    return int(gib * (1 << 30))
 
 
 def check_name(name: str) -> str:
@@ -58,7 +73,15 @@ class GuestImage:
 
     @property
     def kernel_release(self) -> str:
-        return self.manifest.get("versions", {}).get("kernel_release", "?")
+        versions = self.manifest.get("versions")
+        release = versions.get("kernel_release") if isinstance(versions, dict) else None
+        return str(release) if release is not None else "?"
+
+    @property
+    def inputs(self) -> dict:
+        """What the image was built from ({} for a manifest without them)."""
+        inputs = self.manifest.get("inputs")
+        return inputs if isinstance(inputs, dict) else {}
 
     @classmethod
     def load(cls, name: str, root: Path | None = None) -> GuestImage:
@@ -71,7 +94,18 @@ class GuestImage:
             raise ImageNotFound(
                 f"guest image {name!r} is not built (looked in {base}). Build it with: {build_cmd}"
             )
-        manifest = json.loads(manifest_file.read_text())
+        try:
+            with open(manifest_file, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"over {MAX_MANIFEST_BYTES} bytes")
+            manifest = json.loads(data)
+        except (OSError, ValueError, RecursionError) as e:
+            raise ImageNotFound(f"guest image {name!r} has an unreadable manifest ({e}). "
+                                f"Rebuild it with: {build_cmd} --force") from None  # fmt: skip
+        if not isinstance(manifest, dict):
+            raise ImageNotFound(f"guest image {name!r} has no valid manifest. "
+                                f"Rebuild it with: {build_cmd} --force")  # fmt: skip
         missing = [f for f in IMAGE_FILES if not (base / f).exists()]
         if missing:
             raise ImageNotFound(

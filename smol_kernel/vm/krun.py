@@ -24,13 +24,14 @@ from pathlib import Path
 
 from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
-from ..image.store import GuestImage, ImageNotFound
+from ..image.store import MAX_INITRAMFS_BYTES, GuestImage, ImageNotFound
 from ..trusted import helper_env, python_argv
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
 from .network import GUEST_MAC, start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
+from .share import open_share
 from .spec import Isolation, VmSpec, share_tag
 
 SUN_PATH_MAX = 107
@@ -57,20 +58,49 @@ def vsock_socket_path(rt_path: Path, port: int) -> Path:
 
 
 def make_boot_dir(image: GuestImage, dest: Path) -> None:
-    """The per-VM virtio-fs root: the initramfs minus kernel modules and device nodes."""
+    """The per-VM virtio-fs root: the initramfs minus kernel modules and device nodes.
+
+    An imported image's initramfs is untrusted input: its size is capped, entry names are
+    plain relative paths (``read_cpio``), nothing is written through a symlink it made, and
+    only folders, regular files and symlinks (kept as links, never followed here) come in."""
+    with open(image.initramfs, "rb") as f:
+        data = f.read(MAX_INITRAMFS_BYTES + 1)
+    if len(data) > MAX_INITRAMFS_BYTES:
+        raise VmError(f"{image.initramfs} is over {MAX_INITRAMFS_BYTES >> 20} MiB: not ours")
+    try:
+        entries = read_cpio(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VmError(f"{image.initramfs} is not a usable initramfs: {e}") from None
     dest.mkdir()
-    for name, mode, data in read_cpio(image.initramfs.read_bytes()):
+    try:
+        _unpack_boot_files(entries, dest, str(image.initramfs))
+    except OSError as e:
+        raise VmError(f"{image.initramfs}: cannot unpack it: {e}") from None
+    (dest / "dev").mkdir(exist_ok=True)
+
+
+def _unpack_boot_files(entries: list[tuple[str, int, bytes]], dest: Path, where: str) -> None:
+    links: set[str] = set()
+    for name, mode, body in entries:
         if name.startswith("lib/modules/") or stat.S_ISCHR(mode):
             continue
+        prefixes = ["/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)]
+        if any(p in links for p in prefixes):
+            raise VmError(f"{where}: {name!r} lies beyond a symlink of the archive")
         target = dest / name
         if stat.S_ISDIR(mode):
             target.mkdir(parents=True, exist_ok=True)
         elif stat.S_ISLNK(mode):
-            target.symlink_to(data.decode())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(body.decode())
+            links.add(name)
         elif stat.S_ISREG(mode):
-            target.write_bytes(b"" if name.startswith("modules.") else data)
-            target.chmod(stat.S_IMODE(mode))
-    (dest / "dev").mkdir(exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(target, flags, stat.S_IMODE(mode) & 0o755), "wb") as out:
+                out.write(b"" if name.startswith("modules.") else body)
+        else:
+            raise VmError(f"{where}: {name!r} is neither a file, folder nor link")
 
 
 def required_features(spec: VmSpec) -> list[str]:
@@ -89,9 +119,11 @@ def launcher_config(
     krun: dict,
     probe: bool = False,
     net_fd: int | None = None,
+    share_fds: list[int] | None = None,
 ) -> dict:
     """What the launcher builds. ``env`` is complete: the host environment never enters.
-    ``net_fd`` is the launcher's inherited end of the guarded passt link."""
+    ``net_fd`` is the launcher's inherited end of the guarded passt link; ``share_fds`` the
+    share folders we opened and checked (``share.open_share``), inherited too."""
     ports = {} if probe else {
         str(p): str(vsock_socket_path(rt_path, p)) for p in (CONTROL_PORT, *CHANNEL_PORTS.values())
     }  # fmt: skip
@@ -117,9 +149,14 @@ def launcher_config(
         ],
         "require": required_features(spec),
         "shares": [
-            {"tag": share_tag(i), "path": s.host, "read_only": s.read_only}
+            {
+                "tag": share_tag(i),
+                "read_only": s.read_only,
+                "path": f"/proc/self/fd/{share_fds[i]}" if share_fds else s.host,
+            }
             for i, s in enumerate(spec.shares)
         ],
+        "keep_fds": [*(share_fds or []), *([] if net_fd is None else [net_fd])],
         "net": None if net_fd is None else {"fd": net_fd, "mac": GUEST_MAC},
         "vsock_ports": ports,
         "console": str(rt_path / "console.log"),
@@ -139,11 +176,6 @@ def launcher_argv(config_path: Path) -> list[str]:
     )  # fmt: skip
 
 
-def _abs_lib(path: str | None) -> str | None:
-    """A library path with a folder part made absolute; a bare soname stays a soname."""
-    return os.path.abspath(path) if path and os.sep in path else path
-
-
 class KrunVm(ProcessVm):
     """The launcher process is the VMM (it became the VM in krun_start_enter)."""
 
@@ -161,9 +193,10 @@ class KrunBackend(VmBackend):
     name = "libkrun"
 
     def __init__(self, libkrun: str | None = None, libkrunfw: str | None = None) -> None:
-        # Absolute: the launcher runs in the VM's runtime dir, not in our working folder.
-        self.libkrun = _abs_lib(libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN"))
-        self.libkrunfw = _abs_lib(libkrunfw or os.environ.get("SMOL_KERNEL_LIBKRUNFW"))
+        # Absolute paths only (Krun refuses others), else the system's, found in fixed
+        # folders: never through the working folder or a search the PATH could steer.
+        self.libkrun = libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN") or None
+        self.libkrunfw = libkrunfw or os.environ.get("SMOL_KERNEL_LIBKRUNFW") or None
 
     @property
     def _krun_cfg(self) -> dict:
@@ -242,18 +275,22 @@ class KrunBackend(VmBackend):
         rt = RuntimeDir.create()
         proc = net_sock = None
         net_procs: list[subprocess.Popen] = []
+        share_fds: list[int] = []
         try:
+            for share in spec.shares:  # opened and checked again: the launcher gets these
+                share_fds.append(open_share(share))
             await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
             await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
             net_fd = net_sock.fileno() if net_sock else None
-            cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd)
+            cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd,
+                                  share_fds=share_fds)  # fmt: skip
             cfg_path = rt.path / "launcher.json"
             cfg_path.write_text(json.dumps(cfg))
             proc = await asyncio.to_thread(
                 spawn, launcher_argv(cfg_path), rt.path / "launcher.log", None,
-                () if net_fd is None else (net_fd,),
+                tuple(cfg["keep_fds"]),
             )  # fmt: skip
             vm = KrunVm(spec, rt, _isolation(), proc, tuple(net_procs))
             vm.record_state(self.name)
@@ -266,6 +303,8 @@ class KrunBackend(VmBackend):
         finally:
             if net_sock is not None:
                 net_sock.close()  # the launcher has its own copy
+            for fd in share_fds:
+                os.close(fd)
 
     def _check_features(self, spec: VmSpec) -> None:
         """Refuse before booting when the library cannot give what the spec asks for."""

@@ -35,11 +35,29 @@ FEATURE_NEEDS = {
     "libkrun, or share the folder :rw",
 }
 KRUN_DISK_FORMAT_RAW = 0
-# virtio-net features passt expects (libkrun.h's COMPAT_NET_FEATURES): CSUM, GUEST_CSUM,
-# GUEST_TSO4, GUEST_UFO, HOST_TSO4, HOST_UFO.
-COMPAT_NET_FEATURES = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 10) | (1 << 11) | (1 << 14)
+# virtio-net features (libkrun.h's COMPAT_NET_FEATURES minus HOST_TSO4 and HOST_UFO): CSUM,
+# GUEST_CSUM, GUEST_TSO4, GUEST_UFO. Without host segmentation offload the guest sends no
+# frame over its MTU, so the network guard can drop every larger one (netfilter.py).
+COMPAT_NET_FEATURES = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 10)
 DEFAULT_SONAME = "libkrun.1.dylib" if sys.platform == "darwin" else "libkrun.so.1"
 LIBKRUNFW_SONAME = "libkrunfw.5.dylib" if sys.platform == "darwin" else "libkrunfw.so.5"
+# Where a system's libkrun is installed. A bare name is never handed to dlopen: cffi would
+# then ask ctypes.util.find_library, which runs gcc, ld and objdump from the server's PATH
+# and working folder -- programs a guest with a rw share could have planted.
+LIBRARY_DIRS = (
+    "/usr/lib64", "/usr/lib", "/usr/local/lib64", "/usr/local/lib",
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+    "/opt/homebrew/lib", "/opt/local/lib",
+)  # fmt: skip
+
+
+def find_library(name: str) -> str | None:
+    """``name`` as an absolute path in one of ``LIBRARY_DIRS``, or None."""
+    for folder in LIBRARY_DIRS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 class KrunLoadError(Exception):
@@ -91,8 +109,20 @@ class Krun:
             ) from e
         self.ffi = cffi.FFI()
         self.ffi.cdef(declarations())
-        self.path = path or DEFAULT_SONAME
         self._keep: list = []  # C buffers that must outlive the calls using them
+        if path and not os.path.isabs(path):
+            raise KrunLoadError(f"{path}: give libkrun's absolute path (SMOL_KERNEL_LIBKRUN)")
+        found = path or find_library(DEFAULT_SONAME)
+        if found is None:
+            raise KrunLoadError(
+                f"{DEFAULT_SONAME} is not installed in {', '.join(LIBRARY_DIRS)} "
+                "(set SMOL_KERNEL_LIBKRUN to its absolute path if it is elsewhere)"
+            )
+        self.path = found
+        # libkrun opens libkrunfw by soname: load it first, by path, so that is the one.
+        libkrunfw = libkrunfw or find_library(LIBKRUNFW_SONAME)
+        if libkrunfw and not os.path.isabs(libkrunfw):
+            raise KrunLoadError(f"{libkrunfw}: give libkrunfw's absolute path")
         if libkrunfw:
             try:
                 self.ffi.dlopen(libkrunfw, self.ffi.RTLD_NOW | self.ffi.RTLD_GLOBAL)

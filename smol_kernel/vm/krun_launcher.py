@@ -45,6 +45,36 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def read_only_boot_dir(path: str) -> None:
+    """Make the VM's root (libkrun shares it read-write with the guest) read-only for this
+    process, the VMM: a private user and mount namespace with a read-only bind mount of the
+    folder over itself. Without it, root in the guest could remount its root and grow the
+    boot folder -- in the runtime folder, often a tmpfs, i.e. host memory -- without a cap.
+    OSError if this host does not allow unprivileged user namespaces."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newuser, clone_newns = 0x10000000, 0x00020000
+    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
+    uid, gid = os.getuid(), os.getgid()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    check(libc.unshare(clone_newuser | clone_newns), "unshare(user, mount namespaces)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):  # fmt: skip
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    target = path.encode()
+    check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "make mounts private")
+    check(libc.mount(target, target, None, ms_bind | ms_rec, None), f"bind {path}")
+    check(libc.mount(None, target, None, ms_bind | ms_remount | ms_rdonly, None),
+          f"remount {path} read-only")  # fmt: skip
+
+
 def build_and_start(cfg: dict) -> int:
     from .krun_binding import COMPAT_NET_FEATURES, KRUN_DISK_FORMAT_RAW, Krun
 
@@ -93,14 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.load(f)
     _die_with_parent(int(cfg.get("parent_pid") or os.getppid()))
     max_fd = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
-    keep = int(cfg["net"]["fd"]) if cfg.get("net") else None
-    if keep is None:
-        os.closerange(3, max_fd)
-    else:  # the network link is the one descriptor the VM inherits on purpose
-        os.closerange(3, keep)
-        os.closerange(keep + 1, max_fd)
+    # The network link and the share folders are what the VM inherits on purpose.
+    keep = sorted({int(fd) for fd in cfg.get("keep_fds", [])})
+    low = 3
+    for fd in keep:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max_fd)
     from .krun_binding import KrunError, KrunLoadError
 
+    if sys.platform.startswith("linux"):  # the boot probe too: it fails where VMs would
+        try:
+            read_only_boot_dir(cfg["root_dir"])
+        except OSError as e:
+            print(f"smol-kernel launcher: cannot make the VM's boot folder read-only ({e}); "
+                  "libkrun needs unprivileged user namespaces (sysctl "
+                  "kernel.unprivileged_userns_clone=1, or an AppArmor profile allowing them), "
+                  "or use the qemu backend", file=sys.stderr, flush=True)  # fmt: skip
+            return LAUNCHER_FAILED
     try:
         return build_and_start(cfg)
     except (KrunError, KrunLoadError) as e:

@@ -68,7 +68,9 @@ int32_t krun_set_vm_config(uint32_t ctx, uint8_t vcpus, uint32_t mib) {
     BEGIN("krun_set_vm_config") fprintf(f, ",\"ctx\":%u,\"vcpus\":%u,\"ram_mib\":%u", ctx, vcpus, mib);
     END("krun_set_vm_config")
 }
+static char root_path[4096];
 int32_t krun_set_root(uint32_t ctx, const char *path) {
+    if (path) snprintf(root_path, sizeof root_path, "%s", path);
     BEGIN("krun_set_root") fprintf(f, ",\"ctx\":%u,\"path\":", ctx); put_str(f, path); END("krun_set_root")
 }
 #ifndef STUB_OLD
@@ -141,7 +143,16 @@ int32_t krun_start_enter(uint32_t ctx) {
     FILE *f = logf_();
     if (f) {
         /* Which descriptors did the launcher leave open? (it must close inherited ones) */
-        fprintf(f, "{\"fn\":\"krun_start_enter\",\"ctx\":%u,\"open_fds\":[", ctx);
+        /* Could the VM (this process, once it entered) write into its boot folder? */
+        int writable = -1;
+        if (root_path[0]) {
+            char p[4200];
+            snprintf(p, sizeof p, "%s/.stub-write-test", root_path);
+            FILE *t = fopen(p, "w");
+            writable = t != NULL;
+            if (t) { fclose(t); unlink(p); }
+        }
+        fprintf(f, "{\"fn\":\"krun_start_enter\",\"root_writable\":%d,\"ctx\":%u,\"open_fds\":[", writable, ctx);
         int first = 1;
         for (int fd = 0; fd < 256; fd++) {
             if (fd == fileno(f)) continue;

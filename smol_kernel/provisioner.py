@@ -28,7 +28,6 @@ import os
 import signal
 import time
 import weakref
-from string import Template
 from typing import Any
 
 import zmq
@@ -43,6 +42,7 @@ from .ioloop import on_io_loop
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel_vm, claim
 from .message_pump import MessageGate
 from .output_policy import OutputPolicy
+from .paths import RuntimeDirError
 from .pool import warm_pool
 from .relay import VsockRelay
 from .shown import escaped
@@ -50,12 +50,10 @@ from .start_errors import ReadableStartError
 from .vm.base import Vm, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
 from .vm.select import BACKENDS, Selection, select_backend
-from .vm.share import Share, ShareError, parse_share
+from .vm.share import Share, ShareError, check_shares, parse_share
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLIENT_RCVHWM = 1  # messages a client socket of a smolvm kernel queues (see bound_client_queues)
-# Host variables a kernel legitimately needs to know; everything else stays on the host.
-PASSED_THROUGH = ("JPY_SESSION_NAME",)
 
 
 __all__ = ["KernelStartError", "SmolVMProvisioner"]
@@ -187,6 +185,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     cwd_guest_path = Unicode(
         "/work", config=True, help="Where share_cwd mounts the notebook's folder in the guest."
     )
+    allow_home_share = Bool(
+        False,
+        config=True,
+        help="Allow a read-only share of the home folder itself. Everything in it becomes "
+        "readable in the VM: ~/.ssh keys, cloud credentials, Jupyter's tokens and history "
+        "included. Off: the home folder, and any folder of secrets, is refused even "
+        "read-only.",
+    )
     trusted_outputs = Bool(
         False,
         config=True,
@@ -230,7 +236,10 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ launch
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        await asyncio.to_thread(reap_orphans)
+        try:
+            await asyncio.to_thread(reap_orphans)
+        except RuntimeDirError as e:
+            raise ReadableStartError(500, f"cannot start a kernel: {e}") from None
         bound_client_queues(self.parent)
         extra = list(kwargs.get("extra_arguments") or [])
         kwargs = await super().pre_launch(**kwargs)  # ports, connection file, curve keys
@@ -244,10 +253,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         starts (the server extension calls this). Returns what it did, for the log."""
         if self.pool_size <= 0:
             return "pool_size is 0: no pool"
-        host_env = dict(os.environ)
-        for name, value in (self.kernel_spec.env or {}).items():  # as pre_launch substitutes
-            host_env[name] = Template(str(value)).safe_substitute(os.environ)
-        self._guest_env, self._kernel_env = self._split_env(host_env)
+        self._guest_env, self._kernel_env = self._split_env(dict(os.environ))
         self._guest_argv = list(self.kernel_spec.argv)
         self._shares, self._cwd = self._resolve_shares(cwd)
         return await on_io_loop(self._warm_up())
@@ -259,19 +265,19 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             return f"no pool: {why}"
         assert selection.backend is not None
         warm_pool().want(plan, selection.backend, self.pool_size, self.pool_ttl,
-                         self.startup_timeout, self.log)  # fmt: skip
+                         self.startup_timeout, self.log, self._limits())  # fmt: skip
         return f"keeping {self.pool_size} VM(s) ready ({plan.describe()})"
 
     def _split_env(self, host_env: dict) -> tuple[dict[str, str], dict[str, str]]:
-        """The guest's environment: fixed for this configuration, and per kernel."""
+        """The guest's environment: fixed for this configuration, and per kernel. The
+        kernelspec's values go in literally: jupyter_client fills ``${VAR}`` from the host's
+        environment, which would hand a host secret to the VM."""
         env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
-        for name in self.kernel_spec.env or {}:
-            if name in host_env:  # after the base class's ${VAR} substitution
-                env[name] = str(host_env[name])
+        for name, value in (self.kernel_spec.env or {}).items():
+            env[str(name)] = str(value)
         per_kernel = {}
-        for name in PASSED_THROUGH:
-            if name in host_env:
-                per_kernel[name] = str(host_env[name])
+        if session := host_env.get("JPY_SESSION_NAME"):  # the notebook: its name, not where
+            per_kernel["JPY_SESSION_NAME"] = os.path.basename(str(session))  # it is on the host
         if self.kernel_id:
             per_kernel["KERNEL_ID"] = self.kernel_id
         for name in PER_KERNEL_ENV:  # a kernelspec value is still per kernel
@@ -282,13 +288,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     def _resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
         """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
         shares = []
+        allow_home = self.allow_home_share
         try:
             for text in self.shares:
-                shares.append(parse_share(text, host_cwd))
+                shares.append(parse_share(text, host_cwd, allow_home))
             if self.share_cwd != "off":
-                shares.append(
-                    parse_share(f"{host_cwd or '.'}:{self.cwd_guest_path}:{self.share_cwd}")
-                )
+                text = f"{host_cwd or '.'}:{self.cwd_guest_path}:{self.share_cwd}"
+                shares.append(parse_share(text, allow_home=allow_home))
+            check_shares(shares)
         except ShareError as e:
             raise KernelStartError(
                 f"cannot start a {self.kernel_spec.display_name} kernel: {e}"
@@ -304,13 +311,33 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         except KernelStartError as e:
             raise ReadableStartError(500, str(e)) from e
 
+    def _limits(self) -> quota.Limits:
+        """The caps for this kernel: the server's own settings (config files, command line,
+        MEM_LIMIT), which no kernelspec can lift, tightened by this kernelspec's. Also
+        records the server's in the ledger and makes the pool ask it before each refill."""
+        conf = self.config.get("SmolVMProvisioner", {})  # not the kernelspec's metadata
+
+        def server_value(name: str, default: int) -> int:
+            try:
+                return int(conf.get(name, default))
+            except (TypeError, ValueError):
+                return default
+
+        book, pool = quota.ledger(), warm_pool()
+        book.server = quota.Limits(
+            server_value("max_vms", 0),
+            server_value("max_total_memory_mib", self._default_max_total_memory_mib()),
+        )
+        pool.admit = lambda p: book.refusal(
+            pool.memory(), p.memory_mib, book.server.tighter(pool.limits_for(p))
+        )
+        return book.server.tighter(quota.Limits(self.max_vms, self.max_total_memory_mib))
+
     def _reserve(self, plan: KernelPlan) -> None:
         """Count this kernel's VM against the quotas, closing pooled VMs if that makes
         room; QuotaExceeded (HTTP 403) if it cannot."""
         book, pool = quota.ledger(), warm_pool()
-        limits = quota.Limits(self.max_vms, self.max_total_memory_mib)
-        book.limits = limits
-        pool.admit = lambda p: book.refusal(pool.memory(), p.memory_mib, book.limits)
+        limits = self._limits()
 
         def why_not() -> str | None:
             memory = pool.memory()
@@ -320,7 +347,6 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
 
         while (why := why_not()) is not None:
             if not pool.give_way_now(keep=plan):
-                book.refusals += 1
                 metrics.quota_refused()
                 self.log.warning("kernel %s: refused: %s", self._shown_id, why)
                 raise quota.QuotaExceeded(
@@ -360,7 +386,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if why_cold is None:
                 assert selection.backend is not None
                 pool.want(plan, selection.backend, self.pool_size, self.pool_ttl,
-                          self.startup_timeout, self.log)  # fmt: skip
+                          self.startup_timeout, self.log, self._limits())  # fmt: skip
                 pooled = await pool.claim(plan, deadline)
                 why_cold = None if pooled else pool.why_miss(plan)
             if pooled is not None:

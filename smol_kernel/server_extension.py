@@ -137,9 +137,14 @@ def bound_server_output() -> bool:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
+    import os
+
     from .ioloop import io_loop
 
     log = serverapp.log
+    # Host kernels, terminals and language servers this server starts inherit this: no
+    # `python -m` started in a folder a guest can write (share_cwd=rw) imports from it.
+    os.environ["PYTHONSAFEPATH"] = "1"
     if not forget_failed_starts(serverapp.kernel_manager):
         log.warning("smol-kernel: this kernel manager may not stop after a failed start")
     if not bound_server_output():

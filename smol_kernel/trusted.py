@@ -13,8 +13,9 @@ Jupyter server runs in. So every host process smol-kernel starts for a VM:
   the helper's dependencies from (``python_argv``). That works for system, venv, user-site
   and editable installs alike: the helper imports the same files the server did.
 
-What this cannot cover -- a ``rw`` share of a folder these files live in -- is refused by
-``share.check_host_folder``.
+What this cannot cover -- a ``rw`` share of a folder these files live in, or of a folder on
+``PATH`` -- is refused by ``share.check_host_folder`` (``protected_folders``); programs are
+resolved once per process to absolute paths (``find_program``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -50,14 +52,23 @@ def helper_env() -> dict[str, str]:
     return {"PATH": trusted_path()}
 
 
+_programs: dict[tuple[str, str | None, str | None], str | None] = {}
+
+
 def find_program(name: str, override_var: str | None = None) -> str | None:
-    """An executable by name on ``trusted_path()``; ``override_var`` (e.g.
-    ``SMOL_KERNEL_QEMU``) may name one, and must then be an absolute path."""
+    """An executable by name on ``trusted_path()``, as an absolute path, looked up once per
+    process (a later change to a folder on PATH does not redirect us); ``override_var``
+    (e.g. ``SMOL_KERNEL_QEMU``) may name one, and must then be an absolute path."""
     override = os.environ.get(override_var) if override_var else None
-    if override:
-        ok = os.path.isabs(override) and os.path.isfile(override) and os.access(override, os.X_OK)
-        return override if ok else None
-    return shutil.which(name, path=trusted_path())
+    key = (name, override_var, override)
+    if _programs.get(key) is None:  # (a program installed later is found then)
+        if override:
+            ok = os.path.isabs(override) and os.path.isfile(override)
+            _programs[key] = override if ok and os.access(override, os.X_OK) else None
+        else:
+            found = shutil.which(name, path=trusted_path())
+            _programs[key] = os.path.abspath(found) if found else None
+    return _programs[key]
 
 
 def import_root(module: str) -> str:
@@ -79,37 +90,67 @@ def python_argv(module: str, *args: str, deps: tuple[str, ...] = (),
     return [python or sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(roots), module, *args]
 
 
-def protected_folders() -> list[tuple[str, str]]:
-    """(folder, why) pairs: folders whose contents decide what host processes run or hold
-    secrets of other kernels. A guest must never be able to write into them."""
+@dataclass(frozen=True)
+class ProtectedFolder:
+    """A folder shares are checked against. ``secret``: no share may be, contain or lie in it,
+    not even read-only (keys, tokens, other kernels' connection files). Otherwise it holds
+    code or configuration host programs run: no ``rw`` share may be, contain or lie in it.
+    ``home``: the home folder, refused as a share unless the administrator allows it."""
+
+    path: str
+    why: str
+    secret: bool = False
+    home: bool = False
+
+
+SYSTEM_FOLDERS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                  "/boot", "/opt", "/var/lib", "/snap")  # fmt: skip
+# Under the home folder: keys, tokens, browser profiles, shell and IPython history.
+HOME_SECRETS = (".ssh", ".gnupg", ".config", ".aws", ".azure", ".kube", ".docker",
+                ".password-store", ".mozilla", ".ipython", ".local/share/keyrings",
+                ".local/share/jupyter", ".jupyter")  # fmt: skip
+
+
+def protected_folders() -> list[ProtectedFolder]:
+    """What shares are checked against (``share.check_host_folder``), by identity."""
     import site
     import sysconfig
 
     from . import paths
 
-    out: list[tuple[str, str]] = []
     code = "Python code the Jupyter server and smol-kernel import"
-    out.append((import_root("smol_kernel"), "smol-kernel's own code"))
-    for p in sys.path:
-        if p and os.path.isabs(p):
-            out.append((p, code))
+    out = [ProtectedFolder(import_root("smol_kernel"), "smol-kernel's own code")]
+    out += [ProtectedFolder(p, code) for p in sys.path if p and os.path.isabs(p)]
     for name in ("stdlib", "platstdlib", "purelib", "platlib", "scripts"):
         with contextlib.suppress(Exception):
-            out.append((sysconfig.get_path(name), code))
+            out.append(ProtectedFolder(sysconfig.get_path(name), code))
     with contextlib.suppress(Exception):
-        out.append((site.getusersitepackages(), code))  # even before it exists
-    out.append((sys.prefix, "the Python installation the server runs"))
-    out.append((str(Path(sys.executable).parent), "the Python installation the server runs"))
-    out.append((str(paths.cache_dir()), "smol-kernel's images and helper programs"))
-    out.append((str(paths.runtime_dir()), "smol-kernel's per-VM runtime folders"))
+        out.append(ProtectedFolder(site.getusersitepackages(), code))  # even before it exists
+    installation = "the Python installation the server runs"
+    out.append(ProtectedFolder(sys.prefix, installation))
+    out.append(ProtectedFolder(str(Path(sys.executable).parent), installation))
+    # Every PATH entry, relative ones as this process would resolve them: a program planted
+    # there runs the next time anyone on this host types its name.
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if entry:
+            out.append(ProtectedFolder(os.path.abspath(entry), "a folder on PATH (programs)"))
+    out += [ProtectedFolder(p, "the host's programs, libraries and configuration")
+            for p in SYSTEM_FOLDERS]  # fmt: skip
+    out.append(ProtectedFolder(str(paths.cache_dir()), "smol-kernel's images and helper programs"))
+    out.append(ProtectedFolder(str(paths.runtime_dir()), "smol-kernel's per-VM runtime folders",
+                               secret=True))  # fmt: skip
     with contextlib.suppress(Exception):
         from jupyter_core import paths as jpaths
 
-        out += [(p, "Jupyter configuration (run as code)") for p in jpaths.jupyter_config_path()]
-        out += [(p, "Jupyter data (kernelspecs)") for p in jpaths.jupyter_path()]
-        out.append((jpaths.jupyter_runtime_dir(), "Jupyter connection files and tokens"))
-    seen: dict[str, str] = {}
-    for folder, why in out:
-        if folder:
-            seen.setdefault(os.path.realpath(folder), why)
-    return list(seen.items())
+        out += [ProtectedFolder(p, "Jupyter configuration (run as code, may hold secrets)",
+                                secret=True) for p in jpaths.jupyter_config_path()]  # fmt: skip
+        out += [ProtectedFolder(p, "Jupyter data (kernelspecs, server state)", secret=True)
+                for p in jpaths.jupyter_path()]  # fmt: skip
+        out.append(ProtectedFolder(jpaths.jupyter_runtime_dir(),
+                                   "Jupyter connection files and tokens", secret=True))  # fmt: skip
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):
+        out.append(ProtectedFolder(home, "your home folder (keys, tokens, history)", home=True))
+        out += [ProtectedFolder(os.path.join(home, name), "keys, tokens or credentials",
+                                secret=True) for name in HOME_SECRETS]  # fmt: skip
+    return [p for p in out if p.path]

@@ -147,6 +147,8 @@ def backend_spec(request, jupyter_prefix, image):
     yield install_spec(
         jupyter_prefix, f"smolvm-{name}", "--backend", backend,
         "--env", "SMOL_SPEC_VAR=from-kernelspec", "--memory-mib", "768",
+        # jupyter_client fills ${VAR} from the host: the guest must get it literally
+        "--env", "SMOL_SPEC_REF=${" + SECRET_ENV + "}",
         "--pool-size", "1" if pooled else "0",
     )  # fmt: skip
     if pooled:

@@ -97,9 +97,11 @@ async def test_kernelspec_env_passes_and_host_env_does_not(kernel):
         kc,
         "import os\n"
         f"print(os.environ.get('SMOL_SPEC_VAR'), os.environ.get({SECRET_ENV!r}), "
-        "os.environ.get('HOME'), 'JUPYTER_PATH' in os.environ)",
+        "os.environ.get('HOME'), 'JUPYTER_PATH' in os.environ, "
+        "os.environ.get('SMOL_SPEC_REF'))",
     )
-    assert r.stdout.split() == ["from-kernelspec", "None", "/root", "False"]
+    reference = "${" + SECRET_ENV + "}"  # not expanded from the host's environment
+    assert r.stdout.split() == ["from-kernelspec", "None", "/root", "False", reference]
 
 
 async def test_host_files_are_not_visible(kernel, tmp_path):

@@ -26,6 +26,7 @@ from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
 from .network import GUEST_MAC, start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
+from .share import open_share
 from .spec import Isolation, VmSpec, share_tag
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
@@ -140,7 +141,12 @@ class QemuBackend(VmBackend):
         rt = RuntimeDir.create()
         vhost = qemu = net_sock = None
         net_procs: list[subprocess.Popen] = []
+        share_fds: list[int] = []
         try:
+            # The folders themselves, opened and checked again now: QEMU gets them as
+            # descriptors, so no rename or symlink since planning can redirect a share.
+            for share in spec.shares:
+                share_fds.append(open_share(share))
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
             overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
@@ -162,10 +168,10 @@ class QemuBackend(VmBackend):
                     )
                 await asyncio.sleep(0.01)
             net_fd = net_sock.fileno() if net_sock else None
-            argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock, net_fd)
-            qemu = await asyncio.to_thread(
-                spawn, argv, rt.path / "qemu.log", None, () if net_fd is None else (net_fd,)
-            )
+            argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock, net_fd,
+                              share_fds)  # fmt: skip
+            fds = (*share_fds, *(() if net_fd is None else (net_fd,)))
+            qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
             vm = QemuVm(spec, rt, status.isolation, qemu, (vhost, *net_procs))
             vm.record_state(self.name)
             await vm.confirm_started("QEMU", rt.path / "qemu.log")
@@ -177,6 +183,8 @@ class QemuBackend(VmBackend):
         finally:
             if net_sock is not None:
                 net_sock.close()  # QEMU has its own copy
+            for fd in share_fds:
+                os.close(fd)
 
     def _argv(
         self,
@@ -187,6 +195,7 @@ class QemuBackend(VmBackend):
         overlay: Path,
         vu_sock: Path,
         net_fd: int | None = None,
+        share_fds: list[int] | None = None,
     ) -> list[str]:
         assert self.qemu is not None
         mem = f"{spec.memory_mib}M"
@@ -202,8 +211,10 @@ class QemuBackend(VmBackend):
                 "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
             ]  # fmt: skip
         for i, share in enumerate(spec.shares):
+            # Inherited as the same number: QEMU opens the very folder we checked.
+            path = f"/proc/self/fd/{share_fds[i]}" if share_fds else share.host
             extra += [
-                "-fsdev", f"local,id=fs{i},path={_opt(share.host)},security_model=none"
+                "-fsdev", f"local,id=fs{i},path={_opt(path)},security_model=none"
                           + (",readonly=on" if share.read_only else ""),
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
             ]  # fmt: skip

@@ -76,16 +76,17 @@ def plant_code(root: Path, markers: Path, shadow_stdlib: bool = True) -> str:
     return PLANT.format(root=str(root), markers=str(markers), py=PY, n_modules=n)
 
 
-def hostile_environment(monkeypatch, root: Path) -> dict[str, str]:
-    """What a careless spawn would honour: the working folder, PYTHON* variables and a
-    relative PATH entry, all pointing at the planted files."""
+def hostile_environment(monkeypatch, root: Path, path_entry: bool = True) -> dict[str, str]:
+    """What a careless spawn would honour: the working folder, PYTHON* variables and (with
+    ``path_entry``) a relative PATH entry, all pointing at the planted files."""
     monkeypatch.chdir(root)
     env = {
         "PYTHONPATH": f"{root / 'pp'}:{root / 'pp2'}",
         "PYTHONUSERBASE": str(root / "ub"),
         "PYTHONSTARTUP": str(root / "pp" / "sitecustomize.py"),
-        "PATH": "bin:" + os.environ["PATH"],
     }
+    if path_entry:
+        env["PATH"] = "bin:" + os.environ["PATH"]
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
@@ -114,7 +115,8 @@ async def test_code_a_guest_plants_in_the_servers_folder_never_runs_on_the_host(
     root, markers = planted
     spec = install_spec(jupyter_prefix, "smolvm-hostcode", "--backend", "qemu", "--network",
                         "--share-cwd", "rw", "--memory-mib", "512")  # fmt: skip
-    hostile_environment(monkeypatch, root)
+    # (A PATH entry in the folder would make its rw share refused outright: tested below.)
+    hostile_environment(monkeypatch, root, path_entry=False)
     km, kc = await start_kernel(spec, cwd=str(root))
     try:
         # The guest sees the server's folder at its working folder; it plants there.
@@ -241,22 +243,16 @@ def test_helpers_find_programs_only_on_absolute_path_entries(planted, monkeypatc
 # ------------------------------------------------------------ shares that would allow it
 
 
-@pytest.mark.parametrize("which", ["smol_kernel", "purelib", "user-site", "jupyter-config",
-                                   "runtime"])  # fmt: skip
+@pytest.mark.parametrize("which", ["smol_kernel", "purelib", "user-site", "usr-bin"])
 def test_rw_share_of_a_folder_host_code_comes_from_is_refused(which, tmp_path):
     import site
     import sysconfig
-
-    from jupyter_core import paths as jpaths
-
-    from smol_kernel import paths
 
     folder = {
         "smol_kernel": trusted.import_root("smol_kernel"),
         "purelib": sysconfig.get_path("purelib"),
         "user-site": site.getusersitepackages(),
-        "jupyter-config": jpaths.jupyter_config_dir(),
-        "runtime": str(paths.runtime_dir()),
+        "usr-bin": "/usr/bin",
     }[which]
     Path(folder).mkdir(parents=True, exist_ok=True)
     with pytest.raises(ShareError, match="could run code on the host") as e:
@@ -265,6 +261,25 @@ def test_rw_share_of_a_folder_host_code_comes_from_is_refused(which, tmp_path):
     # A folder that contains it is refused too (e.g. the home folder holding ~/.local).
     with pytest.raises(ShareError):
         parse_share(f"{Path(folder).parent}:/x:rw")
+
+
+@pytest.mark.parametrize("which", ["jupyter-config", "jupyter-data", "jupyter-runtime",
+                                   "runtime"])  # fmt: skip
+def test_any_share_of_a_folder_of_secrets_is_refused(which):
+    from jupyter_core import paths as jpaths
+
+    from smol_kernel import paths
+
+    folder = {
+        "jupyter-config": jpaths.jupyter_config_dir(),
+        "jupyter-data": jpaths.jupyter_data_dir(),
+        "jupyter-runtime": jpaths.jupyter_runtime_dir(),
+        "runtime": str(paths.runtime_dir()),
+    }[which]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for mode in ("ro", "rw"):
+        with pytest.raises(ShareError, match="a guest must not see it"):
+            parse_share(f"{folder}:/x:{mode}")
 
 
 def test_ro_share_of_code_is_fine_but_not_of_the_runtime_dir():
@@ -316,3 +331,131 @@ async def test_a_kernel_with_a_refused_share_does_not_boot(jupyter_prefix, smolv
         await km.start_kernel(cwd=str(tmp_path))
     assert "could run code on the host" in " ".join(str(err.value).split())  # (wrapped)
     assert runtime_entries() == before, "no VM was started"
+
+
+# ------------------------------------------------- what the server runs from its own PATH
+
+FAKE_TOOLS = ("gcc", "cc", "ld", "objdump", "ldconfig", "mke2fs")
+
+
+def plant_tools(folder: Path, markers: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for tool in FAKE_TOOLS:
+        path = folder / tool
+        path.write_text(f"#!/bin/sh\necho ran > {markers}/tool-{tool}\nexit 1\n")
+        path.chmod(0o755)
+
+
+def test_backend_selection_runs_nothing_from_path_or_the_working_folder(planted, monkeypatch):
+    """With backend auto, a kernel start looks for libkrun. cffi asked ctypes.util for a
+    library it could not open by name, which runs gcc, cc, ld and objdump from the server's
+    PATH (relative entries included) in its working folder: a guest with a rw share of that
+    folder chose the program. Now libkrun is only opened by absolute path."""
+    import ctypes.util
+
+    from smol_kernel.vm import krun_binding
+    from smol_kernel.vm.select import select_backend
+
+    root, markers = planted
+    plant_tools(root / "bin", markers)
+    plant_tools(root / "abs-bin", markers)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PATH", f"bin:{root / 'abs-bin'}:{os.environ['PATH']}")
+    monkeypatch.delenv("SMOL_KERNEL_LIBKRUN", raising=False)
+    monkeypatch.setattr(krun_binding, "find_library", lambda name: None)  # as if absent
+    krun_binding._load_failures.clear()
+    selection = select_backend("auto")
+    assert "libkrun" in " ".join(selection.steps)  # it was looked for
+    assert_nothing_ran(markers)
+    # The positive control: the lookup cffi fell back to does run the planted compiler.
+    ctypes.util.find_library("krun-that-does-not-exist")
+    assert {p.name for p in markers.iterdir()} & {"tool-gcc", "tool-cc", "tool-ld"}
+
+
+@pytest.mark.vm
+async def test_a_rw_share_holding_a_path_entry_is_refused_before_any_vm(jupyter_prefix, planted,
+                                                                       monkeypatch):  # fmt: skip
+    """direnv's ``PATH_add bin`` or ``node_modules/.bin``: an absolute PATH entry inside the
+    notebook folder. Shared rw, a cell could plant ``bin/mke2fs`` (or passt, or QEMU) and the
+    next VM start would run it. Such a share is refused."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    from ..conftest import runtime_entries
+
+    root, markers = planted
+    plant_tools(root / "bin", markers)
+    monkeypatch.setenv("PATH", f"{root / 'bin'}:{os.environ['PATH']}")
+    spec = install_spec(jupyter_prefix, "smolvm-pathshare", "--backend", "qemu",
+                        "--share-cwd", "rw", "--memory-mib", "512")  # fmt: skip
+    before = runtime_entries()
+    km = AsyncKernelManager(kernel_name=spec)
+    with pytest.raises(Exception) as err:
+        await km.start_kernel(cwd=str(root))
+    assert "a folder on PATH" in " ".join(str(err.value).split())
+    assert runtime_entries() == before, "no VM was started"
+    assert_nothing_ran(markers)
+    # The positive control: a program started by name with this PATH is the planted one.
+    subprocess.run(["sh", "-c", "mke2fs -V"], capture_output=True, timeout=30)
+    assert (markers / "tool-mke2fs").exists()
+
+
+def _server(prefix: Path, root: Path, env: dict, log: Path):
+    from ..web_helpers import free_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+            "--IdentityProvider.token=t", f"--ServerApp.root_dir={root}"]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _host_kernel_imports_from(root: Path, prefix: Path, markers: Path, extension: bool) -> bool:
+    """Start a server (with or without our extension) in ``root``, where a guest planted
+    ``ipykernel_launcher.py``; start a plain host python3 kernel there; did the plant run?"""
+    import time
+
+    import requests
+
+    config = prefix / ("with" if extension else "without")
+    (config / "jupyter_server_config.d").mkdir(parents=True, exist_ok=True)
+    (config / "jupyter_server_config.d" / "smol_kernel.json").write_text(json.dumps(
+        {"ServerApp": {"jpserver_extensions": {"smol_kernel": extension}}}))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["JUPYTER_CONFIG_PATH"] = str(config)
+    proc, base = _server(prefix, root, env, config / "server.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/api/status?token=t").ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.3)
+        r = requests.post(f"{base}/api/kernels?token=t", json={"name": "python3", "path": ""})
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while not (markers / "module-ipykernel_launcher").exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_host_kernels_the_server_starts_do_not_import_from_a_shared_folder(planted, tmp_path):
+    """With share_cwd=rw a guest can write an ``ipykernel_launcher.py`` into the notebook
+    folder; a plain host kernel later started there (``python -m ipykernel_launcher``) would
+    import it. Our server extension sets PYTHONSAFEPATH=1 for what the server starts."""
+    root, markers = planted
+    (root / "ipykernel_launcher.py").write_text(
+        f"import pathlib; pathlib.Path({str(markers)!r}, 'module-ipykernel_launcher')"
+        ".write_text('ran')\n")  # fmt: skip
+    assert not _host_kernel_imports_from(root, tmp_path / "cfg", markers, extension=True)
+    # The positive control: the same server without the extension imports the plant.
+    assert _host_kernel_imports_from(root, tmp_path / "cfg", markers, extension=False)

@@ -152,3 +152,38 @@ with open('/out/from-guest.txt', 'w') as f:
     r = await run_cell(kc, "open('/work/out.txt', 'w')")
     assert r.ename == "OSError" and "Read-only" in r.evalue
     assert sorted(p.name for p in folders["notebook"].iterdir()) == ["analysis.ipynb"]
+
+
+async def test_a_guest_cannot_redirect_a_share_with_a_symlink(jupyter_prefix, tmp_path):
+    """One kernel shares a project folder rw; another shares its ``data`` subfolder ro.
+    The first replaces ``data`` by a symlink to ``..``: the second's next start would have
+    shared the parent (the user's home, here a secret beside the project). Now that start
+    refuses the symlink. (Both shares in one kernel -- share_cwd rw plus a relative share
+    inside it -- are refused up front as nested: tests/test_share.py.)"""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "x.txt").write_text("the data")
+    (tmp_path / "beside.txt").write_text(SECRET)
+    attacker = install_spec(jupyter_prefix, "smolvm-redirect-rw", "--backend", "qemu",
+                            "--memory-mib", "512", "--share", f"{project}:/proj:rw")  # fmt: skip
+    victim = install_spec(jupyter_prefix, "smolvm-redirect-ro", "--backend", "qemu",
+                          "--memory-mib", "512", "--share", f"{project}/data:/data:ro")  # fmt: skip
+    km, kc = await start_kernel(victim)
+    try:
+        r = await run_cell(kc, "import os; print(sorted(os.listdir('/data')))")
+        assert r.stdout.strip() == "['x.txt']"  # the positive control: the real share
+        km_a, kc_a = await start_kernel(attacker)
+        try:
+            r = await run_cell(kc_a, "import os, shutil\nshutil.rmtree('/proj/data')\n"
+                               "os.symlink('..', '/proj/data')\nprint('planted')")  # fmt: skip
+            assert r.stdout.strip() == "planted"
+        finally:
+            await stop_kernel(km_a, kc_a)
+        assert (project / "data").is_symlink()
+        kc.stop_channels()
+        with pytest.raises(Exception, match="data is a symbolic link"):
+            await km.restart_kernel(now=True)
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)

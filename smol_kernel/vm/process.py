@@ -91,14 +91,6 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 MAX_STATE_BYTES = 64 << 10
 
 
@@ -201,27 +193,34 @@ def owner_user() -> str:
         return str(os.getuid())
 
 
-def _alive(pid: object, start: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def _proc_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def same_process(pid: object, start: object) -> bool:
+    """Is ``pid`` the process a state file recorded -- same start time, and ours (uid)? A
+    reused PID, or a recorded one that is not ours, is never signalled."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
         return False
-    now = proc_start_time(pid)
-    return now is not None and (start is None or now == start)
+    if not isinstance(start, int) or isinstance(start, bool):
+        return False
+    return proc_start_time(pid) == start and _proc_uid(pid) == os.getuid()
+
+
+def _alive(pid: object, start: object) -> bool:
+    return same_process(pid, start)
 
 
 def vm_processes(rt: RuntimeDir, state: dict) -> list[int]:
-    """PIDs of the VM's processes that still run (checked against the runtime dir path)."""
-    out = []
+    """PIDs of the VM's processes that still run: each recorded pid whose start time and
+    owner match what was recorded."""
     starts = state.get("starts") if isinstance(state.get("starts"), dict) else {}
     pids = state.get("pids")
-    for name, pid in pids.items() if isinstance(pids, dict) else ():
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
-            continue
-        # Same process, not a reused PID: its start time matches, or (older state files)
-        # its command line names the runtime dir.
-        start = starts.get(name)
-        if (start is not None and proc_start_time(pid) == start) or str(rt.path) in _cmdline(pid):
-            out.append(pid)
-    return out
+    return [pid for name, pid in (pids.items() if isinstance(pids, dict) else ())
+            if same_process(pid, starts.get(name))]  # fmt: skip
 
 
 def list_vms() -> list[tuple[RuntimeDir, dict]]:

@@ -30,12 +30,17 @@ from dataclasses import dataclass, field
 from .agent_client import GuestAgent
 from .ioloop import on_io_loop
 from .kernel_vm import KernelPlan, boot_kernel_vm
+from .quota import Limits
 from .vm.base import Vm, VmBackend
 
 log = logging.getLogger("smol_kernel.pool")
 
 RETRY_SECONDS = 30.0  # after a failed refill
 MAX_FAILURES = 3  # in a row, then the plan's pool stays empty until asked for again
+# Configurations kept warm at once, and for how long after the last start asked for one:
+# with share_cwd every notebook folder is a configuration of its own.
+MAX_PLANS = 8
+PLAN_IDLE_SECONDS = 24 * 3600.0
 
 
 @dataclass
@@ -87,8 +92,10 @@ class _Want:
     ttl: float
     boot_timeout: float
     log: logging.Logger | logging.LoggerAdapter = log
+    limits: Limits = field(default_factory=Limits)  # the kernelspec's own caps
     failures: int = 0
     retry_at: float = 0.0
+    asked: float = field(default_factory=time.monotonic)  # the last start that asked
 
 
 class WarmPool:
@@ -109,15 +116,18 @@ class WarmPool:
     def want(
         self, plan: KernelPlan, backend: VmBackend, size: int, ttl: float, boot_timeout: float,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        limits: Limits | None = None,
     ) -> None:  # fmt: skip
         """Keep ``size`` VMs prepared for ``plan`` (0 drops the plan's pool). What happens
-        to the plan's VMs is logged to ``logger`` (the Jupyter app's, so it shows)."""
+        to the plan's VMs is logged to ``logger`` (the Jupyter app's, so it shows);
+        ``limits`` are the kernelspec's own caps, which refills of this plan respect."""
         if size <= 0 or not self.enabled:
             if self._wants.pop(plan, None) is not None:
                 self._wake.set()
             return
         old = self._wants.get(plan)
-        self._wants[plan] = want = _Want(backend, size, ttl, boot_timeout, logger or log)
+        self._wants[plan] = want = _Want(backend, size, ttl, boot_timeout, logger or log,
+                                         limits or Limits())  # fmt: skip
         if old is None or (old.size, old.ttl) != (size, ttl) or old.failures:
             want.log.info("warm pool: keeping %d VM(s) ready for %s", size, plan.describe())
         if self._runner is None or self._runner.done():
@@ -142,6 +152,11 @@ class WarmPool:
                 self._wake.set()
                 return ready.pop(0)
         return None
+
+    def limits_for(self, plan: KernelPlan) -> Limits:
+        """The caps of the kernelspec that asked for ``plan``'s pool."""
+        want = self._wants.get(plan)
+        return want.limits if want is not None else Limits()
 
     def why_miss(self, plan: KernelPlan) -> str:
         want = self._wants.get(plan)
@@ -245,6 +260,12 @@ class WarmPool:
         seconds until the next expiry or retry."""
         now = time.monotonic()
         next_check = 3600.0
+        by_age = sorted(self._wants, key=lambda p: self._wants[p].asked, reverse=True)
+        for i, plan in enumerate(by_age):
+            if i >= MAX_PLANS or now - self._wants[plan].asked > PLAN_IDLE_SECONDS:
+                self._wants[plan].log.info("warm pool: no longer kept for %s (not started "
+                                           "lately)", plan.describe())  # fmt: skip
+                del self._wants[plan]
         for plan, ready in list(self._ready.items()):
             want = self._wants.get(plan)
             for pooled in list(ready):

@@ -5,6 +5,11 @@ or booting). The pool yields first: a start over a cap closes pooled VMs (of oth
 configurations first) before it is refused, and the pool boots no refill that would cross
 a cap. A refusal is a ``QuotaExceeded`` (HTTP 403) whose message names the setting, which
 jupyter_server passes to JupyterLab's dialog as it is.
+
+Two levels: the server's own settings (Jupyter config files, command line; the memory cap
+defaults to the spawner's ``MEM_LIMIT``) cap the whole process, whatever a kernelspec says;
+a kernelspec's settings can only tighten them for its own kernels and pool. Both are known
+before any VM boots, warm-ups included.
 """
 
 from __future__ import annotations
@@ -19,19 +24,29 @@ class QuotaExceeded(ReadableStartError):
         super().__init__(403, message)
 
 
-@dataclass
+def _strictest(*caps: int) -> int:
+    set_caps = [c for c in caps if c > 0]
+    return min(set_caps) if set_caps else 0
+
+
+@dataclass(frozen=True)
 class Limits:
     max_vms: int = 0  # 0: no cap
     max_total_memory_mib: int = 0
 
+    def tighter(self, other: Limits) -> Limits:
+        """The caps of both at once."""
+        memory = _strictest(self.max_total_memory_mib, other.max_total_memory_mib)
+        return Limits(_strictest(self.max_vms, other.max_vms), memory)
+
 
 @dataclass
 class Ledger:
-    """This process's kernel VMs (starting or running), by owner, with their memory."""
+    """This process's kernel VMs (starting or running), by owner, with their memory, and
+    the server-wide caps (set from the server's config by the first provisioner)."""
 
     kernels: dict[int, int] = field(default_factory=dict)  # id(provisioner) -> memory_mib
-    limits: Limits = field(default_factory=Limits)  # the last kernel start's settings
-    refusals: int = 0
+    server: Limits = field(default_factory=Limits)
 
     def usage(self, pool_memory: list[int]) -> tuple[int, int]:
         return len(self.kernels) + len(pool_memory), sum(self.kernels.values()) + sum(pool_memory)

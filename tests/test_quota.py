@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import logging
@@ -107,3 +108,88 @@ async def test_the_pool_gives_way_to_a_kernel(jupyter_prefix):
         await stop_kernel(km_a, kc_a)
     finally:
         close_warm_pool()
+
+
+def server_config(**settings) -> object:
+    """Settings as a Jupyter config file (or the server's command line) gives them."""
+    from traitlets.config import Config
+
+    config = Config()
+    for name, value in settings.items():
+        setattr(config.SmolVMProvisioner, name, value)
+    return config
+
+
+async def test_the_servers_caps_hold_whatever_a_kernelspec_says(jupyter_prefix):
+    """A kernelspec without max_vms (or with a larger one) used to have no cap, as the last
+    start's settings were the process's. The server's own setting now holds for all."""
+    loose = install_spec(jupyter_prefix, "smolvm-quota-loose", "--memory-mib", "640")
+    looser = install_spec(jupyter_prefix, "smolvm-quota-looser", "--max-vms", "5",
+                          "--memory-mib", "640")  # fmt: skip
+    config = server_config(max_vms=1)
+    km, kc = await start_kernel(loose, config=config)
+    try:
+        entries = runtime_entries()
+        for name in (loose, looser):
+            km2 = AsyncKernelManager(kernel_name=name, config=config)
+            with pytest.raises(HTTPError) as err:
+                await km2.start_kernel()
+            assert err.value.status_code == 403 and "max_vms" in err.value.log_message
+        assert runtime_entries() == entries
+    finally:
+        await stop_kernel(km, kc)
+
+
+async def test_a_warm_up_respects_the_servers_caps_before_any_kernel(jupyter_prefix):
+    """The server extension fills the pool when the server starts: with max_vms reached by
+    a running kernel, it boots nothing (it used to, before any start had set limits)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from smol_kernel.ioloop import on_io_loop
+    from smol_kernel.pool import warm_pool
+    from smol_kernel.server_extension import warm_kernelspec
+
+    spec = install_spec(jupyter_prefix, "smolvm-quota-warm", "--memory-mib", "640",
+                        "--pool-size", "1")  # fmt: skip
+    config = server_config(max_vms=1, pool_size=0)
+    km, kc = await start_kernel(spec, config=config)  # the one VM the server may run
+    try:
+        close_warm_pool()
+        parent = AsyncKernelManager(kernel_name=spec, config=server_config(max_vms=1))
+        said = await warm_kernelspec(KernelSpecManager().get_kernel_spec(spec), parent=parent)
+        assert said.startswith("keeping 1 VM"), said
+        await asyncio.sleep(3)
+
+        async def pooled() -> int:
+            return len(warm_pool().memory())
+
+        assert await on_io_loop(pooled()) == 0, "a refill booted past the server's max_vms"
+    finally:
+        close_warm_pool()
+        await stop_kernel(km, kc)
+
+
+def test_the_pool_forgets_configurations_nobody_starts(monkeypatch):
+    """With share_cwd every notebook folder is a configuration: the pool keeps at most
+    MAX_PLANS of them, and none that was not started for a day."""
+    import smol_kernel.pool as pool_mod
+    from smol_kernel.kernel_vm import KernelPlan
+
+    pool = pool_mod.WarmPool()
+    pool.admit = lambda plan: "no room (this test boots nothing)"
+
+    def plan(i: int) -> KernelPlan:
+        return KernelPlan("qemu", "default", 1, 512, 1024, False, (), (), ("python3",),
+                          (), f"/work{i}", 0, False)  # fmt: skip
+
+    async def run() -> None:
+        for i in range(pool_mod.MAX_PLANS + 3):
+            pool.want(plan(i), backend=None, size=1, ttl=60, boot_timeout=60)  # type: ignore[arg-type]
+        await pool._tend()
+        assert set(pool._wants) == {plan(i) for i in range(3, pool_mod.MAX_PLANS + 3)}
+        pool._wants[plan(3)].asked -= pool_mod.PLAN_IDLE_SECONDS + 1
+        await pool._tend()
+        assert plan(3) not in pool._wants and len(pool._wants) == pool_mod.MAX_PLANS - 1
+        await pool.close()
+
+    asyncio.run(run())

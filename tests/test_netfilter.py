@@ -15,7 +15,9 @@ import pytest
 from smol_kernel.vm import netfilter
 from smol_kernel.vm.netfilter import (
     FLOW_IDLE_SECONDS,
+    MAX_GUEST_FRAME,
     MAX_ICMP_IDS,
+    MAX_TCP_FLOWS,
     MAX_UDP_FLOWS,
     HostAddressesUnknown,
     Pacer,
@@ -40,11 +42,16 @@ def ipv4_frame(
     sport: int = 40000,
     src: str = "10.0.2.15",
     icmp_type: int = 8,
+    tcp_flags: int = 0x02,  # SYN
+    payload: int = 0,
 ) -> bytes:
     if proto == 1:
         l4 = struct.pack("!BBHHH", icmp_type, 0, 0, sport, 1) + bytes(8)
+    elif proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, tcp_flags, 0, 0, 0)
     else:
         l4 = struct.pack("!HHI", sport, dport, 0) + bytes(12)
+    l4 += bytes(payload)
     ip = struct.pack(
         "!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), 1, frag, 64, proto, 0,
         socket.inet_aton(src), socket.inet_aton(dst),
@@ -126,6 +133,32 @@ def test_udp_flows_are_capped_and_expire(policy, clock):
     clock.now += FLOW_IDLE_SECONDS / 2 + 1
     assert policy.allow_frame(ipv4_frame("8.8.8.8", 17, 53, sport=60000)), "idle ones expired"
     assert set(policy.udp_flows) == {1025, 60000}
+
+
+def test_tcp_connections_are_capped_and_end_with_fin_or_rst(policy, clock):
+    """Each SYN makes passt connect a host socket: thousands from as many source ports
+    would use up the host's ports and passt's descriptors."""
+    for port in range(1024, 1024 + MAX_TCP_FLOWS):
+        assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=port))
+    assert not policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=60000)), "over the cap"
+    ack = 0x10
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=1024, tcp_flags=ack))
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=1024, tcp_flags=0x11))  # FIN
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=60000)), "the FIN made room"
+    assert not policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=60001))
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=1025, tcp_flags=0x04))  # RST
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=60001))
+    clock.now += FLOW_IDLE_SECONDS + 1
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, sport=60002)), "idle ones expired"
+    assert len(policy.tcp_flows) == 1
+
+
+def test_frames_larger_than_the_guests_mtu_are_dropped(policy):
+    header = len(ipv4_frame("8.8.8.8", 17, 53))
+    assert policy.allow_frame(ipv4_frame("8.8.8.8", 17, 53, payload=MAX_GUEST_FRAME - header))
+    assert not policy.allow_frame(ipv4_frame("8.8.8.8", 17, 53, sport=2000,
+                                             payload=MAX_GUEST_FRAME - header + 1))  # fmt: skip
+    assert not policy.allow_frame(ipv4_frame("8.8.8.8", 6, 443, payload=60_000))
 
 
 def test_icmp_echo_ids_are_capped(policy, clock):
@@ -210,12 +243,23 @@ def test_host_addresses_are_read_from_the_routing_table():
     assert mine in addrs
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="adding an address to the host needs root")
 def test_an_address_the_host_gains_later_is_blocked(clock):
-    """The bind probe: whatever the host can bind is the host, whenever it got it."""
+    """The bind probe: whatever the host can bind is the host, whenever it got it. The
+    guard starts, then the host gains an address: frames to it are dropped from then on."""
+    import subprocess
+
+    new = "198.51.100.213"
     policy = Policy(host_nets={ipaddress.IPv4Network("192.0.2.250/32")}, clock=clock)
     for addr in host_addresses() - {ipaddress.IPv4Address("192.0.2.250")}:
         assert policy.is_host(addr), f"{addr} is this host's (the probe must say so)"
-    assert not policy.is_host(ipaddress.IPv4Address("198.51.100.200"))
+    assert policy.allow_frame(ipv4_frame(new)), "not the host's yet (the positive control)"
+    subprocess.run(["ip", "addr", "add", f"{new}/32", "dev", "lo"], check=True)
+    try:
+        clock.now += netfilter.HOST_CACHE_SECONDS + 1
+        assert not policy.allow_frame(ipv4_frame(new)), "an address the host gained later"
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{new}/32", "dev", "lo"], check=True)
 
 
 def _stream(frames: list[bytes]) -> bytes:

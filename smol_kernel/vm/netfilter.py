@@ -18,9 +18,13 @@ Guest -> passt (``Policy.allow_frame``): ARP passes; IPv4 passes unless
   cached for ``HOST_CACHE_SECONDS``), so addresses the host gains later count too;
 * the destination is the guest's own virtual subnet, except UDP port 53 to the DNS address
   passt forwards to the host's resolver;
-* it is a fragment (no port to check), or would open a UDP flow (guest source port) or ICMP
-  echo id past ``MAX_UDP_FLOWS`` / ``MAX_ICMP_IDS`` live ones: passt binds one host socket
-  per flow for minutes, so without a cap a guest could use up the host's ports.
+* it is a fragment (no port to check), or would open a UDP flow (guest source port), a TCP
+  connection (a SYN) or an ICMP echo id past ``MAX_UDP_FLOWS`` / ``MAX_TCP_FLOWS`` /
+  ``MAX_ICMP_IDS`` live ones: passt makes one host socket per flow, so without a cap a
+  guest could use up the host's ports and passt's descriptors;
+* it is larger than the guest's MTU allows (``MAX_GUEST_FRAME``): the devices offer no
+  segmentation offload, so such a frame is hand-made, and passt 2023.03 mis-parses a
+  stream where one frame spans two of its reads.
 
 Everything else (IPv6 included: passt runs IPv4-only) is dropped, and guest frames are
 paced to ``FRAME_RATE`` per second so a flooding guest cannot hold a host core.
@@ -67,8 +71,10 @@ KNOWN_ENDPOINTS = frozenset(
         "100.100.100.100",  # tailscale's resolver on the host
     )
 )
-MAX_FRAME = 65535 + 64
+MAX_FRAME = 65535 + 64  # what either side's stream framing may carry at all
+MAX_GUEST_FRAME = 1500 + 14 + 4  # the guest's MTU, its Ethernet header and a VLAN tag
 MAX_UDP_FLOWS = 512
+MAX_TCP_FLOWS = 256
 MAX_ICMP_IDS = 32
 FLOW_IDLE_SECONDS = 200.0  # passt forgets a UDP flow after 180 s without traffic
 HOST_CACHE_SECONDS = 5.0
@@ -143,6 +149,7 @@ class Policy:
         self.udp_flows: dict[int, float] = {}  # guest source port -> last use
         self.udp_peers: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
         self.icmp_ids: dict[int, float] = {}
+        self.tcp_flows: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
         self.dropped = 0
 
     # ---------------------------------------------------------------- guest -> passt
@@ -152,7 +159,7 @@ class Policy:
         return ok
 
     def _allow(self, frame: bytes | memoryview) -> bool:
-        if len(frame) < 14:
+        if len(frame) < 14 or len(frame) > MAX_GUEST_FRAME:
             return False
         ethertype = struct.unpack_from("!H", frame, 12)[0]
         if ethertype == ETH_ARP:
@@ -177,8 +184,29 @@ class Policy:
             return False
         if proto == socket.IPPROTO_UDP:
             return self._udp_flow(frame, l4)
+        if proto == socket.IPPROTO_TCP:
+            return self._tcp_flow(frame, l4)
         if proto == socket.IPPROTO_ICMP:
             return self._icmp_echo(frame, l4)
+        return True
+
+    def _tcp_flow(self, frame: bytes | memoryview, l4: int) -> bool:
+        """A SYN opens a flow (passt connects a host socket for it); FIN or RST from the
+        guest ends it; other segments refresh the flow they belong to."""
+        if len(frame) < l4 + 14:
+            return False
+        sport, dport = struct.unpack_from("!HH", frame, l4)
+        flags = frame[l4 + 13]
+        key = (sport, bytes(frame[30:34]), dport)
+        now = self.clock()
+        if flags & 0x02 and not flags & 0x10:  # SYN without ACK: a new connection
+            if key not in self.tcp_flows and not _room(self.tcp_flows, MAX_TCP_FLOWS, now):
+                return False
+            self.tcp_flows[key] = now
+        elif flags & 0x05:  # FIN or RST
+            self.tcp_flows.pop(key, None)
+        elif key in self.tcp_flows:
+            self.tcp_flows[key] = now
         return True
 
     def _udp_flow(self, frame: bytes | memoryview, l4: int) -> bool:

@@ -223,6 +223,10 @@ async def test_host_stays_unreachable_with_network_on(net_kernel, test_host, bys
                                                  udp_port=UDP_PORT))  # fmt: skip
         assert r.stdout.strip() == "sent", (r.stdout, r.evalue)
         assert udp_log(test_host)["payloads"] == ["hi"], "a raw frame to the outside was lost"
+        # ... and the socket probe below reaches an outside TCP service (it can say so).
+        r = await run_cell(kc, SOCKETS.format(hosts=[test_host["ip"]], tcp_port=8080,
+                                              udp_port=UDP_PORT), timeout=120)  # fmt: skip
+        assert r.stdout.strip() == f"reached {[test_host['ip']]}", r.stdout
         for tcp, udp in ((tcp_lo, udp_lo), (tcp_any, udp_any)):
             hosts = ["10.0.2.2", "10.0.2.3", "169.254.169.254", *host_ips]
             r = await run_cell(kc, SOCKETS.format(hosts=hosts, tcp_port=tcp.port,

@@ -52,7 +52,7 @@ def helper_env() -> dict[str, str]:
     return {"PATH": trusted_path()}
 
 
-_programs: dict[tuple[str, str | None, str | None], str | None] = {}
+_programs: dict[tuple[str, str | None, str | None, str], str | None] = {}
 
 
 def find_program(name: str, override_var: str | None = None) -> str | None:
@@ -60,7 +60,7 @@ def find_program(name: str, override_var: str | None = None) -> str | None:
     process (a later change to a folder on PATH does not redirect us); ``override_var``
     (e.g. ``SMOL_KERNEL_QEMU``) may name one, and must then be an absolute path."""
     override = os.environ.get(override_var) if override_var else None
-    key = (name, override_var, override)
+    key = (name, override_var, override, trusted_path())  # (a new PATH is a new lookup)
     if _programs.get(key) is None:  # (a program installed later is found then)
         if override:
             ok = os.path.isabs(override) and os.path.isfile(override)

@@ -60,7 +60,7 @@ def _why(walked: str, e: OSError, parent: int, part: str) -> FolderError:
             )
         return FolderError(f"{walked} is not a folder")
     if e.errno == errno.ENOENT:
-        return FolderError(f"{walked} does not exist; create it first")
+        return FolderError(f"host folder {walked} does not exist; create it first")
     if e.errno == errno.EACCES:
         return FolderError(f"no permission to open {walked}")
     return FolderError(f"cannot open {walked}: {e.strerror}")

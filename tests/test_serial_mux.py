@@ -1,0 +1,171 @@
+"""The virtio-serial multiplexer, host end against guest end, without a VM: a unix socket
+stands in for QEMU's chardev and the guest's port (the VM tests run it for real)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from smol_kernel.guest import mux as M
+from smol_kernel.transport.serial_mux import HostMux
+
+
+def echo(sock: socket.socket) -> None:
+    with sock:
+        while data := sock.recv(65536):
+            sock.sendall(data)
+
+
+def slow_sink(sock: socket.socket, got: list[int]) -> None:
+    with sock:
+        while data := sock.recv(4096):
+            got.append(len(data))
+            time.sleep(0.01)
+
+
+class Guest:
+    """A guest end on ``fd``: port 7 echoes, port 8 reads slowly, others are refused."""
+
+    def __init__(self, fd: int) -> None:
+        self.sunk: list[int] = []
+        self.mux = M.GuestMux(fd, self.connect)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            self.mux.serve()
+        except (EOFError, OSError):
+            pass
+
+    def connect(self, port: int):
+        if port not in (7, 8):
+            return None
+        ours, theirs = socket.socketpair()
+        target = echo if port == 7 else lambda s: slow_sink(s, self.sunk)
+        threading.Thread(target=target, args=(theirs,), daemon=True).start()
+        return ours
+
+
+async def pair(tmp_path, stale: bytes = b""):
+    host = HostMux(tmp_path / "mux.sock")
+    await host.listen()
+    qemu = socket.socket(socket.AF_UNIX)
+    qemu.connect(str(tmp_path / "mux.sock"))
+    if stale:  # what a saved VM had queued for its old host
+        qemu.sendall(stale)
+    guest = Guest(qemu.fileno())
+    await host.start(timeout=10)
+    return host, guest, qemu
+
+
+async def test_streams_carry_bytes_both_ways_and_refusals_are_clear(tmp_path):
+    host, _guest, qemu = await pair(tmp_path)
+    try:
+        data = os.urandom(3 << 20)
+        reader, writer = await host.open_stream(7)
+        writer.write(data)
+        await writer.drain()
+        got = await reader.readexactly(len(data))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        # several streams at once, independent
+        others = [await host.open_stream(7) for _ in range(3)]
+        for i, (_r, w) in enumerate(others):
+            w.write(f"stream {i}".encode())
+        for i, (r, w) in enumerate(others):
+            assert await r.readexactly(8) == f"stream {i}".encode()
+            w.close()
+        with pytest.raises(ConnectionRefusedError):
+            await host.open_stream(9)
+        writer.close()
+    finally:
+        await host.close()
+        qemu.close()
+
+
+async def test_a_slow_guest_consumer_holds_back_the_host_sender(tmp_path):
+    host, guest, qemu = await pair(tmp_path)
+    try:
+        _reader, writer = await host.open_stream(8)
+        sent = 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(2):
+                while True:  # the guest reads ~400 KB/s: the host must block, not queue
+                    writer.write(bytes(64 << 10))
+                    await writer.drain()
+                    sent += 64 << 10
+        taken = sum(guest.sunk)
+        # What is in flight is bounded by the window plus socket buffers on both ends.
+        assert sent - taken < M.WINDOW + (4 << 20), (sent, taken)
+        writer.close()
+    finally:
+        await host.close()
+        qemu.close()
+
+
+async def test_stale_bytes_before_the_reset_answer_are_ignored(tmp_path):
+    stale = M.frame(M.DATA, 1, b"from before the save") + b"\x02\x00\x00"  # a torn frame too
+    host, _guest, qemu = await pair(tmp_path, stale=stale)
+    try:
+        reader, writer = await host.open_stream(7)
+        writer.write(b"fresh")
+        assert await reader.readexactly(5) == b"fresh"
+    finally:
+        await host.close()
+        qemu.close()
+
+
+async def test_a_guest_that_ignores_credit_loses_the_stream(tmp_path):
+    """The guest writes every byte: one that sends past the credit it was given, to a host
+    reader that reads nothing, gets its stream closed instead of the host holding whatever
+    it sends."""
+    host = HostMux(tmp_path / "mux.sock")
+    await host.listen()
+    qemu = socket.socket(socket.AF_UNIX)
+    qemu.connect(str(tmp_path / "mux.sock"))
+
+    def hostile_guest() -> None:
+        head = qemu.recv(M.HEADER.size)
+        _, _, length = M.HEADER.unpack(head)
+        nonce = qemu.recv(length)
+        qemu.sendall(M.reset_ok(nonce))
+        head = qemu.recv(M.HEADER.size)
+        _, sid, length = M.HEADER.unpack(head)
+        qemu.recv(length)
+        qemu.sendall(M.frame(M.OPENED, sid))
+        with contextlib.suppress(OSError):
+            for _ in range(SENT // M.MAX_DATA):
+                qemu.sendall(M.frame(M.DATA, sid, bytes(M.MAX_DATA)))
+        done.set()
+
+    SENT = 8 << 20
+    done = threading.Event()
+    threading.Thread(target=hostile_guest, daemon=True).start()
+    try:
+        await host.start(timeout=10)
+        reader, _ = await host.open_stream(7)
+        while not done.is_set():  # nothing reads the stream meanwhile
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+        # The window, plus what the local socket and its buffer took before credit stopped.
+        assert received < M.WINDOW + (2 << 20) < SENT, received
+    finally:
+        await host.close()
+        qemu.close()
+
+
+def test_frames_are_what_the_wire_format_says():
+    assert (
+        M.frame(M.CREDIT, 5, struct.pack(">I", 9))
+        == b"\x04\x00\x00\x00\x05\x00\x00\x00\x04\x00\x00\x00\x09"
+    )

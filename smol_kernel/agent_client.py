@@ -47,9 +47,10 @@ class GuestAgent:
         deadline = time.monotonic() + timeout
         # Wait for the agent's line on the console before connecting: vsock connects to a
         # port nobody listens on yet are wasted, and hundreds of them during boot once left
-        # vhost-device-vsock unable to connect that port at all.
-        while P.READY_LINE not in vm.console_tail(8192).encode() and vm.poll() is None:
-            if time.monotonic() >= deadline:
+        # vhost-device-vsock unable to connect that port at all. (A VM whose streams wait
+        # for the guest themselves -- QEMU's serial port -- needs no such wait.)
+        while not vm.streams_wait_for_guest and vm.poll() is None:
+            if P.READY_LINE in vm.console_tail(8192).encode() or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)
         while True:
@@ -65,6 +66,8 @@ class GuestAgent:
                 # libkrun may accept on the host before the guest listens, then reset:
                 # only an answered hello counts as ready.
                 agent.hello = await agent.request(P.OP_HELLO, timeout=5.0)
+                if agent.hello.get("kernel") == "prepared":  # a clone of a saved VM
+                    agent.kernel_prepared.set()
                 return agent
             except (OSError, AgentError, TimeoutError):
                 if agent is not None:

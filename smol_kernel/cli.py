@@ -366,6 +366,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
+    from . import template as tpl
+
+    saved = tpl.list_templates()
+    if saved:  # what clones map: shared between them, on disk until pruned
+        size = _fmt_size(sum(t.disk_bytes() for t in saved))
+        print(f"{len(saved)} template(s), {size}, in {tpl.templates_dir()} "
+              "(smol-kernel templates)")  # fmt: skip
     if not rows:
         print("no kernel VMs running")
         return 0
@@ -379,6 +386,38 @@ def cmd_ps(args: argparse.Namespace) -> int:
               f"{escaped(r['user'])[:12]:<12} {escaped(r['backend']):<8} "
               f"{escaped(r['isolation']):<5} {escaped(r['pid'] or '-'):>7} {up:>8} "
               f"{r['rss_mib']:>6.0f}MiB {r['state']:<8} {net:<3} {shares}")  # fmt: skip
+    return 0
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    """List, remove or prune kernel templates (saved VMs clones start from)."""
+    from . import template as tpl
+
+    templates = tpl.list_templates()
+    if args.prune:
+        removed = tpl.prune(args.idle_days)
+        print(f"removed {len(removed)} template(s)" + "".join(f"\n  {k}" for k in removed))
+        return 0
+    if args.rm:
+        chosen = [t for t in templates if args.rm == "all" or t.key.startswith(args.rm)]
+        if not chosen:
+            print(f"smol-kernel: no template matches {args.rm!r}", file=sys.stderr)
+            return 1
+        for t in chosen:
+            size = t.disk_bytes()
+            tpl.remove(t)
+            print(f"removed template {t.key} ({_fmt_size(size)})")
+        return 0
+    rows = [{"key": t.key, "folder": str(t.folder), "disk_bytes": t.disk_bytes(), **t.meta}
+            for t in templates]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"templates in {tpl.templates_dir()}: {len(rows)}, "
+          f"{_fmt_size(sum(r['disk_bytes'] for r in rows))} on disk")  # fmt: skip
+    for r in rows:
+        print(f"  {r['key'][:12]}  {_fmt_size(r['disk_bytes']):>10}  built in "
+              f"{r.get('build_s', '?')}s  {r.get('plan', '')}")  # fmt: skip
     return 0
 
 
@@ -667,6 +706,24 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("id", metavar="ID", help="VM id or kernel id (prefix)")
     logs.add_argument("--bytes", type=int, default=1 << 20, help="at most the last N bytes")
     logs.set_defaults(func=cmd_logs)
+
+    tp = sub.add_parser("templates", help="list, remove or prune kernel templates (the "
+                        "saved VMs kernel starts clone)")  # fmt: skip
+    tp.add_argument("--json", action="store_true")
+    tp.add_argument("--rm", metavar="KEY", help="remove the template(s) whose key starts so "
+                    "('all': every one)")  # fmt: skip
+    tp.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove templates of changed or missing images, and unused ones",
+    )
+    tp.add_argument(
+        "--idle-days",
+        type=float,
+        default=14.0,
+        help="with --prune: unused for this long (default: %(default)s)",
+    )
+    tp.set_defaults(func=cmd_templates)
 
     kill = sub.add_parser("kill", help="kill kernel VMs by VM id or kernel id (prefix)")
     kill.add_argument("ids", nargs="+", metavar="ID")

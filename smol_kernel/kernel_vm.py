@@ -9,6 +9,8 @@ connection at once (a cold start). ``claim`` hands a prepared kernel its key.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import time
 from dataclasses import dataclass
 
@@ -46,11 +48,16 @@ class KernelPlan:
     debugger: bool
 
     @property
+    def isolation(self) -> str:
+        """What the backend check said the VM gets (kvm, hvf or tcg)."""
+        return dict(self.env).get("SMOL_KERNEL_ISOLATION", "?")
+
+    @property
     def two_step(self) -> bool:
         """Can the kernel be prepared before its key is known (an ipykernel argv)?"""
         return P.two_step_argv(list(self.argv)) is not None
 
-    def vm_spec(self, label: str = "") -> VmSpec:
+    def vm_spec(self, label: str = "", shares_at_claim: bool = False) -> VmSpec:
         return VmSpec(
             image=self.image,
             vcpus=self.vcpus,
@@ -60,6 +67,7 @@ class KernelPlan:
             network=self.network,
             dns=self.dns,
             shares=self.shares,
+            shares_at_claim=shares_at_claim,
         )
 
     def describe(self) -> str:
@@ -77,12 +85,15 @@ async def boot_kernel_vm(
     label: str = "",
     on_vm=None,
     late: str = "in time",
+    start=None,
 ) -> tuple[Vm, GuestAgent]:
     """Boot a VM for ``plan`` and start its kernel; without ``connection`` the kernel is only
     prepared (wait for ``agent.kernel_prepared``, then ``claim``). Returns once the kernel is
     prepared, or serving when a connection was given. On failure nothing is left running.
-    ``on_vm(vm)`` is called as soon as the VM exists (to show it while it boots)."""
-    vm = await backend.start(plan.vm_spec(label))
+    ``on_vm(vm)`` is called as soon as the VM exists (to show it while it boots); ``start``
+    (a coroutine function of the spec) boots it another way (a template VM)."""
+    spec = plan.vm_spec(label)
+    vm = await (start(spec) if start is not None else backend.start(spec))
     agent: GuestAgent | None = None
     try:
         if on_vm is not None:
@@ -114,8 +125,14 @@ async def claim(
     vm: Vm, agent: GuestAgent, connection: dict, per_kernel_env: dict[str, str],
     deadline: float, late: str = "in time",
 ) -> None:  # fmt: skip
-    """Give a prepared kernel its connection key and environment; return once it serves."""
-    await agent.request(P.OP_CLAIM_KERNEL, connection=connection, env=per_kernel_env)
+    """Give a prepared kernel its connection key and environment; return once it serves.
+    The claim also carries what a clone of a saved VM must not share with its siblings:
+    fresh entropy, the host's wall clock, and the shares to mount."""
+    await agent.request(
+        P.OP_CLAIM_KERNEL, connection=connection, env=per_kernel_env,
+        entropy=base64.b64encode(os.urandom(64)).decode(), wall_clock=time.time(),
+        shares=vm.spec.claim_mounts(),
+    )  # fmt: skip
     await wait_for_kernel(vm, agent, agent.kernel_ready, deadline, late)
 
 

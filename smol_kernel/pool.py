@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 from .agent_client import GuestAgent
 from .ioloop import on_io_loop
-from .kernel_vm import KernelPlan, boot_kernel_vm
+from .kernel_vm import KernelPlan
 from .quota import Limits
+from .template import prepared_vm
 from .vm.base import Vm, VmBackend
 
 log = logging.getLogger("smol_kernel.pool")
@@ -299,9 +300,10 @@ class WarmPool:
     async def _fill(self, fill: _Fill, want: _Want) -> None:
         plan = fill.plan
         try:
-            vm, agent = await boot_kernel_vm(
-                want.backend, plan, time.monotonic() + want.boot_timeout, on_vm=fill.on_vm
-            )
+            vm, agent, _ = await prepared_vm(
+                plan, want.backend, time.monotonic() + want.boot_timeout, on_vm=fill.on_vm,
+                logger=want.log,
+            )  # fmt: skip
         except Exception as e:
             if fill.stopped:
                 return

@@ -35,7 +35,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
-from . import metrics, quota
+from . import metrics, quota, template
 from .agent_client import GuestAgent
 from .guest import protocol as P
 from .ioloop import on_io_loop
@@ -47,8 +47,9 @@ from .pool import warm_pool
 from .relay import VsockRelay
 from .shown import escaped
 from .start_errors import ReadableStartError
-from .vm.base import Vm, VmError
+from .vm.base import Vm, VmBackend, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
+from .vm.qemu import QemuBackend
 from .vm.select import BACKENDS, Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
 
@@ -405,14 +406,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                     why_cold = f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
                     await self._teardown(keep_relay=True)
             if self.start_kind != "pooled":
-                self.log.info("kernel %s: cold start (%s)", self._shown_id, why_cold)
                 assert selection.backend is not None
-                async with pool.cold_start():
-                    _, self.agent = await boot_kernel_vm(
-                        selection.backend, plan, deadline, connection, self._kernel_env,
-                        label=self.kernel_id or "", on_vm=self._adopt, late=late,
-                    )  # fmt: skip
-                self.start_kind = "cold"
+                await self._start_unpooled(selection.backend, plan, connection, deadline, late,
+                                           why_cold)  # fmt: skip
             vm = self.vm
             assert vm is not None
             if self.isolation != dict(plan.env)["SMOL_KERNEL_ISOLATION"]:  # never misreport
@@ -454,6 +450,37 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             policy=None if self.trusted_outputs else OutputPolicy(),
             iopub_backlog=max(1, self.iopub_backlog_mib) << 20,
         )
+
+    async def _start_unpooled(
+        self, backend: VmBackend, plan: KernelPlan, connection: dict, deadline: float,
+        late: str, why_not_pooled: str | None,
+    ) -> None:  # fmt: skip
+        """No pooled VM: restore a clone of the plan's template (building it first, once
+        per configuration), or boot cold when the plan cannot be cloned."""
+        pool = warm_pool()
+        why_cold = template.why_not_cloneable(plan, backend)
+        if why_cold is None and not connection.get("curve_secretkey"):
+            built = isinstance(backend, QemuBackend) and template.find(plan, backend)
+            if not built:
+                self.log.info("kernel %s: building the template of %s (first start of this "
+                              "configuration)", self._shown_id, plan.describe())  # fmt: skip
+            async with pool.cold_start() if not built else contextlib.nullcontext():
+                vm, self.agent, how = await template.prepared_vm(
+                    plan, backend, deadline, self.kernel_id or "", self._adopt, self.log
+                )
+            self.log.info("kernel %s: %s VM %s (%s)", self._shown_id,
+                          "restored clone" if how == "clone" else "booted", vm.id,
+                          why_not_pooled)  # fmt: skip
+            await claim(vm, self.agent, connection, self._kernel_env, deadline, late)
+            self.start_kind = how
+            return
+        self.log.info("kernel %s: cold start (%s)", self._shown_id, why_cold or why_not_pooled)
+        async with pool.cold_start():
+            _, self.agent = await boot_kernel_vm(
+                backend, plan, deadline, connection, self._kernel_env,
+                label=self.kernel_id or "", on_vm=self._adopt, late=late,
+            )  # fmt: skip
+        self.start_kind = "cold"
 
     async def _select_backend(self) -> Selection:
         selection = await asyncio.to_thread(

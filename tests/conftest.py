@@ -24,9 +24,14 @@ BOOT_TIMEOUT = 90.0
 # orphans never touch a real user's VMs, and servers the tests start inherit it.
 _RUNTIME = tempfile.mkdtemp(prefix="smolrt-", dir="/tmp")
 os.environ["SMOL_KERNEL_RUNTIME_DIR"] = _RUNTIME
+# Kernel templates of this run (not the user's): made by the first process and inherited by
+# the test workers, so a configuration's template is built once for the whole run.
+os.environ.setdefault("SMOL_KERNEL_TEMPLATES_DIR", tempfile.mkdtemp(prefix="smol-templates-"))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's own process
+        shutil.rmtree(os.environ["SMOL_KERNEL_TEMPLATES_DIR"], ignore_errors=True)
     left = sorted(os.listdir(_RUNTIME)) if os.path.isdir(_RUNTIME) else []
     shutil.rmtree(_RUNTIME, ignore_errors=True)
     if left and exitstatus == 0:

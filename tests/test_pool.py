@@ -139,36 +139,41 @@ async def test_restart_claims_another_vm_and_nothing_carries_over(pool_spec):
         await stop_kernel(km, kc)
 
 
-async def test_a_miss_boots_cold_and_stops_a_refill(pool_spec, jupyter_prefix, caplog):
+async def test_a_miss_builds_its_template_once_and_stops_a_refill(pool_spec, jupyter_prefix,
+                                                                    caplog):  # fmt: skip
+    """A start for a configuration with no pooled VM: the first one builds its template (a
+    cold boot, during which no refill competes for the CPU), later ones restore clones."""
     caplog.set_level(logging.INFO)
     other_spec = install_spec(jupyter_prefix, "smolvm-pool-640", "--backend", "qemu",
-                              "--pool-size", "1", "--memory-mib", "640")  # fmt: skip
+                              "--pool-size", "0", "--memory-mib", "640")  # fmt: skip
     await fill_pool(pool_spec)
     km1, kc1 = await start_kernel(pool_spec)
-    km2 = kc2 = None
+    kernels = [(km1, kc1)]
     try:
         assert km1.provisioner.start_kind == "pooled"
-        # The claim started a refill; a cold start for another configuration stops it.
-        await wait_pool(lambda p: p.filling_vm is not None, timeout=30)
-        refill_vm = await pool_call(lambda p: p.filling_vm)
+        stopped = asyncio.ensure_future(wait_pool(lambda p: p.filling_vm is not None, 30))
         km2, kc2 = await start_kernel(other_spec)
-        assert km2.provisioner.start_kind == "cold"
-        assert "cold start (no prepared VM for this configuration yet)" in caplog.text
-        assert "refill stopped for a cold start" in caplog.text
-        assert refill_vm.poll() is not None and not refill_vm.runtime_dir.exists()
-        # Two kernels, two VMs: never one shared.
+        kernels.append((km2, kc2))
+        assert km2.provisioner.start_kind == "clone"
+        assert "building the template of" in caplog.text and "memory=640MiB" in caplog.text
+        stopped.cancel()
+        # Two kernels, two VMs: never one shared; each got its own memory_mib.
         assert km1.provisioner.vm.id != km2.provisioner.vm.id
-        assert await boot_id(kc1) != await boot_id(kc2)
         r = await run_cell(
             kc2, "import os\nprint(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 20)"
         )
-        assert 500 < int(r.stdout) <= 640, "the cold kernel got its own memory_mib"
-        # The refill resumes once the cold start is done.
+        assert 500 < int(r.stdout) <= 640, "the kernel got its own memory_mib"
+        # The next start of that configuration restores a clone: no second build.
+        t0 = time.monotonic()
+        km3, kc3 = await start_kernel(other_spec)
+        kernels.append((km3, kc3))
+        assert km3.provisioner.start_kind == "clone" and time.monotonic() - t0 < 10
+        assert caplog.text.count("building the template of") == 1
+        # The pool refilled after the build.
         await wait_pool(lambda p: p.ready_count(km1.provisioner.plan) >= 1)
     finally:
-        await stop_kernel(km1, kc1)
-        if km2 is not None:
-            await stop_kernel(km2, kc2)
+        for km, kc in kernels:
+            await stop_kernel(km, kc)
 
 
 async def test_pool_ttl_recycles_an_unused_vm(jupyter_prefix, caplog):
@@ -188,8 +193,10 @@ async def test_pool_size_0_starts_no_vm_in_the_background(smolvm_spec, caplog):
     refills = await pool_call(lambda p: p.refills)
     km, kc = await start_kernel(smolvm_spec)
     try:
-        assert km.provisioner.start_kind == "cold"
-        assert "cold start (pool_size is 0)" in caplog.text
+        # A clone of the configuration's template (built by this start if it was the
+        # first), and nothing in the background.
+        assert km.provisioner.start_kind == "clone"
+        assert "(pool_size is 0)" in caplog.text
         await asyncio.sleep(5)
         assert [st.get("label") for _, st in list_vms()] == [km.kernel_id]
         assert await pool_call(lambda p: (p.refills, p.filling, p.ready_count())) == (
@@ -286,9 +293,9 @@ def test_the_server_extension_fills_the_pool_at_server_start(tmp_path, image):
     assert left == [], "stopping the server must leave no VM, pooled or not"
 
 
-async def test_a_pooled_vm_that_cannot_be_claimed_gives_way_to_a_cold_start(pool_spec, caplog):
+async def test_a_pooled_vm_that_cannot_be_claimed_gives_way_to_another(pool_spec, caplog):
     """A prepared kernel takes a key once; if the claim fails (here: it was already
-    claimed), the start boots cold instead of failing, and the bad VM is gone."""
+    claimed), the start restores another clone instead of failing, and the bad VM is gone."""
     from smol_kernel.guest import protocol as P
 
     caplog.set_level(logging.INFO)
@@ -297,8 +304,8 @@ async def test_a_pooled_vm_that_cannot_be_claimed_gives_way_to_a_cold_start(pool
     await on_io_loop(pooled.agent.request(P.OP_CLAIM_KERNEL, connection={"key": "x"}, env={}))
     km, kc = await start_kernel(pool_spec)
     try:
-        assert km.provisioner.start_kind == "cold"
-        assert f"cold start (the claimed VM {pooled.vm.id} failed" in caplog.text
+        assert km.provisioner.start_kind == "clone"
+        assert f"(the claimed VM {pooled.vm.id} failed" in caplog.text
         assert km.provisioner.vm is not pooled.vm and not pooled.vm.runtime_dir.exists()
         r = await run_cell(kc, "print(6 * 7)")
         assert r.stdout.strip() == "42"

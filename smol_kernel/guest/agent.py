@@ -25,9 +25,11 @@ import threading
 import time
 
 try:  # in the host package (tests, linting)
+    from . import mux
     from . import protocol as P
     from . import sandbox_ops as ops
 except ImportError:  # in the guest: protocol.py sits next to this file
+    import mux  # type: ignore[no-redef]
     import protocol as P  # type: ignore[no-redef]
     import sandbox_ops as ops  # type: ignore[no-redef]
 
@@ -219,6 +221,14 @@ class Kernel:
         self.agent.reaper.wake()
         return self.pid
 
+    def state(self) -> str:
+        """none, prepared (waiting for its claim: a restored clone), running or exited."""
+        if self.pid is None:
+            return "none"
+        if self.exit_status is not None:
+            return "exited"
+        return "prepared" if self._claim_w is not None else "running"
+
     def _write_connection(self, connection: dict) -> None:
         os.makedirs(os.path.dirname(P.GUEST_CONNECTION_FILE), exist_ok=True)
         info = dict(connection)
@@ -298,6 +308,39 @@ class Kernel:
         tail = bytes(self._tail).decode("utf-8", "replace")
         log(f"kernel exited with status {status}")
         self.agent.broadcast({"event": P.EV_KERNEL_EXITED, "status": status, "tail": tail})
+
+
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def fresh_start(req: dict) -> None:
+    """What a clone of a saved VM must not share with its siblings, from the claim:
+    entropy mixed into the kernel's pool and the CRNG reseeded from it (clones restored
+    from one template would otherwise give the same random numbers), the wall clock (it
+    stopped when the template was saved), and the shares to mount (9p cannot be mounted
+    in a VM that is saved)."""
+    import base64
+
+    if entropy := req.get("entropy"):
+        seed = base64.b64decode(str(entropy))
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+        try:
+            os.write(fd, seed)
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        finally:
+            os.close(fd)
+    if isinstance(clock := req.get("wall_clock"), (int, float)):
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, float(clock))
+        except OSError as e:
+            log(f"cannot set the clock: {e}")
+    for share in req.get("shares") or []:
+        tag, path, mode = str(share["tag"]), str(share["path"]), str(share["mode"])
+        os.makedirs(path, exist_ok=True)
+        opts = f"{'ro' if mode == 'ro' else 'rw'},trans=virtio,version=9p2000.L,msize=262144"
+        _mount(tag, path, "9p", MS_NOSUID | MS_NODEV, opts + ",cache=mmap")
+        if path not in _mounted():
+            raise OSError(f"could not mount share {tag} on {path}")
 
 
 def _which(name: str, path: str) -> str:
@@ -463,6 +506,7 @@ class Agent:
                 uptime=_uptime(),
                 agent_seconds=time.monotonic() - _BOOT_T0,
                 pid=os.getpid(),
+                kernel=self.kernel.state(),
             )
         elif op == P.OP_PING:
             self._reply(conn, req)
@@ -480,6 +524,7 @@ class Agent:
             self._reply(conn, req, pid=pid)
         elif op == P.OP_CLAIM_KERNEL:
             env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+            fresh_start(req)  # a restored clone: its own entropy, clock and shares first
             self.kernel.claim(dict(req["connection"]), env)
             self._reply(conn, req)
         elif op == P.OP_SIGNAL:
@@ -542,13 +587,36 @@ class Agent:
                 signal.signal(sig, signal.SIG_IGN)
         setup_system()
         threading.Thread(target=self.reaper.run, daemon=True).start()
+        port = mux.open_port()
+        if port is not None:  # QEMU: one virtio-serial port carries every stream
+            channel = mux.GuestMux(port, self._mux_connect)
+            log(f"ready after {_uptime():.2f}s of guest uptime (serial port)")  # READY_LINE
+            channel.serve()
+            return
         for ch, vport in P.CHANNEL_PORTS.items():
             lsock = _vsock_listener(vport)
             kport = P.KERNEL_PORTS[ch]
             threading.Thread(target=_accept_loop, args=(lsock, _bridge, kport), daemon=True).start()
         control = _vsock_listener(P.CONTROL_PORT)
-        log(f"ready after {_uptime():.2f}s of guest uptime")  # prints protocol.READY_LINE
+        log(f"ready after {_uptime():.2f}s of guest uptime (vsock)")  # protocol.READY_LINE
         _accept_loop(control, lambda conn: self.serve_control(conn))
+
+    def _mux_connect(self, port: int) -> socket.socket | None:
+        """The local end of a stream the host opened: the control handler, or the
+        kernel's port on guest loopback (None: nobody there)."""
+        if port == P.CONTROL_PORT:
+            ours, theirs = socket.socketpair()
+            threading.Thread(target=self.serve_control, args=(ours,), daemon=True).start()
+            return theirs
+        channel = next((ch for ch, p in P.CHANNEL_PORTS.items() if p == port), None)
+        if channel is None:
+            return None
+        try:
+            sock = socket.create_connection(("127.0.0.1", P.KERNEL_PORTS[channel]), timeout=5)
+        except OSError:
+            return None
+        sock.settimeout(None)
+        return sock
 
 
 def _accept_loop(lsock: socket.socket, handler, *args) -> None:

@@ -151,8 +151,23 @@ def _apply_claim(app, claim: dict) -> None:
         session.signature_scheme = str(claim["signature_scheme"])
     session.key = str(claim.get("key", "")).encode()
     os.environ.update({str(k): str(v) for k, v in (claim.get("env") or {}).items()})
+    _fresh_state(session)
     _status("started")
     os.close(STATUS_FD)
+
+
+def _fresh_state(session) -> None:
+    """A kernel prepared in a VM that was saved and cloned shares its interpreter's state
+    with every sibling: reseed what draws from it (the agent reseeded the guest's CRNG
+    first), and take a session id of its own."""
+    import random
+    import uuid
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "big"))
+    session.session = str(uuid.uuid4())
 
 
 def _warm_up(app) -> None:

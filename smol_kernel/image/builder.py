@@ -34,13 +34,12 @@ from .oci import OciError, open_image
 from .oci_root import GUEST_DIR, GuestPython
 from .progress import StageProgress
 from .store import DEFAULT_IMAGE, GuestImage, check_name
-from .tools import install_vhost_device_vsock
 
 BUILDER_VERSION = 1
 # Host package files copied into the guest's /opt/smol-kernel (their hashes are inputs).
 GUEST_FILES = tuple(
     Path(_agent_mod.__file__).with_name(name)
-    for name in ("agent.py", "protocol.py", "kernel_launcher.py", "sandbox_ops.py")
+    for name in ("agent.py", "protocol.py", "mux.py", "kernel_launcher.py", "sandbox_ops.py")
 )
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 BASE_PACKAGES = ("python3-minimal", "python3-ipykernel")
@@ -243,8 +242,8 @@ class ImageBuilder:
 
     def stage_count(self) -> int:
         if self.from_oci is not None:
-            return 7  # layers, pip, ext4, tools, kernel, vmlinux, initramfs
-        return 6 + (1 if self.pip or self.requirements else 0)
+            return 6  # layers, pip, ext4, kernel, vmlinux, initramfs
+        return 4 + (1 if self.pip or self.requirements else 0)  # [pip,] kernel, root, ...
 
     def _preflight(self) -> None:
         if self.from_oci is not None:
@@ -289,9 +288,6 @@ class ImageBuilder:
             self._stage(f"pip packages for the guest ({what})")
             staging = work / "pip"
             self._pip_install(staging)
-
-        self._stage("helper tools (vhost-device-vsock)")
-        install_vhost_device_vsock(log=lambda _m: None)
 
         self._stage(f"download kernel ({self.kernel_package}) and busybox")
         apt = Apt()

@@ -5,6 +5,7 @@
 # Environment (name=value words on the kernel command line, or libkrun's exec env):
 #   SMOL_NET=ADDR/PREFIX,GATEWAY,DNS[,DNS..]  configure eth0 (per-VM passt), resolv.conf
 #   SMOL_SHARES=TAG:GUESTPATH:ro|rw,... mount host shares (9p under QEMU, virtio-fs libkrun)
+#   SMOL_9P=1  load the 9p modules only: the agent mounts shares when the kernel is claimed
 # Under libkrun this runs as PID 1 from a per-VM virtio-fs boot dir (env SMOL_LIBKRUN=1,
 # SMOL_PROBE=1 for the probe); the kernel has every driver built in, so the modules.* lists
 # are empty, and the root is entered with chroot (switch_root needs an initramfs root).
@@ -32,7 +33,7 @@ load_modules() {  # $1: a list of .ko names in load order (empty under libkrun)
 }
 load_modules /modules.order
 [ -n "${SMOL_NET:-}" ] && load_modules /modules.net
-[ -n "${SMOL_SHARES:-}" ] && [ "${SMOL_LIBKRUN:-0}" != 1 ] && load_modules /modules.9p
+[ -n "${SMOL_SHARES:-}${SMOL_9P:-}" ] && [ "${SMOL_LIBKRUN:-0}" != 1 ] && load_modules /modules.9p
 
 # virtio-mmio devices appear asynchronously after the driver loads.
 i=0

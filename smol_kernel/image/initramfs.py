@@ -20,6 +20,7 @@ GUEST_MODULES = (
     "ext4",
     "overlay",
     "vmw_vsock_virtio_transport",
+    "virtio_console",  # the virtio-serial port that carries every stream (QEMU)
     "virtio_balloon",  # free page reporting: the host reclaims memory the guest freed
 )
 # Loaded by /init only when asked for (``modules.<group>``), so default boots pay nothing.

@@ -56,6 +56,8 @@ class Vm(abc.ABC):
     spec: VmSpec
     isolation: Isolation
     runtime_dir: Path
+    # open_stream itself waits until the guest can take streams (no readiness line needed)
+    streams_wait_for_guest: bool = False
 
     @property
     @abc.abstractmethod

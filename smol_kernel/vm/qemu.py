@@ -2,11 +2,18 @@
 
 Per VM: one ``qemu-system-x86_64 -M microvm`` with no default devices and ``-sandbox on``,
 the image's root disk attached read-only, a fresh sparse ext4 overlay disk capped at
-``disk_mib`` (the guest's only writable storage), and one ``vhost-device-vsock`` daemon that
-carries vsock (its own process and group, so no two guests can talk to each other).
-Opt-in: a ``passt`` per VM behind a virtio-net device (``VmSpec.network``), and host folders
-over virtio-9p (``VmSpec.shares``; the generic Debian kernel has the 9p modules, the cloud
-kernel does not -- which is why images use the generic one).
+``disk_mib`` (the guest's only writable storage), and one virtio-serial port that carries
+every host <-> guest stream (``transport/serial_mux.py``; unlike vhost-user-vsock it
+migrates, and needs no helper process). Opt-in: a ``passt`` per VM behind a virtio-net
+device (``VmSpec.network``), and host folders over virtio-9p (``VmSpec.shares``; the generic
+Debian kernel has the 9p modules, the cloud kernel does not -- which is why images use the
+generic one).
+
+Snapshots (``template.py`` uses them): ``start(..., template=PATH)`` boots a VM whose RAM
+is the file PATH, shared, with no balloon (a discard would punch holes in it); ``save``
+writes its device state with ``x-ignore-shared`` (the RAM stays in the file, nothing is
+copied); ``start(..., restore=Snapshot)`` starts a clone that maps that file privately
+(copy-on-write) and loads the state: running again in a few hundredths of a second.
 """
 
 from __future__ import annotations
@@ -15,23 +22,25 @@ import asyncio
 import os
 import platform
 import subprocess
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..guest.mux import PORT_NAME as MUX_PORT
 from ..image.store import GuestImage, ImageNotFound
-from ..image.tools import find_vhost_device_vsock
-from ..transport.vhost_user_vsock import open_vsock_stream
+from ..transport.serial_mux import HostMux
 from ..trusted import find_program
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
 from .network import GUEST_MAC, start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
+from .qmp import Qmp, QmpError
 from .share import open_share
 from .spec import Isolation, VmSpec, share_tag
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
 KERNEL_CMDLINE = "console=ttyS0 quiet reboot=t panic=-1 initcall_blacklist=i8042_init"
-GUEST_CID = 3
+MUX_READY_TIMEOUT = 600.0  # the agent's own deadline (GuestAgent.connect) is the real one
+MIGRATION_TIMEOUT = 60.0
 
 
 def tcg_clock_cmdline() -> str:
@@ -60,16 +69,56 @@ def find_qemu() -> str | None:
     return find_program("qemu-system-x86_64", "SMOL_KERNEL_QEMU")
 
 
-class QemuVm(ProcessVm):
-    """QEMU is the VMM; vhost-device-vsock is its one helper."""
+@dataclass(frozen=True)
+class Snapshot:
+    """A VM saved to a folder: ``ram`` (the guest's memory, mapped by clones), ``state``
+    (QEMU's device state, tiny with x-ignore-shared) and ``overlay`` (its writable disk as
+    it was when saved)."""
+
+    folder: Path
 
     @property
-    def vsock_path(self) -> Path:
-        return self.runtime_dir / "vsock.sock"
+    def ram(self) -> Path:
+        return self.folder / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state"
+
+    @property
+    def overlay(self) -> Path:
+        return self.folder / "overlay.ext4"
+
+
+class QemuVm(ProcessVm):
+    """QEMU is the VMM; streams go through its virtio-serial port (``HostMux``)."""
+
+    streams_wait_for_guest = True
+
+    def __init__(self, *args, mux: HostMux, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mux = mux
+        self.qmp_path = self.runtime_dir / "qmp.sock"
+        # The guest opens its end once the agent runs: streams wait for that.
+        self._mux_ready = asyncio.ensure_future(mux.start(MUX_READY_TIMEOUT))
+        self._mux_ready.add_done_callback(
+            lambda t: t.cancelled() or t.exception()  # (a VM that died: seen by its users)
+        )
 
     async def open_stream(self, port: int, timeout: float = 5.0):
         self._check_running()
-        return await open_vsock_stream(self.vsock_path, port, timeout)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._mux_ready), timeout)
+        except (TimeoutError, asyncio.TimeoutError, OSError) as e:
+            raise ConnectionRefusedError(
+                f"VM {self.id}: the guest's port is not open: {e}"
+            ) from None
+        return await self.mux.open_stream(port, timeout)
+
+    async def close(self) -> None:
+        self._mux_ready.cancel()
+        await self.mux.close()
+        await super().close()
 
 
 class QemuBackend(VmBackend):
@@ -98,18 +147,19 @@ class QemuBackend(VmBackend):
             return unavailable("qemu-system-x86_64 is not installed",
                                "sudo apt-get install qemu-system-x86")  # fmt: skip
         steps.append(f"qemu: {self.qemu}")
-        vhost = find_vhost_device_vsock()
-        if not vhost:
-            return unavailable(
-                "vhost-device-vsock is not installed (it carries vsock for QEMU)",
-                "smol-kernel image build (installs it into the tools dir)",
-            )
-        steps.append(f"vhost-device-vsock: {vhost}")
         try:
             img = GuestImage.load(image)
         except (ImageNotFound, ValueError) as e:
             return unavailable(str(e), "smol-kernel image build")
         steps.append(f"image {image!r}: {img.path}")
+        if "mux.py" not in (img.inputs.get("guest_files") or {}):
+            again = {"default": "smol-kernel image build",
+                     "scipy": "smol-kernel image build --preset scipy"}.get(image)  # fmt: skip
+            return unavailable(
+                f"image {image!r} was built before the virtio-serial channel QEMU guests use",
+                f"rebuild it: {again}" if again else "rebuild it: run the 'smol-kernel image "
+                "build' that made it again (it rebuilds: the guest files changed)",
+            )
         if accel == "tcg":
             steps.append("accel=tcg requested: KVM not tried")
             return BackendStatus(self.name, True, Isolation.TCG, "TCG requested", "", steps)
@@ -127,21 +177,25 @@ class QemuBackend(VmBackend):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ start
-    async def start(self, spec: VmSpec) -> QemuVm:
+    async def start(
+        self, spec: VmSpec, *, template: Path | None = None, restore: Snapshot | None = None
+    ) -> QemuVm:
+        """Boot a VM for ``spec``; with ``template`` its RAM is that (new) file, shared,
+        for ``save``; with ``restore`` it is a clone of that snapshot, running when this
+        returns (its guest agent answers at once)."""
         spec.validate()
         image = GuestImage.load(spec.image)
         status = await asyncio.to_thread(self.check, spec.image, spec.accel)
         if not status.available or status.isolation is None:
             raise BackendUnavailable(self.name, status.reason, status.fix)
         assert self.qemu is not None
-        vhost_bin = find_vhost_device_vsock()
-        assert vhost_bin is not None
         await asyncio.to_thread(reap_orphans)
 
         rt = RuntimeDir.create()
-        vhost = qemu = net_sock = None
+        qemu = net_sock = state = None
         net_procs: list[subprocess.Popen] = []
         share_fds: list[int] = []
+        mux = HostMux(rt.path / "mux.sock")
         try:
             # The folders themselves, opened and checked again now: QEMU gets them as
             # descriptors, so no rename or symlink since planning can redirect a share.
@@ -149,42 +203,73 @@ class QemuBackend(VmBackend):
                 share_fds.append(open_share(share))
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
-            overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
-            vu_sock = rt.path / "vu.sock"
-            vhost = await asyncio.to_thread(
-                spawn,
-                [
-                    str(vhost_bin), "--guest-cid", str(GUEST_CID), "--socket", str(vu_sock),
-                    "--uds-path", str(rt.path / "vsock.sock"), "--groups", f"smol-{rt.id}",
-                ],
-                rt.path / "vhost.log",
-            )  # fmt: skip
-            deadline = time.monotonic() + 5
-            while not vu_sock.exists():
-                if vhost.poll() is not None or time.monotonic() > deadline:
-                    raise VmError(
-                        "vhost-device-vsock did not start: "
-                        + (rt.path / "vhost.log").read_text(errors="replace")[-500:]
-                    )
-                await asyncio.sleep(0.01)
+            if restore is not None:
+                overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
+                state = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
+            await mux.listen()
             net_fd = net_sock.fileno() if net_sock else None
-            argv = self._argv(spec, image, status.isolation, rt, overlay, vu_sock, net_fd,
-                              share_fds)  # fmt: skip
-            fds = (*share_fds, *(() if net_fd is None else (net_fd,)))
+            ram = restore.ram if restore is not None else template
+            argv = self._argv(spec, image, status.isolation, rt, overlay, net_fd, share_fds,
+                              ram=ram, private=restore is not None, incoming=state)  # fmt: skip
+            fds = (*share_fds, *(() if net_fd is None else (net_fd,)),
+                   *(() if state is None else (state,)))  # fmt: skip
             qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
-            vm = QemuVm(spec, rt, status.isolation, qemu, (vhost, *net_procs))
+            vm = QemuVm(spec, rt, status.isolation, qemu, tuple(net_procs), mux=mux)
             vm.record_state(self.name)
-            await vm.confirm_started("QEMU", rt.path / "qemu.log")
+            if restore is not None:
+                await self._load(vm, state)
+            else:
+                await vm.confirm_started("QEMU", rt.path / "qemu.log")
             return vm
         except BaseException:
-            stop_processes((qemu, vhost, *net_procs))
+            stop_processes((qemu, *net_procs))
+            await mux.close()
             rt.remove()
             raise
         finally:
             if net_sock is not None:
                 net_sock.close()  # QEMU has its own copy
-            for fd in share_fds:
+            for fd in (*share_fds, *(() if state is None else (state,))):
                 os.close(fd)
+
+    async def _load(self, vm: QemuVm, state_fd: int | None) -> None:
+        """Give a clone its saved state and let it run."""
+        try:
+            qmp = await Qmp.connect(vm.qmp_path)
+        except QmpError as e:
+            log = (vm.runtime_dir / "qemu.log").read_text(errors="replace")[-1000:]
+            raise VmError(f"QEMU did not start for a clone: {e}: {log}") from None
+        try:
+            await qmp.execute("migrate-set-capabilities", capabilities=[
+                {"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+            await qmp.execute("migrate-incoming", uri=f"fd:{state_fd}")
+            await qmp.wait_migration(MIGRATION_TIMEOUT)
+            await qmp.execute("cont")
+        except QmpError as e:
+            raise VmError(f"VM {vm.id}: restoring the snapshot failed: {e}") from None
+        finally:
+            await qmp.close()
+
+    async def save(self, vm: QemuVm, snapshot: Snapshot) -> None:
+        """Stop a VM booted with ``template`` and write its state into ``snapshot``'s folder
+        (the RAM already is its file); the VM is stopped for good afterwards."""
+        qmp = await Qmp.connect(vm.qmp_path)
+        fd = os.open(snapshot.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.execute("stop")
+            await qmp.execute("migrate-set-capabilities", capabilities=[
+                {"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+            await qmp.send_fd("snapshot", fd)
+            await qmp.execute("migrate", uri="fd:snapshot")
+            await qmp.wait_migration(MIGRATION_TIMEOUT)
+        except QmpError as e:
+            raise VmError(f"VM {vm.id}: saving it failed: {e}") from None
+        finally:
+            os.close(fd)
+            await qmp.close()
+        await asyncio.to_thread(copy_sparse, vm.rt.overlay, snapshot.overlay)
 
     def _argv(
         self,
@@ -193,10 +278,14 @@ class QemuBackend(VmBackend):
         isolation: Isolation,
         rt: RuntimeDir,
         overlay: Path,
-        vu_sock: Path,
         net_fd: int | None = None,
         share_fds: list[int] | None = None,
+        ram: Path | None = None,
+        private: bool = False,
+        incoming: int | None = None,
     ) -> list[str]:
+        """QEMU's command line. A template and its clones must get the same devices in the
+        same order: only paths, descriptors, RAM sharing and ``-incoming`` differ."""
         assert self.qemu is not None
         mem = f"{spec.memory_mib}M"
         cmdline = KERNEL_CMDLINE
@@ -218,6 +307,20 @@ class QemuBackend(VmBackend):
                           + (",readonly=on" if share.read_only else ""),
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
             ]  # fmt: skip
+        if ram is None:
+            memory = f"memory-backend-memfd,id=mem,size={mem},share=on"
+            # Free page reporting: memory a cell allocated and freed goes back to the host
+            # instead of staying in this VM's RSS (measured: 300 MiB freed -> -250 MiB RSS).
+            extra += ["-device", "virtio-balloon-device,free-page-reporting=on"]
+        else:
+            # A template's RAM file, shared (it is written there), or a clone's private,
+            # copy-on-write view of it. No balloon: a discard punches a hole in the file,
+            # which would zero those pages in every clone.
+            memory = (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(ram)},"
+                      f"share={'off' if private else 'on'}")  # fmt: skip
+            extra += ["-qmp", f"unix:{_opt(rt.path / 'qmp.sock')},server=on,wait=off"]
+        if incoming is not None:
+            extra += ["-incoming", "defer"]
         # max: every feature TCG emulates. qemu64 advertised 3DNow!, so OpenBLAS picked
         # kernels TCG cannot run (numpy.dot died of SIGILL in matplotlib). +arat: without
         # "APIC timer always running" the guest keeps its 250 Hz tick even when idle (no
@@ -231,7 +334,7 @@ class QemuBackend(VmBackend):
             *accel,
             "-smp", str(spec.vcpus),
             "-m", mem,
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-object", memory,
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(image.kernel),
@@ -244,13 +347,34 @@ class QemuBackend(VmBackend):
             "-device", "virtio-blk-device,drive=root",
             "-drive", f"id=rw,file={overlay},format=raw,if=none,discard=unmap",
             "-device", "virtio-blk-device,drive=rw",
-            "-chardev", f"socket,id=vsock,path={vu_sock}",
-            "-device", "vhost-user-vsock-device,chardev=vsock",
-            # Free page reporting: memory a cell allocated and freed goes back to the host
-            # instead of staying in this VM's RSS (measured: 300 MiB freed -> -250 MiB RSS).
-            "-device", "virtio-balloon-device,free-page-reporting=on",
+            # Every host <-> guest stream: QEMU connects to our listening socket.
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=mux,path={_opt(rt.path / 'mux.sock')}",
+            "-device", f"virtserialport,chardev=mux,name={MUX_PORT}",
             *extra,
         ]  # fmt: skip
+
+
+def copy_sparse(src: Path, dest: Path) -> Path:
+    """Copy a sparse disk image with its holes: only the data extents are read and written
+    (a 2 GiB overlay with a few MiB in it copies in milliseconds)."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # no data after offset
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if n <= 0:
+                    break
+                offset += n
+    return dest
 
 
 def _opt(value: object) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from .share import Share, ShareError, check_shares
@@ -51,6 +51,8 @@ class VmSpec:
     dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
                 through passt
     shares:     host folders visible in the guest (see ``share.py``)
+    shares_at_claim: mount the shares when the kernel is claimed, not at boot (a VM that
+                is saved cannot have 9p mounted; its clones mount what they are given)
     """
 
     image: str = "default"
@@ -62,7 +64,7 @@ class VmSpec:
     network: bool = False
     dns: tuple[str, ...] = ()
     shares: tuple[Share, ...] = ()
-    extra: dict = field(default_factory=dict)
+    shares_at_claim: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 64:
@@ -101,11 +103,20 @@ class VmSpec:
         env = {}
         if self.network:
             env["SMOL_NET"] = guest_net_config(self.dns)
-        if self.shares:
+        if self.shares and self.shares_at_claim:
+            env["SMOL_9P"] = "1"  # load 9p, mount nothing: the claim says what
+        elif self.shares:
             env["SMOL_SHARES"] = ",".join(
                 f"{share_tag(i)}:{s.guest}:{s.mode}" for i, s in enumerate(self.shares)
             )
         return env
+
+    def claim_mounts(self) -> list[dict[str, str]]:
+        """The shares a clone's agent mounts at the claim (``shares_at_claim``)."""
+        if not self.shares_at_claim:
+            return []
+        return [{"tag": share_tag(i), "path": s.guest, "mode": s.mode}
+                for i, s in enumerate(self.shares)]  # fmt: skip
 
 
 def share_tag(index: int) -> str:

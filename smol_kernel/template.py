@@ -1,0 +1,322 @@
+"""Templates: a kernel VM booted and prepared once per configuration, saved, and restored
+as a copy-on-write clone for every kernel start.
+
+A template is a folder ``<cache>/templates/<key>/``: ``ram`` (the guest's memory; clones map
+it privately, so idle clones share its pages), ``state`` (QEMU's device state), the
+writable disk as it was at the save, and ``template.json`` (what it was built from, sizes,
+last use). The key is a hash of everything that must match for a clone to be the VM a cold
+boot would give: the QEMU binary and version, the accelerator and translation-cache size,
+the image's files, the guest files in it, and the kernel plan (sizes, network, shares,
+argv, environment, working folder, limits). Anything else changes the key, and so builds
+a new template; ``prune`` removes the ones nothing can use any more.
+
+What a clone gets fresh at its claim (``kernel_vm.claim``): entropy (and a reseeded CRNG),
+the wall clock, its key and environment, its shares mounted, a new session id and
+reseeded ``random``/numpy in the kernel. Its own runtime folder, writable disk (a copy of
+the template's), console, serial port and passt. What it shares with its siblings: the
+address-space layout of the guest kernel and of the prepared Python (KASLR and ASLR were
+drawn once, when the template booted), and Python's hash seed.
+
+Not cloneable (boots cold, the log says why): a kernel whose working folder is a share
+(it has to exist before the kernel starts; 9p is mounted only at the claim), a kernelspec
+that cannot be prepared ahead (not ``python -m ipykernel_launcher``), a backend without
+snapshots (libkrun).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import paths
+from .agent_client import GuestAgent
+from .kernel_vm import KernelPlan, boot_kernel_vm
+from .vm.base import Vm, VmBackend, VmError
+from .vm.qemu import QemuBackend, Snapshot
+
+log = logging.getLogger("smol_kernel.template")
+
+TEMPLATE_FORMAT = 1  # bump when what a template holds, or how it is used, changes
+_building: dict[str, asyncio.Future] = {}  # key -> the build in progress (this process)
+
+
+def templates_dir() -> Path:
+    """``$SMOL_KERNEL_TEMPLATES_DIR``, else ``<cache>/templates``."""
+    env = os.environ.get("SMOL_KERNEL_TEMPLATES_DIR")
+    return Path(env) if env else paths.cache_dir() / "templates"
+
+
+def why_not_cloneable(plan: KernelPlan, backend: VmBackend) -> str | None:
+    """Why kernels of ``plan`` cannot start as clones of a template (None: they can)."""
+    if not isinstance(backend, QemuBackend):
+        return f"the {backend.name} backend has no snapshots"
+    if not plan.two_step:
+        return "the kernelspec argv is not 'python3 -m ipykernel_launcher ...'"
+    for share in plan.shares:
+        if plan.cwd == share.guest or plan.cwd.startswith(share.guest.rstrip("/") + "/"):
+            return (f"the kernel starts in a share ({share.guest}), which must be mounted "
+                    "before it starts; clones mount shares when claimed")  # fmt: skip
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def template_key(plan: KernelPlan, backend: QemuBackend, isolation: str) -> str:
+    """The hash of everything a clone must have in common with its template."""
+    from .image.store import GuestImage
+
+    image = GuestImage.load(plan.image)
+    assert backend.qemu is not None
+    inputs = {
+        "format": TEMPLATE_FORMAT,
+        "qemu": backend.qemu,
+        "qemu_binary": _file_digest(Path(backend.qemu)),
+        "qemu_version": _qemu_version(backend.qemu),
+        "isolation": isolation,
+        "tb_size_mib": backend.tb_size_mib,
+        "image": plan.image,
+        "image_files": image.manifest.get("files"),
+        "image_inputs": image.inputs,
+        "plan": {
+            **asdict(plan),
+            # A share's host folder is the clone's own; the template has the devices only.
+            "shares": [(s.guest, s.read_only) for s in plan.shares],
+        },
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+_versions: dict[str, str] = {}
+
+
+def _qemu_version(qemu: str) -> str:
+    if qemu not in _versions:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"}, timeout=30)  # fmt: skip
+        _versions[qemu] = out.stdout.splitlines()[0] if out.stdout else "?"
+    return _versions[qemu]
+
+
+@dataclass
+class Template:
+    key: str
+    folder: Path
+    meta: dict
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.folder)
+
+    @classmethod
+    def load(cls, key: str) -> Template | None:
+        folder = templates_dir() / key
+        try:
+            meta = json.loads((folder / "template.json").read_text())
+        except (OSError, ValueError):
+            return None
+        snapshot = Snapshot(folder)
+        if not all(p.is_file() for p in (snapshot.ram, snapshot.state, snapshot.overlay)):
+            return None
+        return cls(key, folder, meta)
+
+    def touch(self) -> None:
+        """Note a use (``prune`` removes templates unused for long)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.folder / "template.json")
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
+
+
+def find(plan: KernelPlan, backend: QemuBackend) -> Template | None:
+    """The plan's template if one is built (no boot)."""
+    return Template.load(template_key(plan, backend, plan.isolation))
+
+
+async def get_or_build(
+    plan: KernelPlan, backend: QemuBackend, timeout: float,
+    logger: logging.Logger | logging.LoggerAdapter = log, on_vm=None,
+) -> Template:  # fmt: skip
+    """The plan's template, built now (a cold boot and a save) if there is none.
+    ``on_vm(vm)`` sees the template's VM while it boots (so a pool can stop it)."""
+    key = template_key(plan, backend, plan.isolation)
+    if (found := Template.load(key)) is not None:
+        return found
+    if key in _building:
+        return await asyncio.shield(_building[key])
+    future = asyncio.get_running_loop().create_future()
+    _building[key] = future
+    try:
+        template = await _build(plan, backend, key, timeout, logger, on_vm)
+        future.set_result(template)
+        return template
+    except BaseException as e:
+        future.set_exception(e)
+        future.exception()  # retrieved: the caller gets it raised
+        raise
+    finally:
+        _building.pop(key, None)
+
+
+async def _build(
+    plan: KernelPlan, backend: QemuBackend, key: str, timeout: float,
+    logger: logging.Logger | logging.LoggerAdapter, on_vm=None,
+) -> Template:  # fmt: skip
+    t0 = time.monotonic()
+    final = templates_dir() / key
+    work = templates_dir() / f".{key}.{os.getpid()}.building"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, mode=0o700)
+    vm: Vm | None = None
+    agent: GuestAgent | None = None
+    try:
+        logger.info("template %s: building for %s", key, plan.describe())
+
+        async def start(spec):
+            from dataclasses import replace
+
+            return await backend.start(replace(spec, shares_at_claim=True),
+                                       template=work / "ram")  # fmt: skip
+
+        vm, agent = await boot_kernel_vm(backend, plan, time.monotonic() + timeout,
+                                         label="template", start=start, on_vm=on_vm)  # fmt: skip
+        await agent.close()
+        agent = None
+        assert isinstance(backend, QemuBackend)
+        await backend.save(vm, Snapshot(work))  # type: ignore[arg-type]
+        await vm.close()
+        vm = None
+        meta = {"key": key, "created": time.time(), "plan": plan.describe(),
+                "image": plan.image, "image_files": _image_files(plan.image),
+                "memory_mib": plan.memory_mib,
+                "build_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+        (work / "template.json").write_text(json.dumps(meta))
+        try:
+            os.rename(work, final)
+        except OSError:  # another process built it meanwhile: use theirs
+            shutil.rmtree(work, ignore_errors=True)
+        template = Template.load(key)
+        if template is None:
+            raise VmError(f"template {key} vanished right after it was built")
+        logger.info("template %s: ready in %.1fs (%d MiB on disk)", key,
+                    time.monotonic() - t0, template.disk_bytes() >> 20)  # fmt: skip
+        return template
+    except BaseException:
+        if agent is not None:
+            await agent.close()
+        if vm is not None:
+            await vm.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+async def restore_kernel_vm(
+    template: Template, plan: KernelPlan, backend: QemuBackend, deadline: float,
+    label: str = "", on_vm=None,
+) -> tuple[Vm, GuestAgent]:  # fmt: skip
+    """A clone of ``template``, running, its kernel prepared (claim it next)."""
+    spec = plan.vm_spec(label, shares_at_claim=True)
+    vm = await backend.start(spec, restore=template.snapshot)
+    agent = None
+    try:
+        if on_vm is not None:
+            on_vm(vm)
+        agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
+        if not agent.kernel_prepared.is_set():
+            raise VmError(f"clone {vm.id} of template {template.key}: its kernel is "
+                          f"{agent.hello.get('kernel')!r}, not prepared")  # fmt: skip
+    except BaseException:
+        if agent is not None:
+            await agent.close()
+        await vm.close()
+        raise
+    template.touch()
+    return vm, agent
+
+
+async def prepared_vm(
+    plan: KernelPlan, backend: VmBackend, deadline: float, label: str = "", on_vm=None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> tuple[Vm, GuestAgent, str]:  # fmt: skip
+    """A VM for ``plan`` whose kernel is prepared (claim it next), and how it came: a clone
+    of the plan's template ("clone"; the template is built first if there is none), or a
+    cold boot ("cold", when the plan cannot be cloned or building its template failed)."""
+    why = why_not_cloneable(plan, backend)
+    if why is None:
+        assert isinstance(backend, QemuBackend)
+        try:
+            template = await get_or_build(plan, backend, deadline - time.monotonic(), logger,
+                                          on_vm=on_vm)  # fmt: skip
+            vm, agent = await restore_kernel_vm(template, plan, backend, deadline, label, on_vm)
+            return vm, agent, "clone"
+        except (VmError, OSError) as e:
+            logger.warning("no clone for %s, booting cold: %s", plan.describe(), e)
+    else:
+        logger.info("booting cold: %s", why)
+    vm, agent = await boot_kernel_vm(backend, plan, deadline, label=label, on_vm=on_vm)
+    return vm, agent, "cold"
+
+
+def _image_files(image: str) -> object:
+    from .image.store import GuestImage
+
+    return GuestImage.load(image).manifest.get("files")
+
+
+# ------------------------------------------------------------------ listing and pruning
+def list_templates() -> list[Template]:
+    base = templates_dir()
+    out = []
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        if not folder.name.startswith(".") and (t := Template.load(folder.name)) is not None:
+            out.append(t)
+    return out
+
+
+def remove(template: Template) -> None:
+    """Clones that run keep their mapping of the RAM file; the files go from the folder."""
+    shutil.rmtree(template.folder, ignore_errors=True)
+
+
+def prune(max_idle_days: float = 14.0) -> list[str]:
+    """Remove templates of images that changed or are gone, of another QEMU, and ones not
+    used for ``max_idle_days``; and leftovers of interrupted builds. Returns their keys."""
+    from .image.store import GuestImage, ImageNotFound
+
+    removed = []
+    base = templates_dir()
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        if folder.name.startswith(".") and folder.name.endswith(".building"):
+            pid = folder.name.rsplit(".", 2)[-2]
+            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            continue
+        template = Template.load(folder.name)
+        if template is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+            continue
+        stale = time.time() - (folder / "template.json").stat().st_mtime > max_idle_days * 86400
+        try:
+            GuestImage.load(str(template.meta.get("image")))
+            stale = stale or template.meta.get("image_files") != _image_files(
+                str(template.meta.get("image"))
+            )
+        except (ImageNotFound, ValueError):
+            stale = True
+        if stale:
+            remove(template)
+            removed.append(template.key)
+    return removed

@@ -157,7 +157,9 @@ class QemuBackend(VmBackend):
                      "scipy": "smol-kernel image build --preset scipy"}.get(image)  # fmt: skip
             return unavailable(
                 f"image {image!r} was built before the virtio-serial channel QEMU guests use",
-                f"rebuild it: {again}" if again else "rebuild it: run the 'smol-kernel image "
+                f"rebuild it: {again}"
+                if again
+                else "rebuild it: run the 'smol-kernel image "
                 "build' that made it again (it rebuilds: the guest files changed)",
             )
         if accel == "tcg":

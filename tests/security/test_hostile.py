@@ -142,6 +142,7 @@ async def test_guests_have_no_vsock_and_each_port_leads_to_its_own_host_end(atta
         argv = Path(f"/proc/{one.pid}/cmdline").read_bytes().decode()
         assert str(one.runtime_dir / "mux.sock") in argv
         assert str(two.runtime_dir) not in argv
+
     # The positive control: the host reaches the guest's agent through that port.
     async def ping() -> bytes:
         reader, writer = await vm.open_stream(1024)

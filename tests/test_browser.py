@@ -183,7 +183,7 @@ def test_jupyterlab_runs_a_cell_in_a_smolvm_kernel_and_shows_start_errors(lab):
         assert time.monotonic() < deadline, "the failed kernel is still listed"
         time.sleep(0.5)
     metrics = requests.get(f"{url}/metrics", params={"token": token}).text
-    assert re.search(r'smol_kernel_vm_starts_total\{kind="(pooled|cold)"\} 1\.0', metrics)
+    assert re.search(r'smol_kernel_vm_starts_total\{kind="(pooled|clone|cold)"\} 1\.0', metrics)
     assert "smol_kernel_active_vms" in metrics
     assert runtime_entries() - before, "the kernel (and pool) VMs are this server's"
 

@@ -40,9 +40,13 @@ async def test_image_not_built_names_the_build_command(jupyter_prefix):
     await expect_start_failure(spec, r"smol-kernel image build --name not-built-yet")
 
 
-async def test_startup_timeout_shows_the_guest_console(jupyter_prefix):
-    spec = install_spec(jupyter_prefix, "smolvm-timeout", "--startup-timeout", "3")
-    info = await expect_start_failure(spec, r"did not answer within 3s")
+async def test_startup_timeout_shows_the_guest_console(jupyter_prefix, tmp_path):
+    """A boot that takes longer than startup_timeout (a kernel that starts in a share is
+    not cloned: it boots cold, which takes longer than 3 s here)."""
+    spec = install_spec(jupyter_prefix, "smolvm-timeout", "--startup-timeout", "3",
+                        "--share-cwd", "ro")  # fmt: skip
+    info = await expect_start_failure(spec, r"did not answer within 3s",
+                                      start_kw={"cwd": str(tmp_path)})  # fmt: skip
     assert "Guest console" in flat(info.value)
 
 

@@ -75,7 +75,7 @@ async def test_caps_refuse_with_403_audit_and_logs(jupyter_prefix, caplog):
     start, end = [a for a in audit_lines(caplog) if a["kernel_id"] == km.kernel_id]
     assert start["event"] == "kernel_start" and start["vm_id"] == vm_id
     assert start["memory_mib"] == 768 and start["isolation"] in ("kvm", "tcg")
-    assert start["start"] == "cold" and start["network"] is False and start["shares"] == []
+    assert start["start"] == "clone" and start["network"] is False and start["shares"] == []
     assert end["event"] == "kernel_end" and end["reason"] == "shutdown"
     assert end["lifetime_s"] > 0 and end["user"] == start["user"]
 
@@ -96,7 +96,7 @@ async def test_the_pool_gives_way_to_a_kernel(jupyter_prefix):
         await wait_pool(lambda p: len(p.memory()) == 1, timeout=60)
         km_b, kc_b = await start_kernel(other)  # the refill (or its VM) gives way
         try:
-            assert km_b.provisioner.start_kind == "cold"
+            assert km_b.provisioner.start_kind == "clone"  # (its template is built first)
 
             async def pool_vms() -> int:
                 return len(warm_pool().memory())

@@ -155,8 +155,9 @@ async def test_a_guest_that_ignores_credit_loses_the_stream(tmp_path):
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
         received = 0
-        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
-            received += len(chunk)
+        with contextlib.suppress(ConnectionResetError):  # (a close may come as a reset)
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                received += len(chunk)
         # The window, plus what the local socket and its buffer took before credit stopped.
         assert received < M.WINDOW + (2 << 20) < SENT, received
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ class Snapshot:
     @property
     def overlay(self) -> Path:
         return self.folder / "overlay.ext4"
+
+    @property
+    def console(self) -> Path:
+        return self.folder / "console.log"
 
 
 class QemuVm(ProcessVm):
@@ -207,6 +212,8 @@ class QemuBackend(VmBackend):
                 net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
             if restore is not None:
                 overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
+                if restore.console.is_file():  # the boot it comes from, for smol-kernel logs
+                    shutil.copyfile(restore.console, rt.path / "console.log")
                 state = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
             else:
                 overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
@@ -272,6 +279,8 @@ class QemuBackend(VmBackend):
             os.close(fd)
             await qmp.close()
         await asyncio.to_thread(copy_sparse, vm.rt.overlay, snapshot.overlay)
+        tail = vm.console_tail(64 << 10).encode()
+        snapshot.console.write_bytes(tail + b"[smol-kernel: saved as a template]\n")
 
     def _argv(
         self,

@@ -51,7 +51,7 @@ from smol_kernel.ioloop import on_io_loop  # noqa: E402
 from smol_kernel.message_pump import MessageGate  # noqa: E402
 from smol_kernel.output_policy import OutputPolicy  # noqa: E402
 from smol_kernel.pool import wait_for_pool, warm_pool  # noqa: E402
-from smol_kernel.relay import VsockRelay  # noqa: E402
+from smol_kernel.relay import KernelRelay  # noqa: E402
 from smol_kernel.server_extension import warm_kernelspec  # noqa: E402
 from smol_kernel.vm.process import list_vms, vm_processes  # noqa: E402
 
@@ -194,7 +194,7 @@ async def relay_only_rtt(local_name: str) -> tuple[float, float]:
                 host_ports[ch] = s.getsockname()[1]
         gate = MessageGate(key=info["key"], signature_scheme=info["signature_scheme"],
                            policy=OutputPolicy())  # fmt: skip
-        relay = VsockRelay("tcp", "127.0.0.1", host_ports, gate)
+        relay = KernelRelay("tcp", "127.0.0.1", host_ports, gate)
 
         async def serve() -> None:
             relay.bind()

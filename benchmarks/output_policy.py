@@ -1,5 +1,5 @@
 """What the output policy costs: the same local ipykernel reached three ways in one run --
-directly, through the byte relay (the relay before the policy: ``VsockRelay`` without a
+directly, through the byte relay (the relay before the policy: ``KernelRelay`` without a
 gate), and through the relay with the output policy and iopub backlog (what every smolvm
 kernel gets). No VM: only the host-side cost is measured.
 
@@ -30,7 +30,7 @@ from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
 from smol_kernel.message_pump import MessageGate
 from smol_kernel.output_policy import OutputPolicy
-from smol_kernel.relay import VsockRelay
+from smol_kernel.relay import KernelRelay
 
 BIG_PRINT = (
     "import sys\nfor i in range(50):\n    sys.stdout.write('x' * 1_000_000); sys.stdout.flush()"
@@ -47,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def relay_to(info: dict, gate: MessageGate | None) -> tuple[VsockRelay, dict]:
+async def relay_to(info: dict, gate: MessageGate | None) -> tuple[KernelRelay, dict]:
     """A relay on fresh host ports in front of the kernel's own ports."""
     by_vport = {CHANNEL_PORTS[ch]: int(info[f"{ch}_port"]) for ch in CHANNEL_PORTS}
     ports = {ch: free_port() for ch in CHANNEL_PORTS}
-    relay = VsockRelay("tcp", "127.0.0.1", ports, gate)
+    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
 
     async def open_stream(vport: int, timeout: float = 5.0):
         return await asyncio.open_connection("127.0.0.1", by_vport[vport], limit=1 << 20)

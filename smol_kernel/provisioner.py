@@ -44,7 +44,7 @@ from .message_pump import MessageGate
 from .output_policy import OutputPolicy
 from .paths import RuntimeDirError
 from .pool import warm_pool
-from .relay import VsockRelay
+from .relay import KernelRelay
 from .shown import escaped
 from .start_errors import ReadableStartError
 from .vm.base import Vm, VmBackend, VmError
@@ -215,7 +215,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.connection_info = {}  # the base class shares one dict between all instances
         self.vm: Vm | None = None
         self.agent: GuestAgent | None = None
-        self.relay: VsockRelay | None = None
+        self.relay: KernelRelay | None = None
         self.isolation: str | None = None
         self.ready_at: float | None = None  # time.monotonic() when the kernel was ready
         self.start_kind: str | None = None  # "pooled" or "cold", once launched
@@ -361,7 +361,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._exit_status = None
         selection = await self._select_backend()
         ci = self.connection_info
-        relay = VsockRelay(
+        relay = KernelRelay(
             str(ci.get("transport", "tcp")),
             str(ci.get("ip", "127.0.0.1")),
             {ch: int(ci[f"{ch}_port"]) for ch in P.CHANNEL_PORTS},  # type: ignore[call-overload]

@@ -1,4 +1,4 @@
-"""VsockRelay: the kernel's five ZMQ channels on the host, carried into the guest over vsock.
+"""KernelRelay: the kernel's five ZMQ channels on the host, carried into the guest over vsock.
 
 Per kernel the relay listens where the connection file says (tcp on ``ip:port``, or ipc on
 ``ip-port`` unix sockets). Every client connection gets its own vsock stream to the agent's
@@ -45,7 +45,7 @@ class RelayError(Exception):
     """A channel could not be bound on the host."""
 
 
-class VsockRelay:
+class KernelRelay:
     def __init__(
         self, transport: str, ip: str, ports: dict[str, int], gate: MessageGate | None = None
     ) -> None:

@@ -22,7 +22,7 @@ from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
 from smol_kernel.message_pump import MessageGate
 from smol_kernel.output_policy import OutputPolicy, sanitize_bundle, sanitize_html
-from smol_kernel.relay import VsockRelay
+from smol_kernel.relay import KernelRelay
 
 from .kernel_helpers import run_cell
 from .web_helpers import free_port
@@ -170,7 +170,7 @@ def test_help_links_and_comms_and_widget_html():
 class RelayedKernel:
     """A local ipykernel behind our relay (the kernel's ports stand in for the guest's)."""
 
-    def __init__(self, km: AsyncKernelManager, relay: VsockRelay, info: dict) -> None:
+    def __init__(self, km: AsyncKernelManager, relay: KernelRelay, info: dict) -> None:
         self.km, self.relay, self.info = km, relay, info
 
     def client(self, **kwargs):
@@ -190,7 +190,7 @@ async def relayed_kernel(trusted: bool = False, backlog: int = 256 << 20):
     policy = None if trusted else OutputPolicy()
     gate = MessageGate(key=info["key"], signature_scheme=info["signature_scheme"],
                        policy=policy, iopub_backlog=backlog)  # fmt: skip
-    relay = VsockRelay("tcp", "127.0.0.1", host_ports, gate)
+    relay = KernelRelay("tcp", "127.0.0.1", host_ports, gate)
     by_vport = {CHANNEL_PORTS[ch]: port for ch, port in kernel_ports.items()}
 
     async def open_stream(vport: int, timeout: float = 5.0):
@@ -328,7 +328,7 @@ async def _fake_guest_relay(script: bytes):
     client connected to the relay's iopub port receives."""
     gate = MessageGate(key=b"k", policy=OutputPolicy(), iopub_backlog=1 << 20)
     ports = {ch: free_port() for ch in CHANNEL_PORTS}
-    relay = VsockRelay("tcp", "127.0.0.1", ports, gate)
+    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
 
     async def open_stream(vport: int, timeout: float = 5.0):
         r, w = socket.socketpair()

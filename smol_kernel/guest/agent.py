@@ -4,8 +4,9 @@ Stdlib only; shares nothing with the host code but ``protocol.py`` (copied next 
 in the guest image). It runs under our initramfs (after ``switch_root``) and under libkrun's
 init alike, so it mounts whatever is not mounted yet.
 
-Duties: mount the filesystems Python needs, bring up loopback, listen on the vsock control
-port (a successful connection *is* the readiness signal), start / signal / stop ipykernel on
+Duties: mount the filesystems Python needs, bring up loopback, serve the host's streams (QEMU:
+multiplexed over one virtio-serial port, ``mux.py``; libkrun: vsock listeners; the ready line
+on the console is the readiness signal), start / signal / stop ipykernel on
 request, forward each channel stream to the kernel's loopback port, serve file and command
 requests (``sandbox_ops.py``), reap every zombie (it is PID 1), and power the VM off when
 asked or when the kernel has exited.

@@ -196,9 +196,31 @@ async def test_display_data_png(kernel):
     assert base64.b64decode(pngs[0]) == tiny_png()
 
 
+async def guest_diagnosis(km) -> str:
+    """What the guest's TCP sockets and the kernel's threads look like (asked through the
+    agent, which works while the kernel is stuck), and the console's tail."""
+    from smol_kernel.guest import protocol as P
+
+    script = ("cat /proc/net/tcp; for t in /proc/[0-9]*/task/*; do "
+              "echo \"$t $(cat $t/comm) $(cat $t/wchan)\"; done 2>/dev/null | grep -v kworker")
+    try:
+        reply = await km.provisioner.guest_request(
+            P.OP_RUN_COMMAND, 30, command=script, cwd="/", env={}, time_limit=20)
+        out = base64.b64decode(reply.get("stdout", "")).decode(errors="replace")
+    except Exception as e:
+        out = f"(agent: {e!r})"
+    console = km.provisioner.vm.runtime_dir / "console.log"
+    tail = console.read_text(errors="replace")[-4000:] if console.exists() else ""
+    return f"guest:\n{out}\nconsole tail:\n{tail}"
+
+
 async def test_input_over_stdin(kernel):
-    _, kc = kernel
-    r = await run_cell(kc, "name = input('who? ')\nprint('hello', name)", stdin_reply="smol")
+    km, kc = kernel
+    try:
+        r = await run_cell(kc, "name = input('who? ')\nprint('hello', name)",
+                           stdin_reply="smol")  # fmt: skip
+    except TimeoutError:
+        pytest.fail(f"no answer to a cell that reads stdin; {await guest_diagnosis(km)}")
     assert r.status == "ok"
     assert "hello smol" in r.stdout
 

@@ -165,6 +165,35 @@ async def test_a_guest_that_ignores_credit_loses_the_stream(tmp_path):
         qemu.close()
 
 
+async def test_bytes_the_guest_sends_right_after_opened_are_kept(tmp_path):
+    """A ZMQ server sends its greeting the moment it accepts: the guest's OPENED and the
+    first DATA come together. Those bytes reach the reader (they were dropped when they
+    came before the host had made the stream's local socket, and the kernel's greeting
+    was lost: the ZMTP handshake stalled until libzmq gave up on it 30 s later)."""
+    host = HostMux(tmp_path / "mux.sock")
+    await host.listen()
+    qemu = socket.socket(socket.AF_UNIX)
+    qemu.connect(str(tmp_path / "mux.sock"))
+
+    def eager_guest() -> None:
+        head = qemu.recv(M.HEADER.size)
+        _, _, length = M.HEADER.unpack(head)
+        qemu.sendall(M.reset_ok(qemu.recv(length)))
+        head = qemu.recv(M.HEADER.size)
+        _, sid, length = M.HEADER.unpack(head)
+        qemu.recv(length)
+        qemu.sendall(M.frame(M.OPENED, sid) + M.frame(M.DATA, sid, b"greeting"))
+
+    threading.Thread(target=eager_guest, daemon=True).start()
+    try:
+        await host.start(timeout=10)
+        reader, _ = await host.open_stream(9)
+        assert await asyncio.wait_for(reader.readexactly(8), 5) == b"greeting"
+    finally:
+        await host.close()
+        qemu.close()
+
+
 def test_frames_are_what_the_wire_format_says():
     assert (
         M.frame(M.CREDIT, 5, struct.pack(">I", 9))

@@ -169,19 +169,21 @@ class HostMux:
         sid = self._next
         self._next += 1
         stream = _HostStream(sid, port)
+        # The local socket exists before OPEN goes out: the guest's first bytes may come
+        # in the same read as its OPENED (a ZMQ server greets as soon as it accepts).
+        ours, theirs = socket.socketpair()
+        far_reader, stream.writer = await asyncio.open_connection(sock=theirs, limit=M.WINDOW)
         self._streams[sid] = stream
-        self._send(M.frame(M.OPEN, sid, struct.pack(">I", port)))
         try:
+            self._send(M.frame(M.OPEN, sid, struct.pack(">I", port)))
             ok = await asyncio.wait_for(asyncio.shield(stream.opened), timeout)
+            if not ok:
+                raise ConnectionRefusedError(f"guest port {port}: refused")
+            reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         except BaseException:
+            ours.close()
             self._close(stream)
             raise
-        if not ok:
-            self._streams.pop(sid, None)
-            raise ConnectionRefusedError(f"guest port {port}: refused")
-        ours, theirs = socket.socketpair()
-        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-        far_reader, stream.writer = await asyncio.open_connection(sock=theirs, limit=M.WINDOW)
         stream.tasks.append(asyncio.ensure_future(self._to_guest(stream, far_reader)))
         return reader, writer
 

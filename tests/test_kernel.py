@@ -201,11 +201,14 @@ async def guest_diagnosis(km) -> str:
     agent, which works while the kernel is stuck), and the console's tail."""
     from smol_kernel.guest import protocol as P
 
-    script = ("cat /proc/net/tcp; for t in /proc/[0-9]*/task/*; do "
-              "echo \"$t $(cat $t/comm) $(cat $t/wchan)\"; done 2>/dev/null | grep -v kworker")
+    script = (
+        "cat /proc/net/tcp; for t in /proc/[0-9]*/task/*; do "
+        'echo "$t $(cat $t/comm) $(cat $t/wchan)"; done 2>/dev/null | grep -v kworker'
+    )
     try:
         reply = await km.provisioner.guest_request(
-            P.OP_RUN_COMMAND, 30, command=script, cwd="/", env={}, time_limit=20)
+            P.OP_RUN_COMMAND, 30, command=script, cwd="/", env={}, time_limit=20
+        )
         out = base64.b64decode(reply.get("stdout", "")).decode(errors="replace")
     except Exception as e:
         out = f"(agent: {e!r})"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Callable
 
 from .guest import protocol as P
 from .vm.base import Vm, VmError
@@ -35,6 +36,9 @@ class GuestAgent:
         self.kernel_exit_status: int | None = None
         self.kernel_output_tail = ""
         self.closed = asyncio.Event()
+        # Called with each request a magic in the kernel made (``kernel_request``): the
+        # guest's words, for the host to check and answer with ``kernel_reply``.
+        self.on_kernel_request: Callable[[dict], None] | None = None
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -106,6 +110,10 @@ class GuestAgent:
             self.kernel_exit_status = int(msg.get("status", -1))
             self.kernel_output_tail = str(msg.get("tail", ""))
             self.kernel_exited.set()
+        elif msg["event"] == P.EV_KERNEL_REQUEST:
+            request = msg.get("request")
+            if isinstance(request, dict) and self.on_kernel_request is not None:
+                self.on_kernel_request(request)
 
     async def request(self, op: str, timeout: float = 10.0, **fields) -> dict:
         if self.closed.is_set():

@@ -149,7 +149,10 @@ class Kernel:
         self.exit_status: int | None = None
         self._tail = bytearray()
         self._console_left = CONSOLE_BUDGET
-        self._claim_w: int | None = None  # the prepared kernel's claim pipe
+        self._claim_w: int | None = None  # the launcher's claim pipe: the host's lines to it
+        self.claimed = False
+        self._pipe_lock = threading.Lock()
+        self._said: dict[str, threading.Event] = {}  # status word -> seen since asked
         self.cwd = "/root"
         self.cgroup: str | None = None
         self.env = dict(DEFAULT_ENV)  # what commands run with: the kernel's environment
@@ -228,7 +231,7 @@ class Kernel:
             return "none"
         if self.exit_status is not None:
             return "exited"
-        return "prepared" if self._claim_w is not None else "running"
+        return "prepared" if self._claim_w is not None and not self.claimed else "running"
 
     def _write_connection(self, connection: dict) -> None:
         os.makedirs(os.path.dirname(P.GUEST_CONNECTION_FILE), exist_ok=True)
@@ -243,29 +246,77 @@ class Kernel:
 
     def claim(self, connection: dict, env: dict[str, str]) -> None:
         """Give a prepared kernel its key (and the per-kernel environment). Once only."""
-        if self._claim_w is None:
+        if self._claim_w is None or self.claimed:
             raise RuntimeError("no prepared kernel is waiting in this VM")
         if self.exit_status is not None:
             raise ProcessLookupError(f"the kernel exited with status {self.exit_status}")
         self._write_connection(connection)  # what %connect_info shows
-        line = json.dumps({
+        self.env.update(env)
+        self.claimed = True
+        self.tell({
             "key": connection.get("key", ""),
             "signature_scheme": connection.get("signature_scheme", ""),
             "env": env,
-        }).encode() + b"\n"  # fmt: skip
-        self.env.update(env)
-        fd, self._claim_w = self._claim_w, None
-        try:
-            os.write(fd, line)  # far below the pipe buffer: never blocks
-        finally:
-            os.close(fd)
+        })  # fmt: skip
+
+    def tell(self, msg: dict) -> None:
+        """One line to the launcher (the claim, then replies and resumes)."""
+        if self._claim_w is None or self.exit_status is not None:
+            raise ProcessLookupError("the kernel is not running under the launcher")
+        data = json.dumps(msg).encode() + b"\n"
+        with self._pipe_lock:
+            view = memoryview(data)
+            while view:  # the launcher always reads: a long line only waits for it
+                view = view[os.write(self._claim_w, view) :]
+
+    def tell_and_wait(self, msg: dict, word: str, timeout: float) -> None:
+        """Send ``msg`` and wait for the launcher to say ``word`` (TimeoutError)."""
+        seen = self._said[word] = threading.Event()
+        self.tell(msg)
+        if not seen.wait(timeout):
+            raise TimeoutError(f"the kernel did not say {word!r} within {timeout:.0f}s")
+
+    def resume(self, req: dict) -> None:
+        """A kernel restored from a checkpoint: its key and environment (a fork's are new),
+        and, for a fork, reseeded random state; see kernel_launcher.HostLink."""
+        connection = req.get("connection")
+        env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+        msg: dict = {"type": "resume", "reseed": bool(req.get("reseed")), "env": env}
+        if isinstance(connection, dict):
+            self._write_connection(connection)
+            msg["key"] = str(connection.get("key", ""))
+            msg["signature_scheme"] = str(connection.get("signature_scheme", ""))
+        self.env.update(msg["env"])
+        self.tell_and_wait(msg, "resumed", float(req.get("timeout") or 30))
 
     def _watch_status(self, status_r: int) -> None:
         events = {b"prepared": P.EV_KERNEL_PREPARED, b"started": P.EV_KERNEL_READY}
         with os.fdopen(status_r, "rb") as pipe:
-            for line in pipe:
-                if (event := events.get(line.strip())) and self.exit_status is None:
+            while line := pipe.readline(P.MAX_KERNEL_REQUEST):
+                if not line.endswith(b"\n"):  # over the cap: skip the rest of that line
+                    while (more := pipe.readline(P.MAX_KERNEL_REQUEST)) and not more.endswith(
+                        b"\n"
+                    ):
+                        pass
+                    continue
+                word = line.strip()
+                if self.exit_status is not None:
+                    continue
+                if event := events.get(word):
                     self.agent.broadcast({"event": event, "pid": self.pid})
+                elif word.startswith(b"{"):
+                    self._forward_request(word)
+                elif (seen := self._said.pop(word.decode("ascii", "replace"), None)) is not None:
+                    seen.set()
+
+    def _forward_request(self, line: bytes) -> None:
+        """A magic's request (``%checkpoint`` ...) goes to the host, which decides."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(req, dict) and isinstance(req.get("rid"), int):
+            self.agent.broadcast({"event": P.EV_KERNEL_REQUEST, "request": req})
 
     def _copy_output(self, rfd: int) -> None:
         with os.fdopen(rfd, "rb", buffering=0) as pipe:
@@ -530,6 +581,21 @@ class Agent:
             self._reply(conn, req)
         elif op == P.OP_SIGNAL:
             self.kernel.signal(int(req["signum"]))
+            self._reply(conn, req)
+        elif op == P.OP_KERNEL_REPLY:
+            self.kernel.tell({"type": "reply", "rid": int(req["rid"]), "ok": bool(req.get("ok")),
+                              "text": str(req.get("text", ""))})  # fmt: skip
+            self._reply(conn, req)
+        elif op == P.OP_RESUME:
+            fresh_start(req)  # entropy and clock first: the kernel may draw at once
+            self.kernel.resume(req)
+            self._reply(conn, req)
+        elif op == P.OP_FINISH:
+            self.kernel.tell_and_wait(
+                {"type": "finish", "announce": str(req.get("announce", "")),
+                 "parent": req.get("parent"), "ident": req.get("ident")},
+                "finished", float(req.get("timeout") or 30),
+            )  # fmt: skip
             self._reply(conn, req)
         elif op == P.OP_POWEROFF:
             self._reply(conn, req)

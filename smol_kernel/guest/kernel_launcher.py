@@ -14,6 +14,18 @@ Run by the guest agent in place of ``PYTHON -m ipykernel_launcher ARGS`` as
 2. Block on the claim pipe for one JSON line: ``{"key", "signature_scheme", "env"}``. The
    kernel's loop switches to the real key and adds the per-kernel environment, then writes
    ``started``. EOF instead of a line: the VM is being discarded, exit quietly.
+3. Keep both pipes as the kernel's line to the host (``HostLink``): the magics
+   ``%checkpoint``, ``%rewind`` and ``%checkpoints`` write a request on the status pipe and
+   wait for the host's reply on the claim pipe, where the host also sends, to a kernel
+   restored from a checkpoint, ``resume`` (drop requests of the saved past, take a key and
+   environment, reseed for a fork: then ``resumed``) and ``finish`` (say which checkpoint it
+   is at, and answer the cell that asked for the rewind: then ``finished``).
+
+A checkpoint taken by ``%checkpoint`` holds the kernel inside that magic, waiting for its
+reply; restored, it gets ``resume`` instead and continues the cell as the one that asked
+for the rewind (its reply, output and idle status go to that request: the parent message
+and routing identity are changed in place, so ipykernel's own reply is the right one).
+A checkpoint taken by the host holds an idle kernel, and the loop answers instead.
 
 ipykernel 6 ends the "abort queued cells after an error" window with ``call_later(0)``:
 under emulation the client's next request, sent after it got the error's reply, can be
@@ -34,30 +46,39 @@ Guest side only: stdlib and the guest's ipykernel, nothing from the host package
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import os
 import select
 import sys
 import threading
+import uuid
 
 CLAIM_FD, STATUS_FD = 3, 4  # protocol.LAUNCHER_CLAIM_FD / LAUNCHER_STATUS_FD
 MAX_STREAM_MESSAGE = 1 << 20  # characters of stdout/stderr per IOPub stream message
+ASK_TIMEOUT = 600.0  # seconds a magic waits for the host (a checkpoint of a big VM)
+_status_lock = threading.Lock()
 
 
 def _status(word: str) -> None:
-    os.write(STATUS_FD, word.encode() + b"\n")
+    with _status_lock:  # a line is written whole (pipe writes under PIPE_BUF are atomic)
+        os.write(STATUS_FD, word.encode() + b"\n")
 
 
-def _read_claim() -> dict | None:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(CLAIM_FD, 65536)
-        if not chunk:
-            return None
-        data += chunk
-    os.close(CLAIM_FD)
-    claim = json.loads(data)
-    return claim if isinstance(claim, dict) else None
+def _lines(fd: int):
+    """JSON objects, one per line, until EOF."""
+    buf = b""
+    while chunk := os.read(fd, 65536):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                yield msg
 
 
 def main(args: list[str]) -> None:
@@ -79,12 +100,14 @@ def main(args: list[str]) -> None:
     app.initialize(kernel_args)
     _end_abort_window_at_once(app.kernel)
     _bound_stream_messages()
+    link = HostLink(app)
+    link.register_magics()
 
     from tornado.ioloop import IOLoop
 
     loop = IOLoop.current()  # the loop app.start() runs
     cold = bool(select.select([CLAIM_FD], [], [], 0)[0])
-    threading.Thread(target=_claim_when_ready, args=(app, loop, cold), daemon=True).start()
+    threading.Thread(target=_claim_when_ready, args=(app, loop, cold, link), daemon=True).start()
     app.start()
 
 
@@ -131,29 +154,35 @@ def _bound_stream_messages() -> None:
     OutStream.write = bounded_write
 
 
-def _claim_when_ready(app, loop, cold: bool) -> None:
+def _claim_when_ready(app, loop, cold: bool, link: HostLink) -> None:
     if not cold:
         try:
             _warm_up(app)
         except Exception as e:  # slower first requests, nothing worse
             sys.__stderr__.write(f"smol-kernel launcher: warm-up failed: {e}\n")
         _status("prepared")
-    claim = _read_claim()
+    lines = _lines(CLAIM_FD)
+    claim = next(lines, None)
     if claim is None:
         os._exit(0)
     loop.add_callback(_apply_claim, app, claim)
+    link.serve(lines, loop)
 
 
 def _apply_claim(app, claim: dict) -> None:
     """On the kernel's loop: nothing is handled between the key switch and ``started``."""
-    session = app.session
-    if claim.get("signature_scheme"):
-        session.signature_scheme = str(claim["signature_scheme"])
-    session.key = str(claim.get("key", "")).encode()
-    os.environ.update({str(k): str(v) for k, v in (claim.get("env") or {}).items()})
-    _fresh_state(session)
+    _take_key(app, claim)
+    _fresh_state(app.session)
     _status("started")
-    os.close(STATUS_FD)
+
+
+def _take_key(app, msg: dict) -> None:
+    session = app.session
+    if msg.get("signature_scheme"):
+        session.signature_scheme = str(msg["signature_scheme"])
+    if "key" in msg:
+        session.key = str(msg.get("key", "")).encode()
+    os.environ.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
 
 
 def _fresh_state(session) -> None:
@@ -161,13 +190,190 @@ def _fresh_state(session) -> None:
     with every sibling: reseed what draws from it (the agent reseeded the guest's CRNG
     first), and take a session id of its own."""
     import random
-    import uuid
 
     random.seed()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(int.from_bytes(os.urandom(4), "big"))
     session.session = str(uuid.uuid4())
+
+
+class HostLink:
+    """The kernel's requests to the host (magics) and the host's messages to the kernel."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list] = {}  # rid -> [threading.Event, reply]
+        self._in_magic: list | None = None  # the slot of a %checkpoint waiting for its reply
+
+    # -- the magics (on the kernel's main thread, inside a cell)
+    def register_magics(self) -> None:
+        shell = getattr(self.app, "shell", None)
+        if shell is None:
+            return
+        shell.register_magic_function(self.checkpoint_magic, "line", "checkpoint")
+        shell.register_magic_function(self.rewind_magic, "line", "rewind")
+        shell.register_magic_function(self.checkpoints_magic, "line", "checkpoints")
+
+    def checkpoint_magic(self, line: str) -> None:
+        """%checkpoint [NAME]: save this kernel (variables, files, processes) as it is at
+        this line; ``%rewind NAME`` comes back here. Put it last in its cell: a rewind
+        resumes the cell after it."""
+        reply = self._ask("checkpoint", magic=True, name=line.strip() or None)
+        if reply.get("type") == "resume":  # restored from the checkpoint this magic took
+            then = reply["_then"]
+            self._resume_here(reply)
+            then[0].wait(ASK_TIMEOUT)
+            with self._lock:
+                if self._in_magic is then:
+                    self._in_magic = None
+            self._finish_here(then[1] or {})
+            return
+        self._show(reply)
+
+    def rewind_magic(self, line: str) -> None:
+        """%rewind NAME: bring this kernel back to checkpoint NAME (same kernel, clients
+        stay connected); cells sent after this one run there."""
+        kernel = self.app.kernel
+        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else {}
+        ident = getattr(kernel, "_parent_ident", {}).get("shell") or []
+        finish = {"header": dict(parent.get("header") or {}),
+                  "ident": [base64.b64encode(bytes(getattr(f, "bytes", f))).decode()
+                            for f in ident]}  # fmt: skip
+        self._show(self._ask("rewind", name=line.strip(), finish=finish))
+
+    def checkpoints_magic(self, line: str) -> None:
+        """%checkpoints: this kernel's checkpoints."""
+        self._show(self._ask("checkpoints"))
+
+    @staticmethod
+    def _show(reply: dict) -> None:
+        if reply.get("ok"):
+            print(str(reply.get("text", "")))
+        else:
+            from IPython.core.error import UsageError
+
+            raise UsageError(str(reply.get("text") or "the host refused"))
+
+    def _ask(self, op: str, magic: bool = False, **fields) -> dict:
+        rid = next(self._ids)
+        slot = [threading.Event(), None]
+        with self._lock:
+            self._waiting[rid] = slot
+            if magic:
+                self._in_magic = slot
+        try:
+            _status(json.dumps({"request": op, "rid": rid, **fields}, default=str))
+            if not slot[0].wait(ASK_TIMEOUT):
+                return {"ok": False, "text": f"the host did not answer within {ASK_TIMEOUT:.0f}s"}
+            return slot[1] or {}
+        finally:
+            with self._lock:
+                self._waiting.pop(rid, None)
+                if self._in_magic is slot:
+                    self._in_magic = None
+
+    # -- the host's lines (the reader thread)
+    def serve(self, lines, loop) -> None:
+        for msg in lines:
+            kind = msg.get("type")
+            if kind == "reply":
+                with self._lock:
+                    slot = self._waiting.get(msg.get("rid"))  # type: ignore[arg-type]
+                if slot is not None:
+                    slot[1] = msg
+                    slot[0].set()
+            elif kind in ("resume", "finish"):
+                with self._lock:
+                    slot = self._in_magic
+                    if slot is not None and kind == "resume":  # where "finish" will go
+                        msg = {**msg, "_then": [threading.Event(), None]}
+                        self._in_magic = msg["_then"]
+                if slot is not None:  # the main thread is in %checkpoint: it does the work
+                    slot[1] = msg
+                    slot[0].set()
+                elif kind == "resume":
+                    loop.add_callback(self._resume_here, msg)
+                else:
+                    loop.add_callback(self._finish_idle, msg)
+
+    # -- a restored kernel (on the kernel's main thread)
+    def _resume_here(self, msg: dict) -> None:
+        """Drop what the saved kernel had queued (requests of the past, from connections
+        that are gone), take the key and environment, and for a fork reseed."""
+        kernel = self.app.kernel
+        try:
+            kernel.shell_stream.flush()
+        except Exception:
+            pass
+        queue = getattr(kernel, "msg_queue", None)
+        while queue is not None:
+            try:
+                queue.get_nowait()
+            except Exception:
+                break
+        _take_key(self.app, msg)
+        if msg.get("reseed"):
+            _fresh_state(self.app.session)
+        _status("resumed")
+
+    def _finish_here(self, msg: dict) -> None:
+        """In the %checkpoint that was saved: from here on this cell is the request that
+        asked for the rewind (or, asked by the host, nobody's)."""
+        kernel = self.app.kernel
+        parent = kernel.get_parent("shell")
+        ident = kernel._parent_ident["shell"]
+        header, routing = _finish_target(msg)
+        if isinstance(parent, dict) and isinstance(ident, list):
+            parent.clear()
+            parent.update({"header": header, "msg_id": header.get("msg_id"),
+                           "msg_type": header.get("msg_type"), "parent_header": {},
+                           "metadata": {}, "content": {}, "buffers": []})  # fmt: skip
+            ident[:] = routing  # nobody (an empty route) when the host asked
+            kernel.set_parent(ident, parent, "shell")
+        print(str(msg.get("announce", "")), flush=True)
+        _status("finished")
+
+    def _finish_idle(self, msg: dict) -> None:
+        """A checkpoint of an idle kernel: busy, the line, the reply, idle."""
+        kernel = self.app.kernel
+        header, routing = _finish_target(msg)
+        session = kernel.session
+        topic = kernel._topic if hasattr(kernel, "_topic") else (lambda t: t.encode())
+        session.send(kernel.iopub_socket, "status", {"execution_state": "busy"}, header,
+                     ident=topic("status"))  # fmt: skip
+        session.send(kernel.iopub_socket, "stream",
+                     {"name": "stdout", "text": str(msg.get("announce", "")) + "\n"}, header,
+                     ident=topic("stream"))  # fmt: skip
+        if routing and header.get("msg_type") == "execute_request":
+            reply = {"status": "ok", "execution_count": kernel.execution_count,
+                     "user_expressions": {}, "payload": []}  # fmt: skip
+            try:
+                session.send(kernel.shell_stream, "execute_reply", reply, header, ident=routing)
+            except Exception as e:  # another ipykernel's internals: the cell stays open
+                sys.__stderr__.write(f"smol-kernel launcher: no reply to the rewind: {e}\n")
+        session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, header,
+                     ident=topic("status"))  # fmt: skip
+        _status("finished")
+
+
+def _finish_target(msg: dict) -> tuple[dict, list[bytes]]:
+    """The request a restored kernel answers: its header and routing identity, or a header
+    of its own and no route (a rewind the host asked for, or a restart from a crash)."""
+    header = msg.get("parent")
+    if not isinstance(header, dict) or not header.get("msg_id"):
+        header = {"msg_id": f"smol-kernel-{uuid.uuid4().hex}", "msg_type": "rewind",
+                  "session": "smol-kernel", "username": "smol-kernel",
+                  "version": "5.3"}  # fmt: skip
+    routing = []
+    for part in msg.get("ident") or []:
+        try:
+            routing.append(base64.b64decode(str(part)))
+        except ValueError:
+            return header, []
+    return header, routing
 
 
 def _warm_up(app) -> None:

@@ -2,8 +2,8 @@
 
 Stdlib only, and importable on its own (the guest has no ``smol_kernel`` package).
 
-Transport: vsock streams. The host always opens the connection (host -> guest), so the same
-protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port mappings.
+Transport: streams the host opens (host -> guest): under QEMU multiplexed over one
+virtio-serial port (``mux.py``), under libkrun vsock ports mapped with ``listen=true``.
 
 * ``CONTROL_PORT`` carries newline-delimited JSON objects. A request has ``op`` and ``id``;
   its reply echoes ``id`` and has ``ok`` (and ``error`` when false). Objects with ``event``
@@ -14,6 +14,12 @@ protocol works over QEMU's vhost-user vsock and libkrun's ``listen=true`` port m
   throw-away key (``kernel_prepared`` when done), and ``claim_kernel`` hands it the real
   connection key and the per-kernel environment (``kernel_ready`` once it serves). A
   ``start_kernel`` without ``prepare`` does both at once. Other argv start in one step.
+* After the claim the launcher's pipes stay open. A magic in the kernel (``%checkpoint``,
+  ``%rewind``, ``%checkpoints``) becomes a ``kernel_request`` event; the host answers it
+  with ``kernel_reply`` (the guest only asks: the host decides). A kernel restored from a
+  checkpoint gets ``resume`` (its key and environment, fresh entropy and clock, reseeded
+  random state for a fork) and, once its clients are attached again, ``finish`` (the line
+  saying where it is, and the reply to the cell that asked for the rewind).
 * ``write_file``, ``read_file``, ``list_files``, ``remove_file`` and ``run_command`` act on
   the guest's files and run shell commands from the agent, beside the kernel (they work
   while a cell runs). File data travels base64-encoded in chunks of at most ``FILE_CHUNK``
@@ -28,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 CONTROL_PORT = 1024
 CHANNEL_PORTS = {"shell": 1025, "iopub": 1026, "stdin": 1027, "control": 1028, "hb": 1029}
@@ -40,6 +46,7 @@ MAX_LINE = 1 << 20
 FILE_CHUNK = 512 * 1024  # raw bytes per read_file / write_file message (base64 stays < MAX_LINE)
 COMMAND_OUTPUT_CAP = 192 * 1024  # bytes of stdout and of stderr a run_command reply carries
 MAX_LIST_ENTRIES = 5000
+MAX_KERNEL_REQUEST = 64 * 1024  # bytes of one request line from the kernel (longer: dropped)
 
 # Requests (host -> guest)
 OP_HELLO = "hello"
@@ -47,6 +54,9 @@ OP_PING = "ping"
 OP_START_KERNEL = "start_kernel"
 OP_CLAIM_KERNEL = "claim_kernel"
 OP_SIGNAL = "signal"
+OP_KERNEL_REPLY = "kernel_reply"
+OP_RESUME = "resume"
+OP_FINISH = "finish"
 OP_POWEROFF = "poweroff"
 OP_WRITE_FILE = "write_file"
 OP_READ_FILE = "read_file"
@@ -58,6 +68,7 @@ OP_RUN_COMMAND = "run_command"
 EV_KERNEL_PREPARED = "kernel_prepared"
 EV_KERNEL_READY = "kernel_ready"
 EV_KERNEL_EXITED = "kernel_exited"
+EV_KERNEL_REQUEST = "kernel_request"
 
 # The agent prints this on the console once it listens (a hint for the host, not a proof).
 READY_LINE = b"smol-agent: ready"

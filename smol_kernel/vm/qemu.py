@@ -14,11 +14,18 @@ is the file PATH, shared, with no balloon (a discard would punch holes in it); `
 writes its device state with ``x-ignore-shared`` (the RAM stays in the file, nothing is
 copied); ``start(..., restore=Snapshot)`` starts a clone that maps that file privately
 (copy-on-write) and loads the state: running again in a few hundredths of a second.
+
+Checkpoints (``checkpoint.py``): ``checkpoint`` pauses any running VM, streams all of its
+memory and device state into a file, copies its disk, and lets it run on; a snapshot
+without a RAM file is restored by streaming that file into fresh memory (no sharing, every
+page private). Every VM has a QMP socket in its runtime folder for this.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import platform
 import shutil
@@ -42,6 +49,9 @@ from .spec import Isolation, VmSpec, share_tag
 KERNEL_CMDLINE = "console=ttyS0 quiet reboot=t panic=-1 initcall_blacklist=i8042_init"
 MUX_READY_TIMEOUT = 600.0  # the agent's own deadline (GuestAgent.connect) is the real one
 MIGRATION_TIMEOUT = 60.0
+# Bytes per second a save may stream. QEMU's default (128 MiB/s) is meant for live
+# migration over a network; a paused VM saved to a local file should go at disk speed.
+SAVE_BANDWIDTH = 64 << 30
 
 
 def tcg_clock_cmdline() -> str:
@@ -72,15 +82,33 @@ def find_qemu() -> str | None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A VM saved to a folder: ``ram`` (the guest's memory, mapped by clones), ``state``
-    (QEMU's device state, tiny with x-ignore-shared) and ``overlay`` (its writable disk as
-    it was when saved)."""
+    """A VM saved to a folder: ``state`` (QEMU's device state: tiny for a template, whose
+    memory is the ``ram`` file clones map; all of the memory for a checkpoint, which has no
+    ``ram``), ``overlay`` (its writable disk as it was when saved) and ``vm.json`` (the
+    devices a VM restoring it must have)."""
 
     folder: Path
 
     @property
     def ram(self) -> Path:
         return self.folder / "ram"
+
+    @property
+    def streamed(self) -> bool:
+        """The memory is in ``state`` (a checkpoint), not in a file to map (a template)."""
+        return not self.ram.exists()
+
+    @property
+    def devices(self) -> Path:
+        return self.folder / "vm.json"
+
+    @property
+    def balloon(self) -> bool:
+        """Whether the saved VM had a balloon (a restoring VM needs the same devices)."""
+        try:
+            return bool(json.loads(self.devices.read_text()).get("balloon"))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     @property
     def state(self) -> Path:
@@ -100,9 +128,10 @@ class QemuVm(ProcessVm):
 
     streams_wait_for_guest = True
 
-    def __init__(self, *args, mux: HostMux, **kwargs) -> None:
+    def __init__(self, *args, mux: HostMux, balloon: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mux = mux
+        self.balloon = balloon  # a checkpoint of it must be restored with the same devices
         self.qmp_path = self.runtime_dir / "qmp.sock"
         # The guest opens its end once the agent runs: streams wait for that.
         self._mux_ready = asyncio.ensure_future(mux.start(MUX_READY_TIMEOUT))
@@ -188,8 +217,8 @@ class QemuBackend(VmBackend):
         self, spec: VmSpec, *, template: Path | None = None, restore: Snapshot | None = None
     ) -> QemuVm:
         """Boot a VM for ``spec``; with ``template`` its RAM is that (new) file, shared,
-        for ``save``; with ``restore`` it is a clone of that snapshot, running when this
-        returns (its guest agent answers at once)."""
+        for ``save``; with ``restore`` it is a clone of that snapshot (a template's or a
+        checkpoint's), running when this returns (its guest agent answers at once)."""
         spec.validate()
         image = GuestImage.load(spec.image)
         status = await asyncio.to_thread(self.check, spec.image, spec.accel)
@@ -219,16 +248,22 @@ class QemuBackend(VmBackend):
                 overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             await mux.listen()
             net_fd = net_sock.fileno() if net_sock else None
-            ram = restore.ram if restore is not None else template
+            streamed = restore is not None and restore.streamed
+            ram = template if restore is None else None if streamed else restore.ram
+            # A balloon only where no RAM file is shared (see _argv), and in a restored
+            # checkpoint exactly when the VM it saved had one.
+            balloon = restore.balloon if streamed else ram is None
             argv = self._argv(spec, image, status.isolation, rt, overlay, net_fd, share_fds,
-                              ram=ram, private=restore is not None, incoming=state)  # fmt: skip
+                              ram=ram, private=restore is not None, balloon=balloon,
+                              incoming=state)  # fmt: skip
             fds = (*share_fds, *(() if net_fd is None else (net_fd,)),
                    *(() if state is None else (state,)))  # fmt: skip
             qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
-            vm = QemuVm(spec, rt, status.isolation, qemu, tuple(net_procs), mux=mux)
+            vm = QemuVm(spec, rt, status.isolation, qemu, tuple(net_procs), mux=mux,
+                        balloon=balloon)  # fmt: skip
             vm.record_state(self.name)
             if restore is not None:
-                await self._load(vm, state)
+                await self._load(vm, state, ignore_shared=not streamed)
             else:
                 await vm.confirm_started("QEMU", rt.path / "qemu.log")
             return vm
@@ -243,8 +278,9 @@ class QemuBackend(VmBackend):
             for fd in (*share_fds, *(() if state is None else (state,))):
                 os.close(fd)
 
-    async def _load(self, vm: QemuVm, state_fd: int | None) -> None:
-        """Give a clone its saved state and let it run."""
+    async def _load(self, vm: QemuVm, state_fd: int | None, ignore_shared: bool) -> None:
+        """Give a clone its saved state and let it run (``ignore_shared``: the memory is
+        the mapped RAM file, not in the state)."""
         try:
             qmp = await Qmp.connect(vm.qmp_path)
         except QmpError as e:
@@ -252,7 +288,7 @@ class QemuBackend(VmBackend):
             raise VmError(f"QEMU did not start for a clone: {e}: {log}") from None
         try:
             await qmp.execute("migrate-set-capabilities", capabilities=[
-                {"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+                {"capability": "x-ignore-shared", "state": ignore_shared}])  # fmt: skip
             await qmp.execute("migrate-incoming", uri=f"fd:{state_fd}")
             await qmp.wait_migration(MIGRATION_TIMEOUT)
             await qmp.execute("cont")
@@ -279,8 +315,40 @@ class QemuBackend(VmBackend):
             os.close(fd)
             await qmp.close()
         await asyncio.to_thread(copy_sparse, vm.rt.overlay, snapshot.overlay)
+        snapshot.devices.write_text(json.dumps({"balloon": vm.balloon}))
         tail = vm.console_tail(64 << 10).encode()
         snapshot.console.write_bytes(tail + b"[smol-kernel: saved as a template]\n")
+
+    async def checkpoint(self, vm: QemuVm, snapshot: Snapshot, timeout: float) -> float:
+        """Pause ``vm``, stream its memory and device state into ``snapshot``'s folder, copy
+        its disk, and let it run on. Returns the seconds it was paused. VmError if QEMU
+        cannot save it (a mounted 9p share, for one); the VM runs on either way."""
+        qmp = await Qmp.connect(vm.qmp_path)
+        fd = os.open(snapshot.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            await qmp.execute("stop")
+            try:
+                await qmp.execute("migrate-set-capabilities", capabilities=[
+                    {"capability": "x-ignore-shared", "state": False}])  # fmt: skip
+                await qmp.execute("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
+                await qmp.send_fd("checkpoint", fd)
+                await qmp.execute("migrate", uri="fd:checkpoint")
+                await qmp.wait_migration(timeout)
+                # Paused, so the disk is exactly what the saved memory expects.
+                await asyncio.to_thread(copy_sparse, vm.rt.overlay, snapshot.overlay)
+            finally:
+                await qmp.execute("cont")
+        except QmpError as e:
+            with contextlib.suppress(QmpError):
+                await qmp.execute("migrate_cancel")
+            raise VmError(f"VM {vm.id}: saving a checkpoint failed: {e}") from None
+        finally:
+            os.close(fd)
+            await qmp.close()
+        snapshot.devices.write_text(json.dumps({"balloon": vm.balloon}))
+        return loop.time() - t0
 
     def _argv(
         self,
@@ -293,6 +361,7 @@ class QemuBackend(VmBackend):
         share_fds: list[int] | None = None,
         ram: Path | None = None,
         private: bool = False,
+        balloon: bool = True,
         incoming: int | None = None,
     ) -> list[str]:
         """QEMU's command line. A template and its clones must get the same devices in the
@@ -320,16 +389,18 @@ class QemuBackend(VmBackend):
             ]  # fmt: skip
         if ram is None:
             memory = f"memory-backend-memfd,id=mem,size={mem},share=on"
-            # Free page reporting: memory a cell allocated and freed goes back to the host
-            # instead of staying in this VM's RSS (measured: 300 MiB freed -> -250 MiB RSS).
-            extra += ["-device", "virtio-balloon-device,free-page-reporting=on"]
+            if balloon:
+                # Free page reporting: memory a cell allocated and freed goes back to the
+                # host instead of staying in this VM's RSS (measured: 300 MiB freed ->
+                # -250 MiB RSS).
+                extra += ["-device", "virtio-balloon-device,free-page-reporting=on"]
         else:
             # A template's RAM file, shared (it is written there), or a clone's private,
             # copy-on-write view of it. No balloon: a discard punches a hole in the file,
             # which would zero those pages in every clone.
             memory = (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(ram)},"
                       f"share={'off' if private else 'on'}")  # fmt: skip
-            extra += ["-qmp", f"unix:{_opt(rt.path / 'qmp.sock')},server=on,wait=off"]
+        extra += ["-qmp", f"unix:{_opt(rt.path / 'qmp.sock')},server=on,wait=off"]
         if incoming is not None:
             extra += ["-incoming", "defer"]
         # max: every feature TCG emulates. qemu64 advertised 3DNow!, so OpenBLAS picked

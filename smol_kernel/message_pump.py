@@ -16,6 +16,14 @@ ZMTP frames from the guest (``zmtp.py``) and writes what clients may see:
 
 A message over ``MAX_MESSAGE_BYTES`` never reaches a client; a guest that breaks the
 framing loses that connection (ZmtpError).
+
+For moving a client's connection to another guest (a rewind, ``client_pump.py``): a pump
+says in ``Progress`` whether a message went to the client in part (then the connection
+cannot move), can start on a stream whose handshake the client already had (the new
+guest's greeting and READY are skipped), and reports the parent of each shell message
+(``on_parent``: which request was answered). ``pump_frames`` does the same for the
+heartbeat, whose frames are not Jupyter messages. The gate keeps the kernel's last
+``execution_state`` from iopub status messages.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import hmac
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +67,15 @@ class MessageGate:
     _iopub_writers: set[asyncio.StreamWriter] = field(default_factory=set)
     dropped_messages: int = 0  # over the backlog, since the kernel started (tests, logs)
     peak_backlog: int = 0
+    execution_state: str | None = None  # from the last iopub status message (guest-written)
+
+    def note_status(self, content: bytes) -> None:
+        try:
+            state = json.loads(content).get("execution_state")
+        except (ValueError, RecursionError, AttributeError):
+            return
+        if state in ("busy", "idle", "starting"):
+            self.execution_state = state
 
     def backlog(self) -> int:
         total = 0
@@ -82,6 +100,15 @@ class MessageGate:
         for p in parts:
             h.update(p)
         return h.hexdigest().encode()
+
+
+@dataclass
+class Progress:
+    """Whether a pump has written part of a message to its client (and not the rest), and
+    whether the guest's handshake has come (its READY: it has read the client's)."""
+
+    partial: bool = False
+    greeted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -111,7 +138,7 @@ class _Dropped:
             pass
 
 
-class _Input:
+class FrameInput:
     """The guest's bytes, buffered here so that whole small messages are parsed without an
     await per frame (``whole_message``); large frames are streamed (the async methods).
     ``buf[pos:]`` is what has not been consumed yet."""
@@ -190,13 +217,49 @@ class _Input:
                 return raws, parts
 
 
+async def _skip_handshake(reader: asyncio.StreamReader, inp: FrameInput) -> None:
+    """A guest's greeting and READY, which the client already had from the guest before."""
+
+    async def discard(_: bytes) -> None:
+        pass
+
+    await zmtp.read_greeting(reader, discard)
+    header = await inp.header()
+    if not header.command or header.size > MAX_ENVELOPE_BYTES:
+        raise zmtp.ZmtpError("no READY after the greeting")
+    await inp.copy(None, header.size)
+
+
+async def pump_frames(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+    skip_handshake: bool = False, progress: Progress | None = None,
+) -> None:  # fmt: skip
+    """Relay frames as they come, knowing where each ends (the heartbeat)."""
+    progress = progress or Progress()
+    inp = FrameInput(reader)
+    if skip_handshake:
+        await _skip_handshake(reader, inp)
+    else:
+        await zmtp.read_greeting(reader, lambda data: _send(writer, data))
+    progress.greeted.set()
+    while True:
+        header = await inp.header()
+        progress.partial = True
+        writer.write(header.raw)
+        await inp.copy(writer, header.size)
+        progress.partial = header.more
+        await writer.drain()
+
+
 async def pump_messages(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: str,
-    gate: MessageGate,
+    gate: MessageGate, *, skip_handshake: bool = False, progress: Progress | None = None,
+    on_parent: Callable[[bytes], None] | None = None,
 ) -> None:  # fmt: skip
     """Relay what the guest sends on ``channel`` to one client (see the module doc). Returns
     when either side closes; raises ZmtpError if the guest breaks the framing."""
     iopub = channel == "iopub"
+    progress = progress or Progress()
     dropped = _Dropped()
     if iopub:
         gate._iopub_writers.add(writer)
@@ -204,13 +267,18 @@ async def pump_messages(
         # nothing but small status messages to a client that reads nothing.
         high = max(gate.iopub_backlog, MAX_MESSAGE_BYTES) + (1 << 20)
         writer.transport.set_write_buffer_limits(high=high, low=gate.iopub_backlog // 2)
-    inp = _Input(reader)
+    inp = FrameInput(reader)
     try:
-        await zmtp.read_greeting(reader, lambda data: _send(writer, data))
+        if skip_handshake:
+            await _skip_handshake(reader, inp)
+        else:
+            await zmtp.read_greeting(reader, lambda data: _send(writer, data))
+        progress.greeted.set()
         while True:
             ready = []  # every whole message buffered, written at once
             while (whole := inp.whole_message()) is not None:
-                if (out := _whole(whole[0], whole[1], channel, gate, dropped)) is not None:
+                out = _whole(whole[0], whole[1], channel, gate, dropped, on_parent)
+                if out is not None:
                     ready.append(out)
             if ready:
                 writer.write(b"".join(ready))
@@ -219,12 +287,14 @@ async def pump_messages(
                 await inp.fill()  # a message not all here yet, but small: wait for the rest
                 continue
             inp.pos += len(header.raw)
+            progress.partial = True
             if header.command:
                 async with dropped.lock:
                     writer.write(header.raw)
                     await inp.copy(writer, header.size)
             else:
-                await _message(inp, writer, header, channel, gate, dropped)
+                await _message(inp, writer, header, channel, gate, dropped, on_parent)
+            progress.partial = False
             if dropped.messages and dropped.notice is None:
                 dropped.notice = asyncio.ensure_future(_notify(writer, gate, dropped))
             await writer.drain()
@@ -235,8 +305,9 @@ async def pump_messages(
 
 
 def _whole(
-    raws: list[bytes], parts: list[bytes], channel: str, gate: MessageGate, dropped: _Dropped
-) -> bytes | None:
+    raws: list[bytes], parts: list[bytes], channel: str, gate: MessageGate, dropped: _Dropped,
+    on_parent: Callable[[bytes], None] | None = None,
+) -> bytes | None:  # fmt: skip
     """What to send of a message read whole (None: nothing), by the same rules as
     ``_message`` applies to one read frame by frame."""
     try:
@@ -250,6 +321,10 @@ def _whole(
         raise zmtp.ZmtpError(f"a message over {MAX_MESSAGE_BYTES >> 20} MiB")
     msg_type = _msg_type(parts[envelope + 1])
     iopub = channel == "iopub"
+    if on_parent is not None:
+        on_parent(parts[envelope + 2])
+    if iopub and msg_type == "status":
+        gate.note_status(parts[envelope + 4])
     out = b"".join(r + p for r, p in zip(raws, parts, strict=True))
     if gate.policy is not None and msg_type in FILTERED_TYPES:
         new = _apply_policy(gate, msg_type, parts, envelope)
@@ -279,7 +354,7 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def _next_frame(inp: _Input, previous: zmtp.FrameHeader) -> zmtp.FrameHeader:
+async def _next_frame(inp: FrameInput, previous: zmtp.FrameHeader) -> zmtp.FrameHeader:
     if not previous.more:
         raise zmtp.ZmtpError("a Jupyter message ended early")
     header = await inp.header()
@@ -288,7 +363,7 @@ async def _next_frame(inp: _Input, previous: zmtp.FrameHeader) -> zmtp.FrameHead
     return header
 
 
-async def _skip_rest(inp: _Input, header: zmtp.FrameHeader) -> None:
+async def _skip_rest(inp: FrameInput, header: zmtp.FrameHeader) -> None:
     """Skip the frames after ``header``'s body (already read)."""
     while header.more:
         header = await _next_frame(inp, header)
@@ -296,8 +371,9 @@ async def _skip_rest(inp: _Input, header: zmtp.FrameHeader) -> None:
 
 
 async def _message(
-    inp: _Input, writer: asyncio.StreamWriter, first: zmtp.FrameHeader,
+    inp: FrameInput, writer: asyncio.StreamWriter, first: zmtp.FrameHeader,
     channel: str, gate: MessageGate, dropped: _Dropped,
+    on_parent: Callable[[bytes], None] | None = None,
 ) -> None:  # fmt: skip
     """A message too large to wait for whole: its first frames are held, the rest
     streamed (or, for the policy, read up to MAX_MESSAGE_BYTES)."""
@@ -319,15 +395,18 @@ async def _message(
             return  # not a Jupyter message: clients would drop it too
         header = await _next_frame(inp, header)
     envelope = len(parts)
-    for _ in range(2):  # signature, header
+    # Signature, header, and for the reply tracking the parent header too.
+    for _ in range(2 if on_parent is None else 3):
         header = await _next_frame(inp, header)
         held += header.size
         if held > MAX_ENVELOPE_BYTES:
             raise zmtp.ZmtpError("the header of a message is too large")
         raws.append(header.raw)
         parts.append(await inp.exactly(header.size))
-    msg_type = _msg_type(parts[-1])
+    msg_type = _msg_type(parts[envelope + 1])
     iopub = channel == "iopub"
+    if on_parent is not None:
+        on_parent(parts[envelope + 2])
 
     if gate.policy is not None and msg_type in FILTERED_TYPES:
         if not await _read_rest(inp, header, parts, raws, MAX_MESSAGE_BYTES - held):
@@ -349,6 +428,8 @@ async def _message(
 
     if iopub and msg_type == "status":  # always passes when small: clients wait for idle
         if await _read_rest(inp, header, parts, raws, SMALL_STATUS_BYTES - held):
+            if len(parts) > envelope + 4:
+                gate.note_status(parts[envelope + 4])
             async with dropped.lock:
                 writer.write(b"".join(r + p for r, p in zip(raws, parts, strict=True)))
         else:
@@ -392,7 +473,7 @@ async def _message(
 
 
 async def _read_rest(
-    inp: _Input, header: zmtp.FrameHeader, parts: list[bytes], raws: list[bytes], limit: int
+    inp: FrameInput, header: zmtp.FrameHeader, parts: list[bytes], raws: list[bytes], limit: int
 ) -> bool:
     """Read the remaining frames into ``parts``/``raws`` if they fit in ``limit`` bytes in
     all; else skip what is left of the message and return False (the parent header is

@@ -1,17 +1,20 @@
-"""KernelRelay: the kernel's five ZMQ channels on the host, carried into the guest over vsock.
+"""KernelRelay: the kernel's five ZMQ channels on the host, carried into the guest.
 
 Per kernel the relay listens where the connection file says (tcp on ``ip:port``, or ipc on
-``ip-port`` unix sockets). Every client connection gets its own vsock stream to the agent's
-port for that channel, which the agent connects to the kernel's port on guest loopback.
+``ip-port`` unix sockets). Every client connection gets its own stream into the VM (the
+serial port's multiplexer under QEMU, vsock under libkrun) to the agent's port for that
+channel, which the agent connects to the kernel's port on guest loopback.
 
 Guarantees:
 * Clients only see what the output policy allows (``output_policy.py``): what the guest
-  sends on iopub, shell and control is parsed as ZMTP (``zmtp.py``), each message that
-  carries a MIME bundle or a URL is rewritten by the policy and signed again with the
-  kernel's key, so clients verify it as usual. Client-to-guest bytes, stdin and heartbeat
-  are relayed byte for byte. Without a policy (``trusted_outputs``) all of it is.
-* Bounded host memory: a direction moves at most one 1 MiB read at a time and waits for
-  the other side to drain, except towards iopub clients, whose share of output the relay
+  sends is parsed as ZMTP (``zmtp.py``), each message that carries a MIME bundle or a URL
+  is rewritten by the policy and signed again with the kernel's key, so clients verify it
+  as usual; everything else, and every client-to-guest byte, passes unchanged (client
+  bytes are framed too, so a connection can move: ``client_pump.py``). Without a policy
+  (``trusted_outputs``) nothing is rewritten.
+* Bounded host memory: a direction moves at most one 1 MiB read at a time (a client's
+  requests kept for a rewind: ``client_pump.MAX_KEPT_BYTES``) and waits for the other side
+  to drain, except towards iopub clients, whose share of output the relay
   holds up to ``iopub_backlog`` bytes for the kernel as a whole; over it, output messages
   are dropped (busy/idle status never) and each client that missed some gets one stream
   line saying so. No message over ``MAX_MESSAGE_BYTES`` reaches a client.
@@ -19,6 +22,10 @@ Guarantees:
   breaks ZMTP framing loses that one connection.
 * Ports are bound (and held) in ``bind()`` before the VM boots, so no other process can take
   them; connections are only relayed after ``start_serving()``, once the kernel is up.
+* With a gate, clients survive a change of VM (a rewind): ``hold_requests`` stops new
+  shell requests between two messages, ``detach`` parks every connection, ``attach``
+  moves each to a stream into the new VM (``client_pump.py``: handshakes replayed), and
+  ``resend_unanswered`` gives the new kernel the requests the old one did not answer.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from .client_pump import Link, pump_client
 from .guest.protocol import CHANNEL_PORTS
-from .message_pump import MessageGate, pump_messages
+from .message_pump import MessageGate, Progress, pump_frames, pump_messages
 from .zmtp import ZmtpError
 
 CHUNK = 64 * 1024
-FILTERED_CHANNELS = ("iopub", "shell", "control")
+MOVE_TIMEOUT = 2.0  # seconds a connection may take to reach a message boundary to move
+SUBSCRIBE_SETTLE = 0.05  # seconds for replayed subscriptions to reach the new guest's PUB
 log = logging.getLogger("smol_kernel.relay")
 Opener = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -50,7 +59,8 @@ class KernelRelay:
         self, transport: str, ip: str, ports: dict[str, int], gate: MessageGate | None = None
     ) -> None:
         """``gate``: the kernel's key, output policy and iopub backlog cap; None relays
-        every byte as it is (only for kernels we never filter: tests, benchmarks)."""
+        every byte as it is (only for kernels we never filter: tests, benchmarks), and
+        then connections cannot move to another VM."""
         if transport not in ("tcp", "ipc"):
             raise RelayError(f"unsupported transport {transport!r} (use tcp or ipc)")
         missing = set(CHANNEL_PORTS) - set(ports)
@@ -62,6 +72,10 @@ class KernelRelay:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: set[Link] = set()
+        self._open_stream: Opener | None = None
+        self._attached = asyncio.Event()  # clear while the kernel's VM is being replaced
+        self._held = False  # new shell requests wait (a checkpoint or rewind is coming)
         self.connections = 0  # total client connections relayed, for tests and ps
         self.peak_buffered = 0  # largest write buffer seen on any relayed stream, bytes
 
@@ -94,10 +108,15 @@ class KernelRelay:
             raise RelayError(f"cannot listen for the {channel} channel on {where}: {e}") from e
 
     async def start_serving(self, open_stream: Opener) -> None:
+        self._open_stream = open_stream
+        self._attached.set()
         for channel, sock in self._socks.items():
 
             async def on_client(reader, writer, channel=channel):
-                await self._relay(reader, writer, channel, open_stream)
+                if self.gate is None:
+                    await self._relay(reader, writer, channel, open_stream)
+                else:
+                    await self._relay_link(reader, writer, channel)
 
             if self.transport == "tcp":
                 server = await asyncio.start_server(on_client, sock=sock, limit=CHUNK)
@@ -106,13 +125,10 @@ class KernelRelay:
             self._servers.append(server)
 
     async def _relay(self, c_reader, c_writer, channel: str, open_stream: Opener) -> None:
+        """Byte for byte, both ways (no gate)."""
         task = asyncio.current_task()
         assert task is not None
-        sock = c_writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP; ours are not,
-            # and Nagle's algorithm would hold a message written after another for 40 ms.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _no_delay(c_writer)
         self._tasks.add(task)
         self._writers.add(c_writer)
         g_writer = None
@@ -124,12 +140,8 @@ class KernelRelay:
             self._writers.add(g_writer)
             self.connections += 1
             up = asyncio.ensure_future(self._pump(c_reader, g_writer))
-            if self.gate is not None and (channel == "iopub" or (
-                channel in FILTERED_CHANNELS and self.gate.policy is not None)):  # fmt: skip
-                down = asyncio.ensure_future(self._pump_messages(g_reader, c_writer, channel))
-            else:
-                down = asyncio.ensure_future(self._pump(g_reader, c_writer))
-            # No half-close across vsock: when either side ends, end both.
+            down = asyncio.ensure_future(self._pump(g_reader, c_writer))
+            # No half-close into the guest: when either side ends, end both.
             _, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
             for p in pending:
                 p.cancel()
@@ -140,6 +152,187 @@ class KernelRelay:
                     self._writers.discard(w)
                     w.close()
             self._tasks.discard(task)
+
+    # ------------------------------------------------------------ movable connections
+    async def _relay_link(self, c_reader, c_writer, channel: str) -> None:
+        """A client connection that can move to another VM (see client_pump.py)."""
+        task = asyncio.current_task()
+        assert task is not None
+        _no_delay(c_writer)
+        link = Link(channel, c_reader, c_writer)
+        self._tasks.add(task)
+        self._writers.add(c_writer)
+        try:
+            await self._attached.wait()
+            if not await self._connect(link, replay=False):
+                return
+            if channel == "shell" and self._held:
+                link.flowing.clear()
+            self._links.add(link)
+            self.connections += 1
+            up = asyncio.ensure_future(pump_client(link))
+            while True:  # until the client goes, or its guest stream ends without a move
+                down = link.down_task
+                assert down is not None
+                done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+                if up in done or link.down_task is down:
+                    break  # (a move replaced down_task: carry on with the new one)
+            for t in (up, link.down_task):
+                if t is not None and not t.done():
+                    t.cancel()
+            await asyncio.gather(up, *(t for t in (link.down_task,) if t), return_exceptions=True)
+            if up.done() and not up.cancelled() and isinstance(up.exception(), ZmtpError):
+                log.warning("closing a %s connection: the client broke ZMTP: %s", channel,
+                            up.exception())  # fmt: skip
+        finally:
+            self._links.discard(link)
+            for w in (c_writer, link.g_writer):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.close()
+            self._tasks.discard(task)
+
+    async def _connect(self, link: Link, replay: bool) -> bool:
+        """Open a guest stream for ``link`` and start its guest-to-client pump; with
+        ``replay`` the stream first gets the client's handshake (a moved connection)."""
+        assert self._open_stream is not None and self.gate is not None
+        try:
+            g_reader, g_writer = await self._open_stream(CHANNEL_PORTS[link.channel])
+        except (OSError, TimeoutError):
+            return False  # guest gone: the client sees a closed connection and retries
+        link.g_reader, link.g_writer = g_reader, g_writer
+        self._writers.add(g_writer)
+        if replay:
+            g_writer.write(link.replay())
+        link.down = Progress()
+        if link.channel == "hb":
+            pump = pump_frames(g_reader, link.c_writer, skip_handshake=replay,
+                               progress=link.down)  # fmt: skip
+        else:
+            pump = pump_messages(
+                g_reader, link.c_writer, link.channel, self.gate, skip_handshake=replay,
+                progress=link.down, on_parent=link.answered if link.channel == "shell" else None,
+            )  # fmt: skip
+        link.down_task = asyncio.ensure_future(self._guarded(pump, link.channel))
+        return True
+
+    async def _guarded(self, pump, channel: str) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            try:
+                await pump
+            except ZmtpError as e:  # the guest's doing: this connection ends
+                log.warning("closing a %s connection: the kernel broke ZMTP: %s", channel, e)
+
+    def hold_requests(self) -> None:
+        """New shell requests wait in the relay (between two messages) until released."""
+        self._held = True
+        for link in self._links:
+            if link.channel == "shell":
+                link.flowing.clear()
+
+    def release(self) -> None:
+        """Let every connection's client-to-guest bytes flow again."""
+        self._held = False
+        for link in self._links:
+            link.flowing.set()
+
+    async def wait_for_listener(self, timeout: float) -> bool:
+        """Wait until a client listens on iopub (subscribed), ``timeout`` at most."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not any(link.channel == "iopub" and link.subscriptions for link in self._links):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def unanswered_requests(self) -> int:
+        """Shell requests relayed to the kernel that it has not answered yet."""
+        return sum(len(link.sent) for link in self._links)
+
+    async def detach(self) -> int:
+        """Stop every connection between two messages and cut it from its guest stream
+        (the VM is about to go); new connections wait for ``attach``. A connection that
+        cannot stop at a boundary is closed (its client reconnects). Returns how many
+        stay, parked."""
+        self._attached.clear()
+        links = list(self._links)
+        for link in links:
+            link.flowing.clear()
+        for link in links:
+            try:
+                await asyncio.wait_for(link.between.wait(), MOVE_TIMEOUT)
+            except (TimeoutError, asyncio.TimeoutError):
+                self._drop(link)
+                continue
+            if not link.ready_seen:  # its handshake is not all here: nothing to replay
+                self._drop(link)
+        for link in list(self._links):
+            task, link.down_task = link.down_task, asyncio.ensure_future(asyncio.sleep(1e9))
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if link.g_writer is not None:
+                self._writers.discard(link.g_writer)
+                link.g_writer.close()
+                link.g_writer = None
+            if link.down.partial:  # the client has part of a message: it cannot move
+                self._drop(link)
+        return len(self._links)
+
+    async def attach(self, open_stream: Opener) -> int:
+        """Move every parked connection to a stream opened with ``open_stream`` (the new
+        VM), replaying its handshake; client bytes stay held until ``release``. Returns how
+        many moved."""
+        self._open_stream = open_stream
+        for link in list(self._links):
+            parked = link.down_task
+            if not await self._connect(link, replay=True):
+                self._drop(link)
+            if parked is not None:
+                parked.cancel()
+        # The new guest answers each handshake before it gets anything else: then iopub
+        # links get their subscriptions, and a moment to take effect before the kernel
+        # speaks (what it publishes before that is lost, as for any new subscriber).
+        links = list(self._links)
+        waits = [asyncio.ensure_future(link.down.greeted.wait()) for link in links]
+        if waits:
+            await asyncio.wait(waits, timeout=MOVE_TIMEOUT)
+        subscribed = False
+        for link, wait in zip(links, waits, strict=True):
+            if not wait.done():
+                wait.cancel()
+                self._drop(link)
+            elif link.subscriptions and link.g_writer is not None:
+                link.g_writer.write(b"".join(link.subscriptions))
+                subscribed = True
+        if subscribed:
+            await asyncio.sleep(SUBSCRIBE_SETTLE)
+        self._attached.set()
+        return len(self._links)
+
+    def resend_unanswered(self, skip: set[str]) -> int:
+        """Write the shell requests the old kernel did not answer (but ``skip``) to the new
+        kernel, in the order they came. Returns how many."""
+        count = 0
+        for link in self._links:
+            if link.channel != "shell" or link.g_writer is None:
+                continue
+            for msg_id in skip:
+                link.forget(msg_id)
+            for data in link.unanswered():
+                link.g_writer.write(data)
+                count += 1
+            if link.lost:
+                log.warning("%d request(s) too large to keep were not sent to the rewound "
+                            "kernel", link.lost)  # fmt: skip
+                link.lost = 0
+        return count
+
+    def _drop(self, link: Link) -> None:
+        self._links.discard(link)
+        link.c_writer.close()
+        if link.g_writer is not None:
+            link.g_writer.close()
 
     def _close_sockets(self) -> None:
         for channel, s in self._socks.items():
@@ -175,10 +368,10 @@ class KernelRelay:
                 )
                 await writer.drain()
 
-    async def _pump_messages(self, reader, writer, channel: str) -> None:
-        assert self.gate is not None
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            try:
-                await pump_messages(reader, writer, channel, self.gate)
-            except ZmtpError as e:  # the guest's doing: this connection ends
-                log.warning("closing a %s connection: the kernel broke ZMTP: %s", channel, e)
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP; ours are not,
+        # and Nagle's algorithm would hold a message written after another for 40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

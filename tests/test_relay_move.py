@@ -1,0 +1,163 @@
+"""Moving a client's connections from one kernel to another under it (what a rewind does),
+without a VM: two real ipykernels on the host with the same key stand in for the old and
+the new guest, our relay sits between them and a real jupyter_client, which never
+reconnects by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import uuid
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from smol_kernel.guest.protocol import CHANNEL_PORTS
+from smol_kernel.ioloop import on_io_loop
+from smol_kernel.message_pump import MessageGate
+from smol_kernel.output_policy import OutputPolicy
+from smol_kernel.relay import KernelRelay
+
+from .web_helpers import free_port
+
+
+async def _local_kernel(key: bytes) -> AsyncKernelManager:
+    km = AsyncKernelManager(kernel_name="python3")
+    km.session.key = key
+    await km.start_kernel()
+    return km
+
+
+def _opener(km: AsyncKernelManager):
+    info = km.get_connection_info()
+    by_vport = {CHANNEL_PORTS[ch]: int(info[f"{ch}_port"]) for ch in CHANNEL_PORTS}
+
+    async def open_stream(vport: int, timeout: float = 5.0):
+        return await asyncio.open_connection("127.0.0.1", by_vport[vport], limit=1 << 20)
+
+    return open_stream
+
+
+@contextlib.asynccontextmanager
+async def two_kernels_one_relay():
+    key = uuid.uuid4().hex.encode()
+    old, new = await asyncio.gather(_local_kernel(key), _local_kernel(key))
+    ports = {ch: free_port() for ch in CHANNEL_PORTS}
+    gate = MessageGate(key=key, policy=OutputPolicy())
+    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
+
+    async def serve():
+        relay.bind()
+        await relay.start_serving(_opener(old))
+
+    await on_io_loop(serve())
+    client = old.client(**{f"{ch}_port": p for ch, p in ports.items()})
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        yield old, new, relay, client
+    finally:
+        client.stop_channels()
+        await on_io_loop(relay.close())
+        await asyncio.gather(old.shutdown_kernel(now=True), new.shutdown_kernel(now=True))
+
+
+async def _reply(client, msg_id: str, timeout: float = 20.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        msg = await client.get_shell_msg(timeout=max(0.01, left))
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return msg
+
+
+async def _outputs(client, msg_id: str, timeout: float = 20.0) -> str:
+    """Stream text of one request, until its idle status."""
+    text = ""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        msg = await client.get_iopub_msg(timeout=max(0.01, left))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            text += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return text
+
+
+async def test_a_client_keeps_its_connections_when_the_kernel_under_them_changes():
+    async with two_kernels_one_relay() as (_old, new, relay, client):
+        mid = client.execute("where = 'old'; print(where)")
+        assert await _outputs(client, mid) == "old\n"
+        await _reply(client, mid)
+        # the new kernel has its own state (a client of its own sets it, not through us)
+        direct = new.client()
+        direct.start_channels()
+        await direct.wait_for_ready(timeout=30)
+        await _reply(direct, direct.execute("where = 'new'"))
+        direct.stop_channels()
+
+        await on_io_loop(_hold(relay))
+        held = client.execute("print(where)")  # sent, held in the relay
+        with pytest.raises(queue.Empty):
+            await client.get_shell_msg(timeout=1.0)
+        assert await on_io_loop(_unanswered(relay)) == 0  # held, not sent
+
+        moved = await on_io_loop(_move(relay, _opener(new)))
+        assert moved == 5  # shell, iopub, stdin, control, hb: none reconnected
+        assert await _outputs(client, held) == "new\n"  # iopub subscription replayed
+        assert (await _reply(client, held))["content"]["status"] == "ok"
+        again = client.execute("print(where * 2)")
+        assert await _outputs(client, again) == "newnew\n"
+        assert client.hb_channel.is_beating()
+        assert relay.connections == 5  # the same five connections, moved
+
+
+async def test_requests_the_old_kernel_never_answered_go_to_the_new_one():
+    async with two_kernels_one_relay() as (_old, new, relay, client):
+        slow = client.execute("import time; time.sleep(30)")  # the old kernel never answers
+        behind = client.execute("print('ran')")  # queued behind it, in the old kernel
+        await asyncio.sleep(1.0)
+        assert await on_io_loop(_unanswered(relay)) == 2
+        moved = await on_io_loop(_move(relay, _opener(new), skip={slow}))
+        assert moved == 5
+        assert await _outputs(client, behind) == "ran\n"  # sent again, ran in the new one
+        assert (await _reply(client, behind))["content"]["status"] == "ok"
+        assert await on_io_loop(_unanswered(relay)) == 0
+
+
+async def test_a_connection_that_cannot_move_is_closed_and_the_client_reconnects():
+    """Positive control for the moves above: a guest stream that ends without a move
+    closes the client's connection (zmq then reconnects), it is not silently kept."""
+    async with two_kernels_one_relay() as (_old, _new, relay, client):
+        before = relay.connections
+        await on_io_loop(_cut_guest_streams(relay))
+        await asyncio.sleep(1.0)
+        mid = client.execute("print('back')")
+        assert await _outputs(client, mid) == "back\n"
+        assert relay.connections > before  # new connections, not moved ones
+
+
+async def _hold(relay: KernelRelay) -> None:
+    relay.hold_requests()
+
+
+async def _unanswered(relay: KernelRelay) -> int:
+    return relay.unanswered_requests()
+
+
+async def _move(relay: KernelRelay, opener, skip: set[str] = frozenset()) -> int:
+    relay.hold_requests()
+    await relay.detach()
+    moved = await relay.attach(opener)
+    relay.resend_unanswered(set(skip))
+    relay.release()
+    return moved
+
+
+async def _cut_guest_streams(relay: KernelRelay) -> None:
+    for link in list(relay._links):
+        if link.g_writer is not None:
+            link.g_writer.close()

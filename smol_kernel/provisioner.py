@@ -35,10 +35,13 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
+from . import checkpoint as store
 from . import metrics, quota, template
 from .agent_client import GuestAgent
+from .checkpoint import Checkpoint
 from .guest import protocol as P
 from .ioloop import on_io_loop
+from .kernel_control import KernelControl
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan, KernelStartError, boot_kernel_vm, claim
 from .message_pump import MessageGate
 from .output_policy import OutputPolicy
@@ -47,6 +50,7 @@ from .pool import warm_pool
 from .relay import KernelRelay
 from .shown import escaped
 from .start_errors import ReadableStartError
+from .timeline import Timeline, finish_restore, restore_vm, resume
 from .vm.base import Vm, VmBackend, VmError
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
 from .vm.qemu import QemuBackend
@@ -210,6 +214,26 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "is told so in a stream line.",
     )
 
+    restore_on_crash = Bool(
+        False,
+        config=True,
+        help="When the kernel dies (out of memory, a crash, a stuck extension killed), the "
+        "automatic restart resumes from the kernel's latest checkpoint instead of an empty "
+        "kernel, and says so in a stream line.",
+    )
+    max_checkpoints = Integer(
+        5,
+        config=True,
+        help="Checkpoints a kernel keeps; the oldest one not kept explicitly is removed "
+        "when a new one is saved (0: no cap).",
+    )
+    checkpoint_interval = Float(
+        5.0,
+        config=True,
+        help="Seconds between two checkpoints the kernel itself asks for (%%checkpoint); "
+        "the host refuses the ones in between.",
+    )
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.connection_info = {}  # the base class shares one dict between all instances
@@ -229,6 +253,13 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._exit_status: int | None = None
         self._end_reason = "ended"  # why the kernel's VM went, for the audit line
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
+        self.vm_backend: VmBackend | None = None  # what runs the kernel's VM, once launched
+        self.timeline = Timeline(self)  # its checkpoints, rewinds and forks
+        self._restore_from: Checkpoint | None = None  # a fork's source, for its first launch
+        self._launches = 0
+        self._crashed: str | None = None  # why the kernel died, when it was not asked to
+        self._control = None  # the kernel's control socket server (smol-kernel checkpoint)
+        self._finishing: asyncio.Future | None = None  # a restored kernel's first words
 
     @property
     def _shown_id(self) -> str:
@@ -244,6 +275,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         bound_client_queues(self.parent)
         extra = list(kwargs.get("extra_arguments") or [])
         kwargs = await super().pre_launch(**kwargs)  # ports, connection file, curve keys
+        if self._launches == 0:  # a restart of a fork is an ordinary restart
+            self._restore_from = kwargs.pop("restore_from", None)
+        kwargs.pop("restore_from", None)
         self._guest_env, self._kernel_env = self._split_env(kwargs.get("env") or {})
         self._guest_argv = list(self.kernel_spec.argv) + extra
         self._shares, self._cwd = self._resolve_shares(kwargs.get("cwd"))
@@ -371,6 +405,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.relay = relay
         self.plan = plan = self._plan(selection)
         self.backend_name = plan.backend
+        self.vm_backend = selection.backend
         try:
             self._reserve(plan)
         except BaseException:
@@ -378,35 +413,20 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             self.relay = None
             raise
         connection = _guest_connection(ci)
-        pool = warm_pool()
         self.start_kind = None
         t0 = time.monotonic()
+        restore, announce = self._restore_source()
         try:
+            if restore is not None and not await self._start_restored(
+                restore, connection, deadline
+            ):
+                announce = None
+            assert selection.backend is not None
             why_cold = self._why_not_pooled(plan, connection)
-            pooled = None
-            if why_cold is None:
-                assert selection.backend is not None
-                pool.want(plan, selection.backend, self.pool_size, self.pool_ttl,
-                          self.startup_timeout, self.log, self._limits())  # fmt: skip
-                pooled = await pool.claim(plan, deadline)
-                why_cold = None if pooled else pool.why_miss(plan)
-            if pooled is not None:
-                self._adopt(pooled.vm)
-                self.agent = pooled.agent
-                pooled.vm.set_label(self.kernel_id or "")
-                self.log.info(
-                    "kernel %s: claimed pooled VM %s (%s, isolation %s)",
-                    self._shown_id, pooled.vm.id, self.backend_name, self.isolation,
-                )  # fmt: skip
-                try:
-                    await claim(pooled.vm, pooled.agent, connection, self._kernel_env,
-                                deadline, late)  # fmt: skip
-                    self.start_kind = "pooled"
-                except (KernelStartError, VmError) as e:  # it died while it waited
-                    why_cold = f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
-                    await self._teardown(keep_relay=True)
-            if self.start_kind != "pooled":
-                assert selection.backend is not None
+            if self.start_kind is None and why_cold is None:
+                why_cold = await self._start_pooled(selection.backend, plan, connection,
+                                                    deadline, late)  # fmt: skip
+            if self.start_kind is None:
                 await self._start_unpooled(selection.backend, plan, connection, deadline, late,
                                            why_cold)  # fmt: skip
             vm = self.vm
@@ -417,16 +437,24 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
                     f"{dict(plan.env)['SMOL_KERNEL_ISOLATION']} the backend check found"
                 )
             await relay.start_serving(vm.open_stream)
+            assert self.agent is not None
+            self.agent.on_kernel_request = self.timeline.on_kernel_request
+            await self.vm_changed()
         except BaseException:
             await self._teardown()
             raise
+        self._launches += 1
+        self._crashed = None
+        if announce is not None:  # a restored kernel says so once its clients are back
+            self._finishing = asyncio.ensure_future(self._finish_restore(announce))
         self.ready_at = time.monotonic()
         self._end_reason = "ended"
         _running.add(self)
         metrics.kernel_started(self.start_kind or "cold", self.ready_at - t0)
         self._audit("kernel_start", start=self.start_kind, start_s=round(self.ready_at - t0, 2))
         if self.max_lifetime > 0:
-            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, vm)
+            launch = self._launches
+            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire, launch)
         self.log.info(
             "kernel %s: ready in VM %s (%s start, %.1fs)",
             self._shown_id, vm.id, self.start_kind, self.ready_at - t0,
@@ -482,6 +510,133 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             )  # fmt: skip
         self.start_kind = "cold"
 
+    def _restore_source(self) -> tuple[Checkpoint | None, str | None]:
+        """A checkpoint this launch restores instead of starting afresh (a fork's first
+        launch; a restart after a crash with ``restore_on_crash``), and what the restored
+        kernel says."""
+        cp, self._restore_from = self._restore_from, None
+        if cp is not None:
+            return cp, (f"[smol-kernel: forked from checkpoint {cp.name} of kernel "
+                        f"{cp.kernel_id}]")  # fmt: skip
+        if self._crashed and self.restore_on_crash and self.kernel_id:
+            saved = store.list_checkpoints(self.kernel_id)
+            if saved:
+                latest = saved[-1]
+                return latest, (f"[smol-kernel: the kernel died ({self._crashed}); restored "
+                                f"from its latest checkpoint, {latest.describe()}]")  # fmt: skip
+            self.log.info("kernel %s: died (%s) with no checkpoint to restore",
+                          self._shown_id, self._crashed)  # fmt: skip
+        return None, None
+
+    async def _start_pooled(
+        self, backend: VmBackend, plan: KernelPlan, connection: dict, deadline: float,
+        late: str,
+    ) -> str | None:  # fmt: skip
+        """Claim a VM of the warm pool (and keep the pool filled); None when the kernel
+        runs in it, else why not."""
+        pool = warm_pool()
+        pool.want(plan, backend, self.pool_size, self.pool_ttl, self.startup_timeout, self.log,
+                  self._limits())  # fmt: skip
+        pooled = await pool.claim(plan, deadline)
+        if pooled is None:
+            return pool.why_miss(plan)
+        self._adopt(pooled.vm)
+        self.agent = pooled.agent
+        pooled.vm.set_label(self.kernel_id or "")
+        self.log.info(
+            "kernel %s: claimed pooled VM %s (%s, isolation %s)",
+            self._shown_id, pooled.vm.id, self.backend_name, self.isolation,
+        )  # fmt: skip
+        try:
+            await claim(pooled.vm, pooled.agent, connection, self._kernel_env, deadline, late)
+        except (KernelStartError, VmError) as e:  # it died while it waited
+            await self._teardown(keep_relay=True)
+            return f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
+        self.start_kind = "pooled"
+        return None
+
+    async def _start_restored(self, cp: Checkpoint, connection: dict, deadline: float) -> bool:
+        """Start the kernel from a checkpoint. False: a crash restore that failed (start
+        afresh instead); a fork that cannot start from its checkpoint raises."""
+        try:
+            await self._restore(cp, connection, deadline)
+            return True
+        except (KernelStartError, VmError, OSError) as e:
+            if cp.kernel_id != self.kernel_id:
+                raise
+            self.log.warning("kernel %s: not restored from checkpoint %s (%s): starting "
+                             "afresh", self._shown_id, escaped(cp.name), e)  # fmt: skip
+            await self._teardown(keep_relay=True)
+            self.start_kind = None
+            return False
+
+    async def _restore(self, cp: Checkpoint, connection: dict, deadline: float) -> None:
+        plan = self.plan
+        assert plan is not None
+        if (why := self.timeline.why_not_for(plan)) is not None:
+            raise KernelStartError(f"cannot start from checkpoint {cp.name}: {why}")
+        if cp.plan_key != self.timeline.plan_key():
+            raise KernelStartError(
+                f"cannot start from checkpoint {cp.name}: it was saved by a kernel of another "
+                f"configuration ({cp.description}), or before the image or QEMU changed"
+            )
+        fork = cp.kernel_id != self.kernel_id
+        vm, self.agent = await restore_vm(cp, plan, self.vm_backend, self.kernel_id or "",
+                                          deadline, on_vm=self._adopt)  # fmt: skip
+        await resume(self.agent, connection, self._kernel_env, reseed=fork)
+        self.start_kind = "fork" if fork else "restored"
+        self.log.info("kernel %s: VM %s restored from checkpoint %s of kernel %s",
+                      self._shown_id, vm.id, escaped(cp.name), escaped(cp.kernel_id))  # fmt: skip
+
+    async def _finish_restore(self, announce: str) -> None:
+        """Let the restored kernel speak once a client listens (2 s at most: a kernel
+        saved inside %checkpoint waits for this before it handles anything)."""
+        agent, relay = self.agent, self.relay
+        if agent is None or relay is None:
+            return
+        await relay.wait_for_listener(2.0)
+        try:
+            await finish_restore(agent, announce, None)
+            self.log.info("kernel %s: told its clients: %s", self._shown_id, announce)
+        except (VmError, TimeoutError) as e:
+            self.log.warning("kernel %s: the restored kernel did not resume: %s",
+                             self._shown_id, e)  # fmt: skip
+
+    def guest_connection(self) -> dict:
+        """What the guest kernel needs of this kernel's connection (its key)."""
+        return _guest_connection(self.connection_info)
+
+    async def vm_changed(self) -> None:
+        """The kernel's VM is new (a launch or a rewind): its control socket moves."""
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        if self.vm is not None and self.relay is not None:
+            control = KernelControl(self, self.vm.runtime_dir)
+            try:
+                await control.start()
+                self._control = control
+            except OSError as e:
+                self.log.warning("kernel %s: no control socket: %s", self._shown_id, e)
+
+    # ------------------------------------------------------------------ checkpoints
+    async def checkpoint(self, name: str | None = None, keep: bool = False) -> Checkpoint:
+        """Save this kernel as it is now (it must be idle); see ``timeline.py``."""
+        return await on_io_loop(self.timeline.checkpoint(name, keep))
+
+    async def rewind(self, name: str) -> Checkpoint:
+        """Bring this kernel back to checkpoint ``name``; clients stay connected."""
+        return await on_io_loop(self.timeline.rewind(name))
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await on_io_loop(_listed(self.timeline))
+
+    async def fork_source(self, name: str | None = None) -> tuple[Checkpoint, bool]:
+        """The checkpoint forks of this kernel start from (launch them with
+        ``restore_from=``): ``name``, or one of the kernel now (True: a temporary one,
+        remove it with ``checkpoint.remove`` once the forks run)."""
+        return await on_io_loop(self.timeline.fork_source(name))
+
     async def _select_backend(self) -> Selection:
         selection = await asyncio.to_thread(
             select_backend, self.backend, self.image, self.require_hardware_isolation
@@ -528,8 +683,11 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.vm = vm
         self.isolation = str(vm.isolation)
 
-    def _expire(self, vm: Vm) -> None:
-        if self.vm is vm and vm.poll() is None:
+    def _expire(self, launch: int) -> None:
+        """The kernel of launch number ``launch`` has lived ``max_lifetime`` (a rewind
+        changes its VM, not its age; a restart is a new launch)."""
+        vm = self.vm
+        if self._launches == launch and vm is not None and vm.poll() is None:
             self.log.warning(
                 "kernel %s: max_lifetime of %.0fs reached, stopping VM %s",
                 self._shown_id, self.max_lifetime, vm.id,
@@ -575,12 +733,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if self._loaded:
                 return None if self._loaded_alive() else 0
             return self._exit_status if self._exit_status is not None else 0
+        status = None
         if self.agent is not None and self.agent.kernel_exited.is_set():
-            return self.agent.kernel_exit_status
-        status = self.vm.poll()
-        if status is not None:
-            return status if status != 0 else 1  # the VM ended without its kernel exiting
-        return None
+            status = self.agent.kernel_exit_status
+        elif (vm_status := self.vm.poll()) is not None:
+            status = vm_status if vm_status != 0 else 1  # the VM ended, its kernel did not
+        if status is not None and self._end_reason == "ended" and not self._crashed:
+            self._crashed = f"exit status {status}"  # nobody asked it to go
+        return status
 
     async def wait(self) -> int | None:
         return await on_io_loop(self._wait())
@@ -645,6 +805,10 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         await on_io_loop(self._teardown())
         if self._loaded:
             self._kill_loaded()
+        if not restart and self.kernel_id and self._launches:
+            for cp in await asyncio.to_thread(store.remove_kernel, self.kernel_id):
+                self.log.info("kernel %s: removed checkpoint %s with its kernel",
+                              self._shown_id, escaped(cp.name))  # fmt: skip
         await super().cleanup(restart=restart)
 
     async def _teardown(self, keep_relay: bool = False) -> None:
@@ -657,6 +821,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         if vm is not None and self.ready_at is not None and not keep_relay:
             self._audit_end(self._end_reason)
         self.agent = self.vm = None
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
         if relay is not None:
             await relay.close()
         if agent is not None:
@@ -770,3 +937,7 @@ def _guest_connection(ci: dict) -> dict:
             continue
         out[k] = v.decode() if isinstance(v, bytes) else v
     return out
+
+
+async def _listed(timeline: Timeline) -> list[Checkpoint]:
+    return timeline.list()

@@ -1,0 +1,350 @@
+"""Checkpoint, rewind and fork a live kernel (QEMU VMs).
+
+``Timeline`` belongs to one kernel's provisioner and works on the io loop.
+
+* **checkpoint** pauses the kernel's VM, streams all of its memory and devices to a file,
+  copies its disk, and lets it run on (``QemuBackend.checkpoint``; files in
+  ``checkpoint.py``). Asked by the host (API, CLI, REST), it is taken only when the kernel
+  is idle: new shell requests wait in the relay, and a kernel still answering one is
+  refused at once ("busy") rather than saved mid-cell. Asked by ``%checkpoint`` in a cell,
+  it is taken right there, with the kernel inside that magic.
+* **rewind** restores a new VM from a checkpoint, moves every client connection to it
+  (same kernel id, ports and key: clients stay connected; ``relay.py``), then kills the
+  old VM. The restored kernel drops what it had queued, takes the key, and once its
+  clients are attached says which checkpoint it is at (busy, a stream line, idle); asked by
+  ``%rewind`` in a cell, it answers that cell. Shell requests the old kernel had not
+  answered are sent to the new one. Refused when the host asks and the kernel is busy.
+* **fork** is a checkpoint (named, or a temporary one) restored as new kernels, each with
+  its own key, fresh entropy and reseeded ``random``/numpy (``SmolVMProvisioner`` launches
+  them with ``restore_from``).
+
+Limits: checkpoints count against ``max_total_memory_mib`` at their size on disk; a kernel
+keeps ``max_checkpoints`` (the oldest not kept goes, logged); the guest (a magic) may make
+the host save at most once per ``checkpoint_interval`` seconds, and one guest request is
+handled at a time (others are refused). Not possible: kernels with shares (QEMU cannot
+save a mounted 9p folder), libkrun, images from before checkpoints (rebuild them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import time
+from typing import Any
+
+from . import checkpoint as store
+from . import metrics, quota, template
+from .agent_client import GuestAgent
+from .checkpoint import Checkpoint, CheckpointError
+from .guest import protocol as P
+from .kernel_vm import KernelPlan
+from .pool import warm_pool
+from .shown import escaped
+from .vm.base import Vm, VmError
+from .vm.qemu import QemuBackend
+
+SAVE_TIMEOUT = 300.0  # seconds a save may stream (a 16 GiB guest at disk speed)
+QUIET_GRACE = 1.0  # seconds a host request waits for an answer already on its way
+SETTLE_S = 0.05  # after moving clients, before the restored kernel speaks (zmq handshakes)
+MAX_FINISH_HEADER = 16 << 10  # bytes of the header a %rewind cell passes for its reply
+
+
+class Timeline:
+    def __init__(self, provisioner: Any) -> None:
+        self.p = provisioner
+        self._busy = asyncio.Lock()
+        self._last_guest_save = 0.0
+        self._guest_task: asyncio.Task | None = None
+        self._refusal: asyncio.Task | None = None  # "busy", to a request that overlapped
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def kernel_id(self) -> str:
+        return str(self.p.kernel_id or "")
+
+    def why_not_for(self, plan: KernelPlan) -> str | None:
+        """Why kernels of ``plan`` cannot be saved or restored (None: they can)."""
+        if not isinstance(self.p.vm_backend, QemuBackend):
+            return f"the {plan.backend} backend cannot save a VM (QEMU can)"
+        if plan.shares:
+            return ("this kernel has host folders shared (shares, share_cwd), and QEMU "
+                    "cannot save a VM with a mounted 9p folder: use a kernelspec without "
+                    "shares")  # fmt: skip
+        return None
+
+    def _why_not(self) -> str | None:
+        plan: KernelPlan | None = self.p.plan
+        vm, agent = self.p.vm, self.p.agent
+        if vm is None or agent is None or plan is None or vm.poll() is not None:
+            return "the kernel is not running"
+        if (why := self.why_not_for(plan)) is not None:
+            return why
+        if int(agent.hello.get("protocol") or 0) < 4:
+            return ("its guest image was built before checkpoints: rebuild it "
+                    "(smol-kernel image build; --preset NAME for a preset)")  # fmt: skip
+        return None
+
+    def plan_key(self) -> str:
+        plan = self.p.plan
+        assert plan is not None
+        return template.template_key(plan, self.p.vm_backend, plan.isolation)
+
+    def list(self) -> list[Checkpoint]:
+        return store.list_checkpoints(self.kernel_id)
+
+    def _quota(self, extra_mib: int) -> None:
+        """Checkpoints count against the memory cap, at their size on disk."""
+        limits = self.p._limits()
+        if not limits.max_total_memory_mib:
+            return
+        held = store.total_mib()
+        used = sum(quota.ledger().kernels.values()) + sum(warm_pool().memory())
+        if used + held + extra_mib > limits.max_total_memory_mib:
+            metrics.quota_refused()
+            raise CheckpointError(
+                f"a checkpoint of this kernel needs up to {extra_mib} MiB, and this server's "
+                f"kernel VMs ({used} MiB) and checkpoints ({held} MiB) already count "
+                f"against max_total_memory_mib = {limits.max_total_memory_mib} MiB: remove "
+                "checkpoints (smol-kernel checkpoints --rm) or shut down a kernel"
+            )
+
+    async def _wait_quiet(self) -> None:
+        """Hold new requests; raise (releasing them) if the kernel is still answering one."""
+        relay = self.p.relay
+        relay.hold_requests()
+        deadline = time.monotonic() + QUIET_GRACE
+        while relay.unanswered_requests():
+            if time.monotonic() > deadline:
+                relay.release()
+                raise CheckpointError(
+                    "the kernel is running a cell: checkpoints and rewinds happen when it is "
+                    "idle (wait for the cell, or interrupt it)"
+                )
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ checkpoint
+    async def checkpoint(self, name: str | None = None, keep: bool = False, *,
+                         from_guest: bool = False) -> Checkpoint:  # fmt: skip
+        """Save the kernel now (see the module doc); returns the checkpoint."""
+        async with self._busy:
+            return await self._checkpoint(name, keep, from_guest)
+
+    async def _checkpoint(self, name: str | None, keep: bool, from_guest: bool) -> Checkpoint:
+        if (why := self._why_not()) is not None:
+            raise CheckpointError(f"cannot checkpoint this kernel: {why}")
+        name = store.check_name(name) if name else self._next_name()
+        if from_guest:
+            wait = self.p.checkpoint_interval - (time.monotonic() - self._last_guest_save)
+            if wait > 0:
+                raise CheckpointError(
+                    f"checkpoints from the kernel are rate-limited: the next one in "
+                    f"{wait:.0f}s (SmolVMProvisioner.checkpoint_interval)"
+                )
+        plan = self.p.plan
+        self._quota(plan.memory_mib)
+        vm = self.p.vm
+        if not from_guest:
+            await self._wait_quiet()
+        work = store.staging(self.kernel_id, name)
+        try:
+            paused = await self.p.vm_backend.checkpoint(vm, store.Snapshot(work), SAVE_TIMEOUT)
+            cp = store.commit(work, self.kernel_id, name, paused_s=paused, keep=keep,
+                              plan_key=self.plan_key(), memory_mib=plan.memory_mib,
+                              description=plan.describe())  # fmt: skip
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            if not from_guest:
+                self.p.relay.release()
+        if from_guest:
+            self._last_guest_save = time.monotonic()
+        for old in store.enforce_cap(self.kernel_id, self.p.max_checkpoints):
+            self.p.log.info("kernel %s: dropped checkpoint %s (max_checkpoints = %d)",
+                            self.p._shown_id, old.name, self.p.max_checkpoints)  # fmt: skip
+        self.p.log.info("kernel %s: checkpoint %s saved (%d MiB, kernel paused %.2fs)",
+                        self.p._shown_id, escaped(name), cp.size_bytes >> 20, paused)  # fmt: skip
+        return cp
+
+    def _next_name(self) -> str:
+        taken = {c.name for c in self.list()}
+        n = 1
+        while f"cp{n}" in taken:
+            n += 1
+        return f"cp{n}"
+
+    def find(self, name: str) -> Checkpoint:
+        cp = store.load(self.kernel_id, store.check_name(name))
+        if cp is None:
+            have = ", ".join(c.name for c in self.list()) or "none"
+            raise CheckpointError(f"this kernel has no checkpoint {name!r} (it has: {have})")
+        return cp
+
+    # ------------------------------------------------------------------ rewind
+    async def rewind(self, name: str, *, finish: dict | None = None) -> Checkpoint:
+        """Bring the kernel back to checkpoint ``name`` (see the module doc). ``finish``:
+        the cell that asked (``%rewind``), answered by the restored kernel."""
+        async with self._busy:
+            return await self._rewind(name, finish)
+
+    async def _rewind(self, name: str, finish: dict | None) -> Checkpoint:
+        if (why := self._why_not()) is not None:
+            raise CheckpointError(f"cannot rewind this kernel: {why}")
+        cp = self.find(name)
+        if cp.plan_key != self.plan_key():
+            raise CheckpointError(
+                f"checkpoint {name!r} was saved by this kernel with another configuration "
+                f"({cp.description}), or before its image or QEMU changed: it cannot be "
+                "restored any more"
+            )
+        p, relay = self.p, self.p.relay
+        t0 = time.monotonic()
+        if finish is None:
+            await self._wait_quiet()
+        else:
+            relay.hold_requests()
+        old_vm, old_agent = p.vm, p.agent
+        try:
+            vm, agent = await restore_vm(cp, p.plan, p.vm_backend, self.kernel_id,
+                                         time.monotonic() + p.startup_timeout)  # fmt: skip
+        except BaseException:
+            relay.release()
+            raise
+        # From here the old VM goes, whatever happens: the kernel is the restored one.
+        await relay.detach()
+        p._adopt(vm)
+        p.agent = agent
+        agent.on_kernel_request = self.on_kernel_request
+        old_vm.kill()
+        await old_agent.close()
+        await old_vm.close()
+        try:
+            await p.vm_changed()
+            await resume(agent, p.guest_connection(), p._kernel_env, reseed=False)
+            await relay.attach(vm.open_stream)
+            await asyncio.sleep(SETTLE_S)
+            await finish_restore(agent, f"[smol-kernel: rewound to checkpoint {cp.describe()}]",
+                                 finish)  # fmt: skip
+            skip = {str((finish or {}).get("header", {}).get("msg_id", ""))}
+            relay.resend_unanswered(skip)
+        finally:
+            relay.release()
+        p.log.info("kernel %s: rewound to checkpoint %s in %.2fs (VM %s)", p._shown_id,
+                   escaped(name), time.monotonic() - t0, vm.id)  # fmt: skip
+        return cp
+
+    # ------------------------------------------------------------------ fork
+    async def fork_source(self, name: str | None = None) -> tuple[Checkpoint, bool]:
+        """The checkpoint forks start from: ``name``, or a temporary one of the kernel as
+        it is now (True: remove it once the forks are started)."""
+        if name:
+            async with self._busy:
+                return self.find(name), False
+        cp = await self.checkpoint(f"fork-{os.urandom(4).hex()}")
+        return cp, True
+
+    # ------------------------------------------------------------------ guest requests
+    def on_kernel_request(self, req: dict) -> None:
+        """A magic's request (agent event): one at a time, answered by ``kernel_reply``."""
+        agent = self.p.agent
+        rid = req.get("rid")
+        if self._guest_task is not None and not self._guest_task.done():
+            # One refusal in flight at most: a flood of requests costs one reply at a time.
+            if self._refusal is None or self._refusal.done():
+                busy = "the host is busy with this kernel's previous request"
+                self._refusal = asyncio.ensure_future(_reply(agent, rid, False, busy))
+            return
+        self._guest_task = asyncio.ensure_future(self._serve(req))
+
+    async def _serve(self, req: dict) -> None:
+        agent = self.p.agent
+        rid, op = req.get("rid"), req.get("request")
+        try:
+            if op == "checkpoint":
+                cp = await self.checkpoint(req.get("name"), from_guest=True)
+                text = (f"checkpoint {cp.name} saved ({cp.size_bytes / (1 << 20):.0f} MiB, "
+                        f"kernel paused {cp.paused_s:.1f}s); %rewind {cp.name} comes back "
+                        "here")  # fmt: skip
+                await _reply(agent, rid, True, text)
+            elif op == "rewind":
+                await self.rewind(str(req.get("name") or ""), finish=_finish_of(req))
+                # (the old kernel, which asked, is gone; the restored one answered the cell)
+            elif op == "checkpoints":
+                listed = [c.describe() for c in self.list()]
+                await _reply(agent, rid, True, "\n".join(listed) or "no checkpoints yet "
+                             "(%checkpoint NAME saves one)")  # fmt: skip
+            else:
+                await _reply(agent, rid, False, f"unknown request {str(op)[:40]!r}")
+        except (CheckpointError, VmError, OSError) as e:
+            if agent is not None and not agent.closed.is_set():
+                await _reply(agent, rid, False, str(e))
+            self.p.log.warning("kernel %s: %s refused: %s", self.p._shown_id,
+                               escaped(str(op)[:40]), e)  # fmt: skip
+
+
+def _finish_of(req: dict) -> dict | None:
+    """The %rewind cell's header and routing identity, bounded (the guest wrote them)."""
+    finish = req.get("finish")
+    if not isinstance(finish, dict):
+        return None
+    header, ident = finish.get("header"), finish.get("ident")
+    if not isinstance(header, dict) or not isinstance(header.get("msg_id"), str):
+        return None
+    if len(repr(header)) > MAX_FINISH_HEADER:
+        return None
+    if not isinstance(ident, list) or len(ident) > 8:
+        ident = []
+    ident = [str(i)[:1024] for i in ident]
+    return {"header": header, "ident": ident}
+
+
+async def _reply(agent: GuestAgent | None, rid: object, ok: bool, text: str) -> None:
+    if agent is None or not isinstance(rid, int):
+        return
+    with contextlib.suppress(VmError, TimeoutError, OSError):
+        await agent.request(P.OP_KERNEL_REPLY, rid=rid, ok=ok, text=text, timeout=10.0)
+
+
+# ---------------------------------------------------------------------- restoring a VM
+async def restore_vm(
+    cp: Checkpoint, plan: KernelPlan, backend: QemuBackend, label: str, deadline: float,
+    on_vm=None,
+) -> tuple[Vm, GuestAgent]:  # fmt: skip
+    """A VM restored from ``cp``, running, its agent connected (resume it next)."""
+    vm = await backend.start(plan.vm_spec(label), restore=cp.snapshot)
+    agent = None
+    try:
+        if on_vm is not None:
+            on_vm(vm)
+        agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
+        if agent.hello.get("kernel") != "running":
+            raise VmError(f"VM {vm.id} restored from checkpoint {cp.name}: its kernel is "
+                          f"{agent.hello.get('kernel')!r}, not running")  # fmt: skip
+    except BaseException:
+        if agent is not None:
+            await agent.close()
+        await vm.close()
+        raise
+    return vm, agent
+
+
+async def resume(agent: GuestAgent, connection: dict, env: dict[str, str], reseed: bool) -> None:
+    """The restored kernel drops its queued past and takes its key (new for a fork), with
+    fresh entropy and the clock."""
+    await agent.request(
+        P.OP_RESUME, connection=connection, env=env, reseed=reseed,
+        entropy=base64.b64encode(os.urandom(64)).decode(), wall_clock=time.time(),
+        timeout=30.0,
+    )  # fmt: skip
+
+
+async def finish_restore(agent: GuestAgent, announce: str, finish: dict | None) -> None:
+    """The restored kernel says where it is (and answers the cell that asked, if any)."""
+    await agent.request(
+        P.OP_FINISH, announce=announce, parent=(finish or {}).get("header"),
+        ident=(finish or {}).get("ident"), timeout=30.0,
+    )  # fmt: skip

@@ -33,7 +33,8 @@ INSTRUCTIONS = """\
 Runs Python in an isolated microVM sandbox (a Jupyter kernel): variables persist between
 run_python calls of a session; files written by code or write_file stay in that session's VM.
 {network} No host files unless the operator shared them. Use a timeout for long code; a
-timed-out call is interrupted and keeps its partial output. Sessions are independent VMs."""
+timed-out call is interrupted and keeps its partial output. Sessions are independent VMs.
+Before risky code, `checkpoint`; `rewind` restores that state; `fork` copies a session."""
 
 
 class Sessions:
@@ -70,6 +71,25 @@ class Sessions:
 
     def names(self) -> list[str]:
         return sorted(self._sandboxes)
+
+    async def fork(self, name: str, new_names: list[str], checkpoint: str | None) -> None:
+        """Open sessions ``new_names``, forks of session ``name`` (as it is now, or at one of
+        its checkpoints)."""
+        for new in new_names:
+            if not SESSION_NAME.fullmatch(new):
+                raise ValueError("a session name is 1-64 letters, digits, '_', '.' or '-'")
+            if new in self._sandboxes or new in self._starting:
+                raise ValueError(f"session {new!r} is open already; pick other names")
+        if len(set(new_names)) != len(new_names):
+            raise ValueError("the fork names repeat")
+        if len(self._sandboxes) + len(self._starting) + len(new_names) > self.max_sessions:
+            raise ValueError(
+                f"{len(new_names)} more session(s) would pass the server's --max-sessions "
+                f"({self.max_sessions}); close_session some first"
+            )
+        source = await self.get(name, create=False)
+        forks = await source.fork(len(new_names), checkpoint)
+        self._sandboxes.update(zip(new_names, forks, strict=True))
 
     async def close(self, name: str) -> bool:
         sandbox = self._sandboxes.pop(name, None)
@@ -210,6 +230,37 @@ def build_server(sessions: Sessions, network: bool = False) -> MCPServer:
         entries = await (await sessions.get(session)).files.list(path)
         lines = [f"{e.type:<8}{e.size:>12}  {e.name}" for e in entries]
         return "\n".join(lines) if lines else f"{path} is empty"
+
+    @server.tool(annotations=confined)
+    @_says_why
+    async def checkpoint(name: str = "", session: str = "default") -> str:
+        """Save the session as it is now (variables, imports, files, processes) under
+        `name` (cp1, cp2, ... if empty). Take one before risky code; `rewind` comes back."""
+        sandbox = await sessions.get(session, create=False)
+        cp = await sandbox.checkpoint(name or None)
+        size = f"{cp.size_bytes / (1 << 20):.0f} MiB"
+        return f"checkpoint {cp.name} of session {session!r} saved ({size}); rewind comes back"
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @_says_why
+    async def rewind(name: str, session: str = "default") -> str:
+        """Bring the session back to one of its checkpoints: variables, files and processes
+        as they were then; everything since is gone."""
+        sandbox = await sessions.get(session, create=False)
+        await sandbox.rewind(name)
+        saved = ", ".join(c.name for c in await sandbox.checkpoints())
+        return f"session {session!r} rewound to checkpoint {name} (checkpoints: {saved})"
+
+    @server.tool(annotations=confined)
+    @_says_why
+    async def fork(names: list[str], session: str = "default", checkpoint: str = "") -> str:
+        """Open new sessions `names`, each a copy of `session` as it is now (or at its
+        checkpoint `checkpoint`), in its own VM: try alternatives side by side. Each goes
+        its own way after the fork; close_session them when done."""
+        if not names:
+            raise ValueError("give the new sessions' names")
+        await sessions.fork(session, list(names), checkpoint or None)
+        return f"forked session {session!r} into: {', '.join(names)}"
 
     @server.tool(annotations=reading)
     @_says_why

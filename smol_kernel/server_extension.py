@@ -8,6 +8,7 @@ kernel a user opens is already a warm one. Kernelspecs that share the notebook's
 
 It also lets the server stop after a kernel failed to start (see ``forget_failed_starts``),
 and bounds what the server itself holds of a smolvm kernel's output (``bound_server_output``).
+Its REST routes (checkpoints, rewind, fork) are in ``rest.py``.
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         log.warning("smol-kernel: this kernel manager may not stop after a failed start")
     if not bound_server_output():
         log.warning("smol-kernel: cannot bound the output this server holds for browsers")
+    from .rest import handlers
+
+    serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url))
     ksm = serverapp.kernel_spec_manager
     for name in smolvm_kernelspecs(ksm):
         try:

@@ -20,7 +20,8 @@ from .test_kernel import tiny_png
 from .web_helpers import free_port
 
 TOOLS = {"run_python", "run_shell", "interrupt", "restart", "read_file", "write_file",
-         "list_files", "list_sessions", "close_session"}  # fmt: skip
+         "list_files", "list_sessions", "close_session", "checkpoint", "rewind",
+         "fork"}  # fmt: skip
 
 
 def server_env() -> dict[str, str]:

@@ -5,6 +5,7 @@ unless ``network=True`` and no host files unless shared, on the same provisioner
 and warm pool as the "Python (smolvm)" Jupyter kernel. See docs/ai-assistants.md.
 """
 
+from ..checkpoint import Checkpoint
 from .async_sandbox import (
     AsyncCommands,
     AsyncFiles,
@@ -21,6 +22,7 @@ __all__ = [
     "AsyncCommands",
     "AsyncFiles",
     "AsyncSandbox",
+    "Checkpoint",
     "CommandResult",
     "Commands",
     "EntryInfo",

@@ -28,7 +28,9 @@ import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from .. import checkpoint as checkpoint_store
 from ..agent_client import AgentError
+from ..checkpoint import Checkpoint, CheckpointError
 from ..guest import protocol as P
 from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
 from ..provisioner import CLIENT_RCVHWM
@@ -39,6 +41,10 @@ from .execution import Execution, ExecutionError, OutputCollector, Result
 PROVISIONER_NAME = "smolvm-provisioner"
 KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MAX_FILE_BYTES = 100 * 1024 * 1024
+MAX_FORKS = 16
+# What a fork copies of its parent (the rest is its own kernel and connection).
+_SETTINGS = ("_config", "_spec", "max_output_chars", "max_file_bytes", "interrupt_grace",
+             "startup_timeout")  # fmt: skip
 
 
 class SandboxError(RuntimeError):
@@ -170,9 +176,10 @@ class AsyncSandbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
 
-    async def start(self) -> None:
+    async def start(self, *, restore_from: Checkpoint | None = None) -> None:
         """Boot the VM and wait until its kernel answers. Raises SandboxError (with the
-        provisioner's reason) if it cannot; nothing is left running then."""
+        provisioner's reason) if it cannot; nothing is left running then. ``restore_from``:
+        start as a fork of that checkpoint (``fork`` does this)."""
         if self._killed:
             raise SandboxError("this sandbox was killed; create a new one")
         if self._km is not None:
@@ -181,7 +188,7 @@ class AsyncSandbox:
             kernel_name="smolvm-sandbox", kernel_spec_manager=_OneKernelSpec(self._spec)
         )
         try:
-            await km.start_kernel()
+            await km.start_kernel(**({"restore_from": restore_from} if restore_from else {}))
             self._km = km
             await self._connect()
         except BaseException as e:
@@ -282,6 +289,72 @@ class AsyncSandbox:
                 await replacing
             except Exception as e:
                 raise SandboxError(f"the sandbox's replacement kernel did not start: {e}") from e
+
+    # ------------------------------------------------------------------ checkpoints
+    async def checkpoint(self, name: str | None = None, keep: bool = False) -> Checkpoint:
+        """Save the sandbox as it is now (variables, files, processes) under ``name``
+        (``cp1``, ``cp2``, ... by default); waits for a running ``run_code``. ``keep``: the
+        checkpoint outlives the sandbox. Raises SandboxError with the reason it cannot."""
+        async with self._run_lock:
+            await self._ready()
+            try:
+                return await self._km.provisioner.checkpoint(name, keep)  # type: ignore[union-attr]
+            except (CheckpointError, VmError) as e:
+                raise SandboxError(str(e)) from None
+
+    async def rewind(self, checkpoint: Checkpoint | str) -> None:
+        """Bring the sandbox back to one of its checkpoints (by object or name): same
+        kernel, its state and files as they were. Waits for a running ``run_code``."""
+        name = checkpoint.name if isinstance(checkpoint, Checkpoint) else str(checkpoint)
+        async with self._run_lock:
+            await self._ready()
+            try:
+                await self._km.provisioner.rewind(name)  # type: ignore[union-attr]
+            except (CheckpointError, VmError) as e:
+                raise SandboxError(str(e)) from None
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        """This sandbox's checkpoints, oldest first."""
+        await self._ready()
+        return await self._km.provisioner.checkpoints()  # type: ignore[union-attr]
+
+    async def fork(self, n: int = 1, checkpoint: Checkpoint | str | None = None
+                   ) -> list[AsyncSandbox]:  # fmt: skip
+        """``n`` new sandboxes, each its own VM, that start from this one as it is now (or
+        from one of its checkpoints) and then go their own ways: fresh entropy, their own
+        files. Kill them as any sandbox. All or nothing: if one cannot start, none is left."""
+        if not 1 <= n <= MAX_FORKS:
+            raise ValueError(f"n must be 1 to {MAX_FORKS}")
+        name = checkpoint.name if isinstance(checkpoint, Checkpoint) else checkpoint
+        async with self._run_lock:
+            await self._ready()
+            prov = self._km.provisioner  # type: ignore[union-attr]
+            try:
+                source, temporary = await prov.fork_source(name)
+            except (CheckpointError, VmError) as e:
+                raise SandboxError(str(e)) from None
+        forks = [self._twin() for _ in range(n)]
+        try:
+            results = await asyncio.gather(*(f.start(restore_from=source) for f in forks),
+                                           return_exceptions=True)  # fmt: skip
+        finally:
+            if temporary:
+                checkpoint_store.remove(source)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(f.kill() for f in forks), return_exceptions=True)
+            raise SandboxError(f"the fork did not start: {failed[0]}") from failed[0]
+        return forks
+
+    def _twin(self) -> AsyncSandbox:
+        """A sandbox with this one's settings (not started)."""
+        twin = AsyncSandbox.__new__(AsyncSandbox)
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k in _SETTINGS})
+        twin.files, twin.commands = AsyncFiles(twin), AsyncCommands(twin)
+        twin._km, twin._kc, twin._zmq = None, None, None
+        twin._run_lock, twin._replacing = asyncio.Lock(), None
+        twin._interrupt_requested = twin._killed = False
+        return twin
 
     # ------------------------------------------------------------------ code
     async def run_code(

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from ..checkpoint import Checkpoint
 from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError
 from .execution import Execution, ExecutionError, Result
 
@@ -19,7 +20,10 @@ T = TypeVar("T")
 
 
 class _Loop:
+    """One loop thread, shared by a sandbox and its forks: it stops with its last user."""
+
     def __init__(self) -> None:
+        self.users = 1
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="smol-sandbox",
                                         daemon=True)  # fmt: skip
@@ -35,6 +39,9 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
@@ -51,6 +58,7 @@ class Sandbox:
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._loop = _Loop()
+        self._done = False
         try:
             self._async = self._loop.run(_create(args, kwargs))
         except BaseException:
@@ -58,6 +66,16 @@ class Sandbox:
             raise
         self.files = Files(self._async.files, self._loop)
         self.commands = Commands(self._async.commands, self._loop)
+
+    @classmethod
+    def _on(cls, sandbox: AsyncSandbox, loop: _Loop) -> Sandbox:
+        """A blocking face for ``sandbox``, which runs on ``loop`` (a fork's parent's)."""
+        self = cls.__new__(cls)
+        loop.users += 1
+        self._loop, self._async, self._done = loop, sandbox, False
+        self.files = Files(sandbox.files, loop)
+        self.commands = Commands(sandbox.commands, loop)
+        return self
 
     def __enter__(self) -> Sandbox:
         return self
@@ -92,15 +110,32 @@ class Sandbox:
     def restart(self) -> None:
         self._loop.run(self._async.restart())
 
+    def checkpoint(self, name: str | None = None, keep: bool = False) -> Checkpoint:
+        """See ``AsyncSandbox.checkpoint``."""
+        return self._loop.run(self._async.checkpoint(name, keep))
+
+    def rewind(self, checkpoint: Checkpoint | str) -> None:
+        """See ``AsyncSandbox.rewind``."""
+        self._loop.run(self._async.rewind(checkpoint))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return self._loop.run(self._async.checkpoints())
+
+    def fork(self, n: int = 1, checkpoint: Checkpoint | str | None = None) -> list[Sandbox]:
+        """See ``AsyncSandbox.fork``; the forks share this sandbox's loop thread."""
+        forks = self._loop.run(self._async.fork(n, checkpoint))
+        return [Sandbox._on(f, self._loop) for f in forks]
+
     def is_running(self) -> bool:
-        if self._loop.loop.is_closed():
+        if self._done or self._loop.loop.is_closed():
             return False
         return self._loop.run(self._async.is_running())
 
     def kill(self) -> None:
         """Destroy the VM. Idempotent."""
-        if self._loop.loop.is_closed():
+        if self._done or self._loop.loop.is_closed():
             return
+        self._done = True
         try:
             self._loop.run(self._async.kill())
         finally:

@@ -69,6 +69,7 @@ class Checkpoint:
     size_bytes: int  # on disk
     paused_s: float  # how long the kernel was paused to save it
     keep: bool  # stays when its kernel is shut down
+    by_kernel: bool  # asked by the kernel itself (%checkpoint), not from the host
     plan_key: str  # the configuration a VM restoring it must have
     memory_mib: int
     description: str  # the configuration, for people
@@ -95,7 +96,8 @@ def load(kernel_id: str, name: str) -> Checkpoint | None:
         return Checkpoint(
             kernel_id=kernel_id, name=name, folder=folder, created=float(meta["created"]),
             size_bytes=int(meta["size_bytes"]), paused_s=float(meta["paused_s"]),
-            keep=bool(meta.get("keep")), plan_key=str(meta["plan_key"]),
+            keep=bool(meta.get("keep")), by_kernel=bool(meta.get("by_kernel")),
+            plan_key=str(meta["plan_key"]),
             memory_mib=int(meta["memory_mib"]), description=str(meta.get("description", "")),
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
@@ -131,11 +133,12 @@ def staging(kernel_id: str, name: str) -> Path:
 
 
 def commit(work: Path, kernel_id: str, name: str, *, paused_s: float, keep: bool,
-           plan_key: str, memory_mib: int, description: str) -> Checkpoint:  # fmt: skip
+           plan_key: str, memory_mib: int, description: str,
+           by_kernel: bool = False) -> Checkpoint:  # fmt: skip
     size = sum(p.stat().st_blocks * 512 for p in work.iterdir() if p.is_file())
     meta = {"created": time.time(), "size_bytes": size, "paused_s": round(paused_s, 3),
-            "keep": keep, "plan_key": plan_key, "memory_mib": memory_mib,
-            "description": description}  # fmt: skip
+            "keep": keep, "by_kernel": by_kernel, "plan_key": plan_key,
+            "memory_mib": memory_mib, "description": description}  # fmt: skip
     (work / "checkpoint.json").write_text(json.dumps(meta))
     final = kernel_folder(kernel_id) / name
     if final.exists():  # saved again under the same name: the new one wins
@@ -158,15 +161,17 @@ def remove(cp: Checkpoint) -> None:
         pass
 
 
-def enforce_cap(kernel_id: str, cap: int) -> list[Checkpoint]:
+def enforce_cap(kernel_id: str, cap: int, by_kernel: bool = False) -> list[Checkpoint]:
     """Remove the oldest checkpoints of a kernel that are not kept, down to ``cap``
-    (0: no cap). Returns the removed ones."""
+    (0: no cap); ``by_kernel``: only ones the kernel asked for (a guest cannot push out
+    what the host saved). Returns the removed ones."""
     if cap <= 0:
         return []
     dropped = []
     checkpoints = list_checkpoints(kernel_id)
     while len(checkpoints) > cap:
-        oldest = next((c for c in checkpoints if not c.keep), None)
+        oldest = next((c for c in checkpoints
+                       if not c.keep and (c.by_kernel or not by_kernel)), None)  # fmt: skip
         if oldest is None:
             break
         remove(oldest)

@@ -478,7 +478,10 @@ def _ask_kernel(ident: str, request: dict) -> dict | None:
         print(f"smol-kernel: error: {e}", file=sys.stderr)
         return None
     if not reply.get("ok"):
-        print(f"smol-kernel: error: {reply.get('error', 'refused')}", file=sys.stderr)
+        from .shown import printable
+
+        print(f"smol-kernel: error: {printable(str(reply.get('error', 'refused')))}",
+              file=sys.stderr)  # fmt: skip
         return None
     return reply
 
@@ -823,7 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (HostToolError, ImageNotFound, ValueError, VmError, RuntimeDirError) as e:
-        print(f"smol-kernel: error: {e}", file=sys.stderr)
+        from .shown import printable
+
+        # (a VM error may quote the guest's console: no terminal escapes get through)
+        print(f"smol-kernel: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
         from .image.builder import ImageBuildError

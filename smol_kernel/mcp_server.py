@@ -88,7 +88,17 @@ class Sessions:
                 f"({self.max_sessions}); close_session some first"
             )
         source = await self.get(name, create=False)
-        forks = await source.fork(len(new_names), checkpoint)
+        loop = asyncio.get_running_loop()
+        for new in new_names:  # taken while the forks start (counted, not reusable)
+            self._starting[new] = loop.create_future()
+        try:
+            forks = await source.fork(len(new_names), checkpoint)
+        finally:
+            for new in new_names:  # a call that waited on one: the fork is done now
+                placeholder = self._starting.pop(new)
+                placeholder.set_exception(ValueError(f"session {new!r} was being forked; "
+                                                     "call again"))  # fmt: skip
+                placeholder.exception()  # (retrieved: nobody may have waited)
         self._sandboxes.update(zip(new_names, forks, strict=True))
 
     async def close(self, name: str) -> bool:

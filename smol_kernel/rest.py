@@ -107,9 +107,12 @@ class ForkHandler(_KernelHandler):
         started: list[str] = []
         try:
             for _ in range(n):
-                started.append(await km.start_kernel(
-                    kernel_name=source_kernel.kernel_name, restore_from=source,
-                ))  # fmt: skip
+                kid = await km.start_kernel(kernel_name=source_kernel.kernel_name,
+                                            restore_from=source)  # fmt: skip
+                started.append(kid)
+                ready = getattr(km.get_kernel(kid), "ready", None)
+                if ready is not None:  # (pending kernels: started, not yet restored)
+                    await ready
         except Exception as e:
             for kid in started:
                 await km.shutdown_kernel(kid, now=True)

@@ -20,9 +20,11 @@
 
 Limits: checkpoints count against ``max_total_memory_mib`` at their size on disk; a kernel
 keeps ``max_checkpoints`` (the oldest not kept goes, logged); the guest (a magic) may make
-the host save at most once per ``checkpoint_interval`` seconds, and one guest request is
-handled at a time (others are refused). Not possible: kernels with shares (QEMU cannot
-save a mounted 9p folder), libkrun, images from before checkpoints (rebuild them).
+the host save or restore at most once per ``checkpoint_interval`` seconds (a failed attempt
+counts), one guest request is handled at a time (others are refused), and what the guest
+saves never replaces a checkpoint nor pushes out one the host saved. Not possible: kernels
+with shares (QEMU cannot save a mounted 9p folder), libkrun, images from before checkpoints
+(rebuild them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import time
 from typing import Any
 
@@ -55,7 +58,9 @@ class Timeline:
     def __init__(self, provisioner: Any) -> None:
         self.p = provisioner
         self._busy = asyncio.Lock()
-        self._last_guest_save = 0.0
+        self._last_guest_op: dict[str, float] = {}  # when the kernel last made the host
+        # save ("checkpoints") or restore ("rewinds")
+        self._last_refusal_log = float("-inf")
         self._guest_task: asyncio.Task | None = None
         self._refusal: asyncio.Task | None = None  # "busy", to a request that overlapped
 
@@ -136,39 +141,51 @@ class Timeline:
             raise CheckpointError(f"cannot checkpoint this kernel: {why}")
         name = store.check_name(name) if name else self._next_name()
         if from_guest:
-            wait = self.p.checkpoint_interval - (time.monotonic() - self._last_guest_save)
-            if wait > 0:
+            if store.load(self.kernel_id, name) is not None:
                 raise CheckpointError(
-                    f"checkpoints from the kernel are rate-limited: the next one in "
-                    f"{wait:.0f}s (SmolVMProvisioner.checkpoint_interval)"
+                    f"this kernel has a checkpoint {name!r} already, and a checkpoint asked "
+                    "from the kernel never replaces one: pick another name"
                 )
+            self._rate_limit("checkpoints")
         plan = self.p.plan
-        self._quota(plan.memory_mib)
+        self._quota(plan.memory_mib + plan.disk_mib)
         vm = self.p.vm
         if not from_guest:
             await self._wait_quiet()
-        work = store.staging(self.kernel_id, name)
+        work = None
         try:
+            work = store.staging(self.kernel_id, name)
             paused = await self.p.vm_backend.checkpoint(vm, store.Snapshot(work), SAVE_TIMEOUT)
             cp = store.commit(work, self.kernel_id, name, paused_s=paused, keep=keep,
                               plan_key=self.plan_key(), memory_mib=plan.memory_mib,
-                              description=plan.describe())  # fmt: skip
+                              description=plan.describe(), by_kernel=from_guest)  # fmt: skip
         except BaseException:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                await asyncio.to_thread(shutil.rmtree, work, True)
             raise
         finally:
             if not from_guest:
                 self.p.relay.release()
-        if from_guest:
-            self._last_guest_save = time.monotonic()
-        for old in store.enforce_cap(self.kernel_id, self.p.max_checkpoints):
+        dropped = await asyncio.to_thread(store.enforce_cap, self.kernel_id,
+                                          self.p.max_checkpoints, from_guest)  # fmt: skip
+        for old in dropped:
             self.p.log.info("kernel %s: dropped checkpoint %s (max_checkpoints = %d)",
                             self.p._shown_id, old.name, self.p.max_checkpoints)  # fmt: skip
         self.p.log.info("kernel %s: checkpoint %s saved (%d MiB, kernel paused %.2fs)",
                         self.p._shown_id, escaped(name), cp.size_bytes >> 20, paused)  # fmt: skip
         return cp
+
+    def _rate_limit(self, what: str) -> None:
+        """The kernel may make the host save or restore once per checkpoint_interval (a
+        failed attempt counts: a guest that makes saves fail cannot retry at once)."""
+        last = self._last_guest_op.get(what, float("-inf"))
+        wait = self.p.checkpoint_interval - (time.monotonic() - last)
+        if wait > 0:
+            raise CheckpointError(
+                f"{what} from the kernel are rate-limited: the next one in {wait:.0f}s "
+                "(SmolVMProvisioner.checkpoint_interval)"
+            )
+        self._last_guest_op[what] = time.monotonic()
 
     def _next_name(self) -> str:
         taken = {c.name for c in self.list()}
@@ -201,6 +218,8 @@ class Timeline:
                 f"({cp.description}), or before its image or QEMU changed: it cannot be "
                 "restored any more"
             )
+        if finish is not None:
+            self._rate_limit("rewinds")
         p, relay = self.p, self.p.relay
         t0 = time.monotonic()
         if finish is None:
@@ -214,6 +233,11 @@ class Timeline:
         except BaseException:
             relay.release()
             raise
+        if p.vm is not old_vm or p.relay is not relay or old_vm.poll() is not None:
+            # The kernel was shut down, restarted or died meanwhile: not ours to replace.
+            await agent.close()
+            await vm.close()
+            raise CheckpointError("the kernel stopped or restarted during the rewind")
         # From here the old VM goes, whatever happens: the kernel is the restored one.
         await relay.detach()
         p._adopt(vm)
@@ -231,6 +255,11 @@ class Timeline:
                                  finish)  # fmt: skip
             skip = {str((finish or {}).get("header", {}).get("msg_id", ""))}
             relay.resend_unanswered(skip)
+        except BaseException:
+            # A restored kernel that does not resume is a dead kernel: the restarter (or
+            # the user) starts a fresh one; parked clients are closed with the relay then.
+            vm.kill()
+            raise
         finally:
             relay.release()
         p.log.info("kernel %s: rewound to checkpoint %s in %.2fs (VM %s)", p._shown_id,
@@ -282,8 +311,11 @@ class Timeline:
         except (CheckpointError, VmError, OSError) as e:
             if agent is not None and not agent.closed.is_set():
                 await _reply(agent, rid, False, str(e))
-            self.p.log.warning("kernel %s: %s refused: %s", self.p._shown_id,
-                               escaped(str(op)[:40]), e)  # fmt: skip
+            now = time.monotonic()  # the guest can ask as often as it likes: log sparingly
+            if now - self._last_refusal_log >= self.p.checkpoint_interval:
+                self._last_refusal_log = now
+                self.p.log.warning("kernel %s: %s refused: %s", self.p._shown_id,
+                                   escaped(str(op)[:40]), escaped(str(e)))  # fmt: skip
 
 
 def _finish_of(req: dict) -> dict | None:

@@ -12,11 +12,12 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .agent_client import GuestAgent
 from .guest import protocol as P
-from .vm.base import Vm, VmBackend
+from .vm.base import Vm, VmBackend, VmError
 from .vm.share import Share
 from .vm.spec import VmSpec
 
@@ -113,6 +114,28 @@ async def boot_kernel_vm(
         )
         event = agent.kernel_prepared if connection is None else agent.kernel_ready
         await wait_for_kernel(vm, agent, event, deadline, late)
+    except BaseException:
+        if agent is not None:
+            await agent.close()
+        await vm.close()
+        raise
+    return vm, agent
+
+
+async def restore_and_connect(
+    backend: VmBackend, spec: VmSpec, snapshot: object, deadline: float, on_vm,
+    is_ready: Callable[[GuestAgent], bool], what: str,
+) -> tuple[Vm, GuestAgent]:  # fmt: skip
+    """A VM restored from ``snapshot`` (a template or a checkpoint), running, its agent
+    connected; VmError (and nothing left running) unless ``is_ready(agent)``."""
+    vm = await backend.start(spec, restore=snapshot)  # type: ignore[call-arg]
+    agent = None
+    try:
+        if on_vm is not None:
+            on_vm(vm)
+        agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
+        if not is_ready(agent):
+            raise VmError(f"VM {vm.id} ({what}): its kernel is {agent.hello.get('kernel')!r}")
     except BaseException:
         if agent is not None:
             await agent.close()

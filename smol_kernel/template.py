@@ -39,7 +39,7 @@ from pathlib import Path
 
 from . import paths
 from .agent_client import GuestAgent
-from .kernel_vm import KernelPlan, boot_kernel_vm
+from .kernel_vm import KernelPlan, boot_kernel_vm, restore_and_connect
 from .vm.base import Vm, VmBackend, VmError
 from .vm.qemu import QemuBackend, Snapshot
 
@@ -228,20 +228,11 @@ async def restore_kernel_vm(
 ) -> tuple[Vm, GuestAgent]:  # fmt: skip
     """A clone of ``template``, running, its kernel prepared (claim it next)."""
     spec = plan.vm_spec(label, shares_at_claim=True)
-    vm = await backend.start(spec, restore=template.snapshot)
-    agent = None
-    try:
-        if on_vm is not None:
-            on_vm(vm)
-        agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
-        if not agent.kernel_prepared.is_set():
-            raise VmError(f"clone {vm.id} of template {template.key}: its kernel is "
-                          f"{agent.hello.get('kernel')!r}, not prepared")  # fmt: skip
-    except BaseException:
-        if agent is not None:
-            await agent.close()
-        await vm.close()
-        raise
+    vm, agent = await restore_and_connect(
+        backend, spec, template.snapshot, deadline, on_vm,
+        lambda agent: agent.kernel_prepared.is_set(),
+        f"a clone of template {template.key}, its kernel should be prepared",
+    )  # fmt: skip
     template.touch()
     return vm, agent
 

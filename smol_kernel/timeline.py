@@ -42,7 +42,7 @@ from . import metrics, quota, template
 from .agent_client import GuestAgent
 from .checkpoint import Checkpoint, CheckpointError
 from .guest import protocol as P
-from .kernel_vm import KernelPlan
+from .kernel_vm import KernelPlan, restore_and_connect
 from .pool import warm_pool
 from .shown import escaped
 from .vm.base import Vm, VmError
@@ -347,21 +347,11 @@ async def restore_vm(
     on_vm=None,
 ) -> tuple[Vm, GuestAgent]:  # fmt: skip
     """A VM restored from ``cp``, running, its agent connected (resume it next)."""
-    vm = await backend.start(plan.vm_spec(label), restore=cp.snapshot)
-    agent = None
-    try:
-        if on_vm is not None:
-            on_vm(vm)
-        agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
-        if agent.hello.get("kernel") != "running":
-            raise VmError(f"VM {vm.id} restored from checkpoint {cp.name}: its kernel is "
-                          f"{agent.hello.get('kernel')!r}, not running")  # fmt: skip
-    except BaseException:
-        if agent is not None:
-            await agent.close()
-        await vm.close()
-        raise
-    return vm, agent
+    return await restore_and_connect(
+        backend, plan.vm_spec(label), cp.snapshot, deadline, on_vm,
+        lambda agent: agent.hello.get("kernel") == "running",
+        f"restored from checkpoint {cp.name}, its kernel should be running",
+    )  # fmt: skip
 
 
 async def resume(agent: GuestAgent, connection: dict, env: dict[str, str], reseed: bool) -> None:

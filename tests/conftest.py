@@ -26,7 +26,8 @@ _RUNTIME = tempfile.mkdtemp(prefix="smolrt-", dir="/tmp")
 os.environ["SMOL_KERNEL_RUNTIME_DIR"] = _RUNTIME
 # Kernel templates of this run (not the user's): made by the first process and inherited by
 # the test workers, so a configuration's template is built once for the whole run.
-os.environ.setdefault("SMOL_KERNEL_TEMPLATES_DIR", tempfile.mkdtemp(prefix="smol-templates-"))
+if "SMOL_KERNEL_TEMPLATES_DIR" not in os.environ:  # (a worker must not make one it never uses)
+    os.environ["SMOL_KERNEL_TEMPLATES_DIR"] = tempfile.mkdtemp(prefix="smol-templates-")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -158,8 +158,10 @@ async def test_a_guest_that_ignores_credit_loses_the_stream(tmp_path):
         with contextlib.suppress(ConnectionResetError):  # (a close may come as a reset)
             while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
                 received += len(chunk)
-        # The window, plus what the local socket and its buffer took before credit stopped.
-        assert received < M.WINDOW + (2 << 20) < SENT, received
+        # The window, plus what the local socketpair's kernel buffers and the reader's buffer
+        # took before the stream was closed: asyncio's StreamReader reads on until it holds
+        # twice its 1 MiB limit (2.31 MiB arrived once, with 2.25 MiB allowed).
+        assert received < M.WINDOW + (3 << 20) < SENT, received
     finally:
         await host.close()
         qemu.close()

@@ -50,6 +50,10 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
+
+from . import egress as egress_policy
+from .dns import DNS_PORT
 
 # The guest's fixed addressing (slirp's), shared with network.py.
 GUEST_ADDR = "10.0.2.15"
@@ -59,7 +63,6 @@ DNS = "10.0.2.3"
 
 ETH_ARP = 0x0806
 ETH_IPV4 = 0x0800
-DNS_PORT = 53
 ALWAYS_BLOCKED = tuple(
     ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3")
 )
@@ -136,7 +139,9 @@ class Policy:
         host_nets: set[ipaddress.IPv4Network] | None = None,
         probe: bool = True,
         clock=time.monotonic,
+        egress: egress_policy.Egress | None = None,
     ) -> None:
+        self.egress = egress
         self._read_nets = host_nets is None
         self.host_nets = local_networks() if host_nets is None else set(host_nets)
         self._nets_read = clock()
@@ -174,13 +179,15 @@ class Policy:
         dst = ipaddress.IPv4Address(bytes(frame[30:34]))
         proto, l4 = frame[14 + 9], 14 + ihl
         if any(dst in net for net in ALWAYS_BLOCKED) or dst in KNOWN_ENDPOINTS:
-            return False
+            return self._host_refused(frame, proto, l4)
         if dst in self.guest_net:
             if not (dst == self.dns and proto == socket.IPPROTO_UDP and len(frame) >= l4 + 8):
-                return False
+                return self._host_refused(frame, proto, l4)
             if struct.unpack_from("!H", frame, l4 + 2)[0] != DNS_PORT:
-                return False
+                return self._host_refused(frame, proto, l4)
         elif self.is_host(dst):
+            return self._host_refused(frame, proto, l4)
+        if self.egress is not None and not self._egress_allows(frame, proto, l4):
             return False
         if proto == socket.IPPROTO_UDP:
             return self._udp_flow(frame, l4)
@@ -189,6 +196,40 @@ class Policy:
         if proto == socket.IPPROTO_ICMP:
             return self._icmp_echo(frame, l4)
         return True
+
+    def _attempt(
+        self, frame: bytes | memoryview, proto: int, l4: int
+    ) -> tuple[str, int | None] | None:
+        """(protocol, port) if the frame opens something: a TCP SYN, a UDP datagram to a
+        peer the guest has not sent to, an echo request with a new id; else None."""
+        if proto == socket.IPPROTO_TCP and len(frame) >= l4 + 14:
+            syn = frame[l4 + 13] & 0x12 == 0x02
+            return ("tcp", struct.unpack_from("!H", frame, l4 + 2)[0]) if syn else None
+        if proto == socket.IPPROTO_UDP and len(frame) >= l4 + 8:
+            sport, dport = struct.unpack_from("!HH", frame, l4)
+            new = (sport, bytes(frame[30:34]), dport) not in self.udp_peers
+            return ("udp", dport) if new else None
+        if proto == socket.IPPROTO_ICMP and len(frame) >= l4 + 8 and frame[l4] == 8:
+            new = struct.unpack_from("!H", frame, l4 + 4)[0] not in self.icmp_ids
+            return ("icmp", None) if new else None
+        return None
+
+    def _host_refused(self, frame: bytes | memoryview, proto: int, l4: int) -> bool:
+        """Dropped by the host checks: logged as a blocked attempt when it is one."""
+        if self.egress is not None and (attempt := self._attempt(frame, proto, l4)):
+            dst = bytes(frame[30:34])
+            self.egress.log.record(self.egress.name_of(dst), dst, attempt[1], attempt[0], False)
+        return False
+
+    def _egress_allows(self, frame: bytes | memoryview, proto: int, l4: int) -> bool:
+        assert self.egress is not None
+        if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            if len(frame) < l4 + (14 if proto == socket.IPPROTO_TCP else 8):
+                return False
+        elif proto == socket.IPPROTO_ICMP and len(frame) < l4 + 8:
+            return False
+        new = self._attempt(frame, proto, l4) is not None
+        return self.egress.outbound(bytes(frame), proto, l4, new)
 
     def _tcp_flow(self, frame: bytes | memoryview, l4: int) -> bool:
         """A SYN opens a flow (passt connects a host socket for it); FIN or RST from the
@@ -268,6 +309,8 @@ class Policy:
             return False
         now = self.clock()
         self.udp_peers[key] = self.udp_flows[dport] = now
+        if self.egress is not None and sport == DNS_PORT and self.egress.is_resolver(key[1]):
+            self.egress.inbound_dns(bytes(frame), l4)
         return True
 
 
@@ -328,18 +371,27 @@ def guard(
     pacer = pacer or Pacer()
     passt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PASST_SNDBUF)
     done = threading.Event()
+    vm_lock = threading.Lock()  # the guard's own answers go to the guest from this thread too
+    egress = policy.egress
 
     def to_guest() -> None:
         try:
             for head, frame in _frames(passt):
                 if policy.allow_inbound(frame):
-                    vm.sendall(head + frame)
+                    with vm_lock:
+                        vm.sendall(head + frame)
         except OSError:
             pass
         done.set()
         _close(vm, passt)  # wakes the other direction's recv
 
+    def keep_log() -> None:
+        while not done.wait(egress_policy.LOG_INTERVAL):
+            egress.log.flush()
+
     threading.Thread(target=to_guest, daemon=True).start()
+    if egress is not None:
+        threading.Thread(target=keep_log, daemon=True).start()
     try:
         for head, frame in _frames(vm):
             if done.is_set():
@@ -347,8 +399,19 @@ def guard(
             pacer.wait()
             if policy.allow_frame(frame):
                 passt.sendall(head + frame)
+            if egress is not None and (egress.to_guest or egress.to_passt):
+                for answer in egress.to_passt:
+                    passt.sendall(struct.pack("!I", len(answer)) + answer)
+                with vm_lock:
+                    for answer in egress.to_guest:
+                        vm.sendall(struct.pack("!I", len(answer)) + answer)
+                egress.to_guest.clear()
+                egress.to_passt.clear()
     except OSError:
         pass
+    done.set()
+    if egress is not None:
+        egress.log.flush(force=True)
     _close(vm, passt)
 
 
@@ -362,16 +425,18 @@ def _close(*socks: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``VM_FD PASST_FD READY_FD``: says ``ok`` on READY_FD once the policy is loaded."""
+    """``VM_FD PASST_FD READY_FD [RUNTIME_DIR]``: says ``ok`` on READY_FD once the policy is
+    loaded. With RUNTIME_DIR: the egress policy is read from there and its log kept there."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3:
-        print("usage: netfilter VM_FD PASST_FD READY_FD", file=sys.stderr)
+    if len(argv) not in (3, 4):
+        print("usage: netfilter VM_FD PASST_FD READY_FD [RUNTIME_DIR]", file=sys.stderr)
         return 2
     vm = socket.socket(fileno=int(argv[0]))
     passt = socket.socket(fileno=int(argv[1]))
     try:
-        policy = Policy()
-    except (HostAddressesUnknown, OSError) as e:
+        egress = egress_policy.load(Path(argv[3])) if len(argv) == 4 else None
+        policy = Policy(egress=egress)
+    except (HostAddressesUnknown, OSError, ValueError, KeyError) as e:
         print(f"smol-kernel network guard: {e}; refusing to start the network", file=sys.stderr)
         return 1
     os.write(int(argv[2]), b"ok")

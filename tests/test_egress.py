@@ -1,0 +1,396 @@
+"""The allow-list part of the network guard, on frames built here (no VM needed; the
+end-to-end behaviour is in tests/security/test_egress_allowlist.py): entry parsing, the DNS
+reader against hostile messages, and the decisions ``Egress`` makes with the frames it
+writes back (checked down to their checksums, which the guest's stack verifies)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import ssl
+import struct
+import threading
+
+import pytest
+
+from smol_kernel.vm import dns
+from smol_kernel.vm.allowlist import AllowList, AllowListError, parse_entry
+from smol_kernel.vm.egress import (
+    MAX_INSPECT,
+    MIN_TTL,
+    Egress,
+    EgressLog,
+    _checksum,
+    classify,
+)
+from smol_kernel.vm.netfilter import Policy, guard
+
+GUEST_MAC = bytes.fromhex("525400123456")
+PASST_MAC = bytes.fromhex("02fc00000001")
+GUEST = "10.0.2.15"
+RESOLVER = "10.0.2.3"
+ALLOWED, OTHER = "198.51.100.10", "198.51.100.20"
+
+
+# ------------------------------------------------------------------ frames
+def frame(dst: str, proto: int, l4: bytes, src: str = GUEST) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    return PASST_MAC + GUEST_MAC + b"\x08\x00" + ip + l4
+
+
+def tcp(dst: str, dport: int, flags: int = 0x02, seq: int = 1000, ack: int = 0,
+        payload: bytes = b"", sport: int = 40000) -> bytes:  # fmt: skip
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 65535, 0, 0)
+    return frame(dst, 6, seg + payload)
+
+
+def udp(dst: str, dport: int, payload: bytes, sport: int = 41000, src: str = GUEST) -> bytes:
+    return frame(dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload,
+                 src=src)  # fmt: skip
+
+
+def inbound_udp(src: str, sport: int, dport: int, payload: bytes) -> bytes:
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 1, 0, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(GUEST))  # fmt: skip
+    return GUEST_MAC + PASST_MAC + b"\x08\x00" + ip + seg
+
+
+def query(name: str, qid: int = 0x1234, qtype: int = 1) -> bytes:
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return q + struct.pack("!HH", qtype, 1)
+
+
+def response(name: str, records: list[bytes], qid: int = 0x1234) -> bytes:
+    q = query(name, qid)
+    return q[:2] + struct.pack("!HHHHH", 0x8180, 1, len(records), 0, 0) + q[12:] + b"".join(records)
+
+
+def a_record(addr: str, ttl: int = 60, owner: bytes = b"\xc0\x0c") -> bytes:
+    return owner + struct.pack("!HHIH", 1, 1, ttl, 4) + socket.inet_aton(addr)
+
+
+def encoded(name: str) -> bytes:
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+
+
+def check_ipv4(out: bytes) -> tuple[int, bytes]:
+    """Asserts the IP and L4 checksums of a frame the guard wrote; (proto, l4 bytes)."""
+    assert out[12:14] == b"\x08\x00"
+    ip = out[14:34]
+    assert _checksum(ip) == 0, "IP header checksum"
+    proto, src, dst = ip[9], ip[12:16], ip[16:20]
+    l4 = out[34 : 14 + struct.unpack_from("!H", ip, 2)[0]]
+    if proto in (6, 17):
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+        assert _checksum(pseudo + l4) == 0, "TCP/UDP checksum"
+    else:
+        assert _checksum(l4) == 0, "ICMP checksum"
+    return proto, l4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(allow: list[str] | None, tmp_path=None, clock=None):
+    clock = clock or Clock()
+    log = EgressLog(tmp_path / "egress.json" if tmp_path else None, allow)
+    eg = Egress(AllowList.parse(allow) if allow else None, [RESOLVER], log, clock)
+    nets = {ipaddress.IPv4Network("192.0.2.1/32")}
+    return Policy(host_nets=nets, probe=False, clock=clock, egress=eg), eg, clock
+
+
+def resolve(policy: Policy, eg: Egress, name: str, addr: str, ttl: int = 60, qid: int = 7):
+    """The guest asks for ``name``; the resolver answers ``addr``. True if the query left."""
+    sent = policy.allow_frame(udp(RESOLVER, 53, query(name, qid)))
+    if sent:
+        assert policy.allow_inbound(
+            inbound_udp(RESOLVER, 53, 41000, response(name, [a_record(addr, ttl)], qid))
+        )
+    return sent
+
+
+# ------------------------------------------------------------------ entries
+@pytest.mark.parametrize("text, field, value, ports", [
+    ("pypi.org", "name", "pypi.org", None),
+    ("PyPI.org.:443", "name", "pypi.org", (443, 443)),
+    ("*.example.com:8000-8100", "suffix", ".example.com", (8000, 8100)),
+    ("192.0.2.7", "network", ipaddress.IPv4Network("192.0.2.7/32"), None),
+    ("192.0.2.0/24:53", "network", ipaddress.IPv4Network("192.0.2.0/24"), (53, 53)),
+])  # fmt: skip
+def test_entries_parse(text, field, value, ports):
+    e = parse_entry(text)
+    assert getattr(e, field) == value and e.ports == ports
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "empty"), ("pypi.org:0", "1 to 65535"), ("pypi.org:90-80", "lowest first"),
+    ("pypi.org:http", "not a port"), ("*.com", "two labels"), ("::1", "IPv6"),
+    ("300.1.2.3", "not an IPv4"), ("bad_host!", "not a host name"), ("a..b", "not a host"),
+    ("-x.com", "not a host"), ("x" * 64 + ".com", "not a host"),
+])  # fmt: skip
+def test_bad_entries_say_what_is_accepted(text, says):
+    with pytest.raises(AllowListError, match=says):
+        parse_entry(text)
+
+
+def test_wildcards_cover_subdomains_only():
+    rules = AllowList.parse(["*.example.com"])
+    assert rules.name_allowed("a.example.com") and rules.name_allowed("a.b.example.com")
+    assert not rules.name_allowed("example.com") and not rules.name_allowed("badexample.com")
+
+
+# ------------------------------------------------------------------ the DNS reader
+def test_a_response_gives_the_questions_addresses_through_its_cname_chain():
+    target = b"\x03cdn\x07example\x03net\x00"
+    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 300, len(target)) + target
+    cdn_ptr = struct.pack("!H", 0xC000 | (12 + len(encoded("pypi.org")) + 4 + 12))
+    unrelated = a_record("203.0.113.66", owner=encoded("evil.test"))
+    msg = response("pypi.org", [cname, a_record("198.51.100.1", 120, cdn_ptr), unrelated])
+    answer = dns.parse_response(msg)
+    assert answer is not None and answer.name == "pypi.org"
+    assert answer.cnames == (("pypi.org", "cdn.example.net"),)
+    got = dns.chain_addresses(answer)
+    assert got == [(socket.inet_aton("198.51.100.1"), 120, "cdn.example.net")], (
+        "the CNAME's address counts, an unrelated record does not"
+    )
+
+
+def test_hostile_names_end_the_reading_not_the_reader():
+    header = struct.pack("!HHHHHH", 1, 0x8180, 1, 1, 0, 0)
+    loop = header + b"\xc0\x0c" + bytes(4)  # the question points at itself
+    assert dns.parse_response(loop) is None
+    forward = header + b"\xc0\x20" + bytes(40)
+    assert dns.parse_response(forward) is None
+    reserved = header + b"\x80abc" + bytes(8)
+    assert dns.parse_response(reserved) is None
+    long_name = header + (b"\x3f" + b"a" * 63) * 5 + b"\0" + bytes(4)
+    assert dns.parse_response(long_name) is None, "over 255 bytes"
+    truncated = response("pypi.org", [a_record("198.51.100.1")])[:-3]
+    answer = dns.parse_response(truncated)
+    assert answer is not None and answer.addresses == (), "a record past the end is dropped"
+    for cut in range(len(truncated)):
+        dns.parse_response(truncated[:cut])  # never raises
+        dns.parse_query(truncated[:cut])
+
+
+def test_a_chain_of_pointers_is_bounded():
+    msg = bytearray(response("a.b", []))
+    # Each record's owner points at the previous one: a chain longer than MAX_POINTERS.
+    start = len(msg)
+    prev = 12
+    for _ in range(dns.MAX_POINTERS + 4):
+        here = len(msg)
+        msg += struct.pack("!H", 0xC000 | prev) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(4)
+        prev = here
+    assert start < len(msg)
+    ok = dns.parse_response(bytes(msg))
+    assert ok is not None  # the early records are read, the late ones are not a loop
+
+
+def test_huge_counts_read_at_most_max_records():
+    records = [a_record(f"198.51.100.{i % 250}") for i in range(200)]
+    msg = bytearray(response("pypi.org", records))
+    struct.pack_into("!H", msg, 6, 65535)
+    answer = dns.parse_response(bytes(msg))
+    assert answer is not None and len(answer.addresses) == dns.MAX_RECORDS
+
+
+def test_queries_and_nxdomain():
+    q = query("blocked.test", qid=0xBEEF)
+    parsed = dns.parse_query(q)
+    assert parsed is not None and parsed.name == "blocked.test" and parsed.qtype == 1
+    nx = dns.nxdomain(q, parsed)
+    assert nx[:2] == b"\xbe\xef" and nx[3] & 0x0F == 3 and nx[2] & 0x80
+    assert dns.parse_query(response("x.test", [])) is None, "a response is not a query"
+    assert dns.parse_query(b"\0" * 11) is None
+
+
+# ------------------------------------------------------------------ decisions
+def test_names_not_on_the_list_get_nxdomain_at_once(tmp_path):
+    policy, eg, _ = make(["allowed.test"], tmp_path)
+    assert not policy.allow_frame(udp(RESOLVER, 53, query("blocked.test", 0x4242)))
+    (out,) = eg.to_guest
+    proto, l4 = check_ipv4(out)
+    assert proto == 17 and out[26:30] == socket.inet_aton(RESOLVER)
+    sport, dport = struct.unpack_from("!HH", l4)
+    assert (sport, dport) == (53, 41000)
+    assert l4[8:10] == b"\x42\x42" and l4[11] & 0x0F == 3, "NXDOMAIN for the same id"
+    log = json.loads((tmp_path / "egress.json").read_text())
+    assert log["blocked"] == 1 and log["entries"][0]["name"] == "blocked.test"
+
+
+def test_an_allowed_name_opens_its_addresses_and_nothing_else(tmp_path):
+    policy, eg, clock = make(["allowed.test"], tmp_path)
+    assert not policy.allow_frame(tcp(ALLOWED, 80)), "not before the name is resolved"
+    eg.to_guest.clear()
+    assert resolve(policy, eg, "allowed.test", ALLOWED)
+    assert policy.allow_frame(tcp(ALLOWED, 80, sport=40001))
+    assert not eg.to_guest
+    assert not policy.allow_frame(tcp(OTHER, 80, seq=5000))
+    (rst,) = eg.to_guest
+    proto, l4 = check_ipv4(rst)
+    _, _, _, ack, _, flags = struct.unpack_from("!HHIIBB", l4)
+    assert proto == 6 and flags == 0x14 and ack == 5001, "RST+ACK for the SYN"
+    clock.now += MIN_TTL + 61
+    assert not policy.allow_frame(tcp(ALLOWED, 80, sport=40002)), "closed after the TTL"
+
+
+def test_an_answer_the_guard_did_not_let_out_opens_nothing():
+    policy, _, _ = make(["allowed.test"])
+    stray = response("allowed.test", [a_record(ALLOWED)], qid=99)
+    policy.udp_peers[(41000, socket.inet_aton(RESOLVER), 53)] = 1000.0
+    assert policy.allow_inbound(inbound_udp(RESOLVER, 53, 41000, stray))
+    assert not policy.allow_frame(tcp(ALLOWED, 80))
+
+
+def test_ports_wildcards_and_cidr(tmp_path):
+    policy, eg, _ = make(["allowed.test:8080", "*.allowed.test", "203.0.113.0/28:22"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    assert policy.allow_frame(tcp(ALLOWED, 8080))
+    assert not policy.allow_frame(tcp(ALLOWED, 9090)), "another port of the allowed address"
+    assert resolve(policy, eg, "api.allowed.test", OTHER, qid=8)
+    assert policy.allow_frame(tcp(OTHER, 9090)), "a wildcard name with no port: any port"
+    assert policy.allow_frame(tcp("203.0.113.5", 22))
+    assert not policy.allow_frame(tcp("203.0.113.5", 23))
+    assert not policy.allow_frame(tcp("203.0.113.17", 22))
+
+
+def test_udp_and_ping_to_other_addresses_are_refused(tmp_path):
+    policy, eg, _ = make(["203.0.113.0/28"])
+    assert policy.allow_frame(udp("203.0.113.1", 9999, b"x"))
+    assert not policy.allow_frame(udp(OTHER, 9999, b"x"))
+    (icmp,) = eg.to_guest
+    proto, l4 = check_ipv4(icmp)
+    assert proto == 1 and l4[:2] == b"\x03\x0d", "unreachable, administratively prohibited"
+    ping = frame(OTHER, 1, struct.pack("!BBHHH", 8, 0, 0, 1, 1) + bytes(8))
+    assert not policy.allow_frame(ping)
+
+
+def test_the_host_stays_blocked_whatever_the_list_says(tmp_path):
+    policy, eg, _ = make(["0.0.0.0/0", "*.example.com"], tmp_path)
+    for dst in ("127.0.0.1", "192.0.2.1", "169.254.169.254", "10.0.2.2"):
+        assert not policy.allow_frame(tcp(dst, 80))
+    assert policy.allow_frame(tcp(OTHER, 80))
+    eg.log.flush(force=True)
+    blocked = {e["address"] for e in json.loads((tmp_path / "egress.json").read_text())[
+        "entries"] if e["verdict"] == "blocked"}  # fmt: skip
+    assert blocked == {"127.0.0.1", "192.0.2.1", "169.254.169.254", "10.0.2.2"}
+
+
+def test_without_a_list_everything_passes_and_is_logged(tmp_path):
+    policy, eg, _ = make(None, tmp_path)
+    assert resolve(policy, eg, "anything.test", ALLOWED)
+    assert policy.allow_frame(tcp(ALLOWED, 443))
+    assert policy.allow_frame(tcp(OTHER, 443))
+    eg.log.flush(force=True)
+    entries = json.loads((tmp_path / "egress.json").read_text())["entries"]
+    seen = {(e["name"], e["address"], e["protocol"]) for e in entries}
+    assert ("anything.test", ALLOWED, "tcp") in seen and (None, OTHER, "tcp") in seen
+
+
+def client_hello(sni: str) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def connect(policy: Policy, port: int, sport: int) -> int:
+    assert policy.allow_frame(tcp(ALLOWED, port, sport=sport, seq=100))
+    return 101
+
+
+@pytest.mark.parametrize("split", [None, 40, 200])
+def test_tls_to_a_named_address_must_name_an_allowed_host(split):
+    policy, eg, _ = make(["allowed.test", "*.ok.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    for n, (sni, ok) in enumerate([("allowed.test", True), ("a.ok.test", True),
+                                   ("evil.test", False)]):  # fmt: skip
+        hello = client_hello(sni)
+        seq = connect(policy, 443, 50000 + n)
+        parts = [hello] if split is None else [hello[:split], hello[split:]]
+        results = []
+        for part in parts:
+            results.append(policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 777, part,
+                                                  sport=50000 + n)))  # fmt: skip
+            seq += len(part)
+            if not results[-1]:
+                break  # the guest's side is reset
+        # Refused at the segment that shows the SNI (or completes the hello), not later.
+        assert all(results) is ok, (sni, results)
+        sni_at = client_hello(sni).find(sni.encode())
+        if not ok and split is not None:
+            assert len(results) == (1 if sni_at + len(sni) <= split else 2)
+    assert len(eg.to_passt) == 1 and len(eg.to_guest) == 1
+    _, l4 = check_ipv4(eg.to_guest[0])
+    assert l4[13] & 0x04 and struct.unpack_from("!I", l4, 4)[0] == 777, "RST at the ack"
+    _, l4 = check_ipv4(eg.to_passt[0])
+    assert l4[13] & 0x04, "passt's side is reset too"
+
+
+def test_http_must_name_an_allowed_host():
+    policy, eg, _ = make(["allowed.test:8080"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    for n, (host, ok) in enumerate([(b"allowed.test:8080", True), (b"evil.test", False),
+                                    (None, False)]):  # fmt: skip
+        seq = connect(policy, 8080, 51000 + n)
+        head = b"GET / HTTP/1.1\r\n" + (b"Host: " + host + b"\r\n" if host else b"")
+        assert policy.allow_frame(tcp(ALLOWED, 8080, 0x18, seq, 1, head, sport=51000 + n))
+        end = policy.allow_frame(tcp(ALLOWED, 8080, 0x18, seq + len(head), 1, b"\r\n",
+                                     sport=51000 + n))  # fmt: skip
+        assert end is ok, host
+
+
+def test_inspection_is_bounded_and_gaps_wait():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    seq = connect(policy, 443, 52000)
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq + 10, 1, b"\x16\x03\x01",
+                                      sport=52000)), "out of order: waits for the gap"  # fmt: skip
+    # A TLS record claiming to be huge, fed in pieces, never shows an SNI.
+    head = b"\x16\x03\x01\xff\xff\x01\x00\xff\xfb\x03\x03" + bytes(32) + b"\x00"
+    ok = policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 1, head, sport=52000))
+    seq += len(head)
+    while ok and seq < 200 + MAX_INSPECT:
+        ok = policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 1, bytes(1400), sport=52000))
+        seq += 1400
+    assert not ok, "refused once MAX_INSPECT bytes say nothing"
+    other = connect(policy, 22, 52001)
+    assert policy.allow_frame(tcp(ALLOWED, 22, 0x18, other, 1, b"SSH-2.0-x\r\n", sport=52001))
+
+
+def test_classify():
+    assert classify(b"GE")[0] == "more"
+    assert classify(b"SSH-2.0")[0] == "other"
+    assert classify(b"\x16\x03\x01\x00\x05\x02")[0] == "bad", "a server hello from a client"
+
+
+def test_the_guard_writes_its_answers_to_the_guest(tmp_path):
+    policy, _, _ = make(["allowed.test"], tmp_path)
+    vm, guard_vm = socket.socketpair()
+    guard_passt, _passt = socket.socketpair()
+    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
+    t.start()
+    q = udp(RESOLVER, 53, query("blocked.test"))
+    vm.sendall(struct.pack("!I", len(q)) + q)
+    vm.settimeout(5)
+    (length,) = struct.unpack("!I", vm.recv(4))
+    answer = vm.recv(length)
+    assert check_ipv4(answer)[0] == 17 and answer[14 + 28 + 3] & 0x0F == 3
+    vm.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert json.loads((tmp_path / "egress.json").read_text())["blocked"] == 1

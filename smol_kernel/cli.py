@@ -136,6 +136,13 @@ def _provisioner_config(args: argparse.Namespace) -> dict:
         except Exception as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         config[name] = trait_value
+    if config.get("allow_hosts"):
+        from .vm.allowlist import AllowList, AllowListError
+
+        try:
+            AllowList.parse(config["allow_hosts"])
+        except AllowListError as e:
+            raise ValueError(f"--allow-host: {e}") from None
     for server in config.get("dns_servers", []):
         try:
             ipaddress.IPv4Address(server)
@@ -168,6 +175,9 @@ def _env_flags(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+LIST_METAVARS = {"shares": "HOST:GUEST[:ro|rw]", "allow_hosts": "HOST[:PORT]"}
+
+
 def _add_provisioner_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per provisioner trait (``--memory-mib``, repeatable ``--share``, ...) and
     repeatable ``--env NAME=VALUE``."""
@@ -183,7 +193,7 @@ def _add_provisioner_flags(parser: argparse.ArgumentParser) -> None:
                                 help=helptext)  # fmt: skip
         elif isinstance(trait, List):  # --shares -> repeatable --share
             parser.add_argument(flag.rstrip("s"), action="append", default=None, dest=name,
-                                metavar="HOST:GUEST[:ro|rw]" if name == "shares" else "ADDRESS",
+                                metavar=LIST_METAVARS.get(name, "ADDRESS"),
                                 help=helptext + " (repeatable)")  # fmt: skip
         else:
             typ = int if isinstance(trait, Integer) else float if isinstance(trait, Float) else str
@@ -545,8 +555,37 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if (found := _find_vm(args.id, list_vms())) is None:
         return 1
     rt, _ = found
+    if args.network:
+        return _print_egress(rt.path, args.json)
     # Guest-written: no terminal escape sequences or other control characters get through.
     sys.stdout.write(printable(read_tail(rt.path / "console.log", args.bytes)))
+    return 0
+
+
+def _print_egress(rt_path, as_json: bool) -> int:
+    import time
+
+    from .shown import printable
+    from .vm.network import describe_destination, read_egress_log
+
+    log = read_egress_log(rt_path)
+    if log is None:
+        print("no network log: the kernel has no network (or its guard has not written yet)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if as_json:
+        print(json.dumps(log, indent=1))
+        return 0
+    allow = log.get("allow_hosts")
+    print(f"allow-list: {', '.join(allow) if allow else 'none (network on for every destination)'}")
+    print(f"allowed: {log.get('allowed', 0)}  blocked: {log.get('blocked', 0)}")
+    for e in sorted(log.get("entries", []), key=lambda e: e.get("first", 0)):
+        when = time.strftime("%H:%M:%S", time.localtime(e.get("last", 0)))
+        # Names come from the guest's queries (sanitized by the guard; printable() anyway).
+        print(printable(f"{e.get('verdict', '?'):8} {e.get('count', 0):6}x  last {when}  "
+                        f"{describe_destination(e)}"))  # fmt: skip
+    if log.get("entries_lost"):
+        print(f"({log['entries_lost']} attempts to further destinations not itemized)")
     return 0
 
 
@@ -778,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print a kernel VM's guest console (boot and kernel output)")
     logs.add_argument("id", metavar="ID", help="VM id or kernel id (prefix)")
     logs.add_argument("--bytes", type=int, default=1 << 20, help="at most the last N bytes")
+    logs.add_argument("--network", action="store_true", help="the network log instead: every "
+                      "destination the guest tried, allowed or blocked")  # fmt: skip
+    logs.add_argument("--json", action="store_true", help="with --network: as JSON")
     logs.set_defaults(func=cmd_logs)
 
     tp = sub.add_parser("templates", help="list, remove or prune kernel templates (the "

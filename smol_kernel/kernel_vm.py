@@ -47,6 +47,7 @@ class KernelPlan:
     cwd: str
     max_processes: int
     debugger: bool
+    allow_hosts: tuple[str, ...] = ()  # the network guard's, not the guest's
 
     @property
     def isolation(self) -> str:
@@ -67,13 +68,20 @@ class KernelPlan:
             label=label,
             network=self.network,
             dns=self.dns,
+            allow_hosts=self.allow_hosts,
             shares=self.shares,
             shares_at_claim=shares_at_claim,
         )
 
+    @property
+    def network_text(self) -> str:
+        if not self.network:
+            return "off"
+        return f"allow-list of {len(self.allow_hosts)}" if self.allow_hosts else "on"
+
     def describe(self) -> str:
         return (f"{self.backend} image={self.image} vcpus={self.vcpus} "
-                f"memory={self.memory_mib}MiB network={'on' if self.network else 'off'} "
+                f"memory={self.memory_mib}MiB network={self.network_text} "
                 f"shares={len(self.shares)}")  # fmt: skip
 
 

@@ -140,13 +140,21 @@ def _says_why(fn):
     return wrapper
 
 
-def build_server(sessions: Sessions, network: bool = False) -> MCPServer:
+def network_sentence(network: bool, allow_hosts: list[str] | tuple[str, ...] = ()) -> str:
+    if allow_hosts:
+        return ("The sandbox can reach only these destinations (others are refused at once): "
+                + ", ".join(allow_hosts) + ".")  # fmt: skip
+    return "The sandbox has network access." if network else "No network access."
+
+
+def build_server(
+    sessions: Sessions, network: bool = False, allow_hosts: list[str] | tuple[str, ...] = ()
+) -> MCPServer:
     server = MCPServer(
         name="smol-kernel",
-        instructions=INSTRUCTIONS.format(
-            network="The sandbox has network access." if network else "No network access."
-        ),
+        instructions=INSTRUCTIONS.format(network=network_sentence(network, allow_hosts)),
     )
+    network = network or bool(allow_hosts)
     confined = ToolAnnotations(destructive_hint=False, open_world_hint=network)
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
@@ -332,7 +340,8 @@ async def serve(
 
     sessions = Sessions({**config, "env": env, "max_output_chars": max_output_chars},
                         max_sessions)  # fmt: skip
-    server = build_server(sessions, network=bool(config.get("network")))
+    server = build_server(sessions, network=bool(config.get("network")),
+                          allow_hosts=config.get("allow_hosts") or ())  # fmt: skip
     await warm_pool(env, **config)  # the first session starts warm (pool_size 0: nothing)
     try:
         if http is None:

@@ -31,6 +31,29 @@ def quota_refused() -> None:
         _refusals.inc()
 
 
+_egress_blocked = None  # set by the provisioner, which knows its kernels
+
+
+def count_egress_blocked(total) -> None:
+    """``total()``: blocked connection attempts so far, for the counter below."""
+    global _egress_blocked
+    _egress_blocked = total
+
+
+class _EgressCollector:
+    """A counter read from the network guards' logs when scraped (they are the count)."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "smol_kernel_egress_blocked",
+            "Connection attempts and DNS queries the network guard refused (allow-list or host)",
+        )
+        family.add_metric([], float(_egress_blocked() if _egress_blocked else 0))
+        yield family
+
+
 def _active_vms() -> int:
     from .quota import ledger
 
@@ -45,4 +68,5 @@ def _pool_vms() -> int:
 
 if prom is not None:
     prom.Gauge("smol_kernel_active_vms", "Kernel VMs starting or running").set_function(_active_vms)
+    prom.REGISTRY.register(_EgressCollector())
     prom.Gauge("smol_kernel_pool_vms", "Warm-pool VMs, ready or booting").set_function(_pool_vms)

@@ -51,7 +51,9 @@ from .relay import KernelRelay
 from .shown import escaped
 from .start_errors import ReadableStartError
 from .timeline import Timeline, finish_restore, restore_vm, resume
+from .vm.allowlist import AllowList, AllowListError
 from .vm.base import Vm, VmBackend, VmError
+from .vm.network import egress_summary, read_egress_log
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
 from .vm.qemu import QemuBackend
 from .vm.select import BACKENDS, Selection, select_backend
@@ -173,6 +175,16 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "host addresses, which the guest cannot reach). Empty: the host's resolver, "
         "forwarded by passt.",
     )
+    allow_hosts = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="The only destinations the kernel may reach, which turns the network on for "
+        "them: host names (pypi.org), subdomains (*.example.com), IPv4 addresses and CIDR "
+        "ranges, each optionally with :PORT or :PORT-PORT. A name's addresses open when the "
+        "guest resolves it; other names get NXDOMAIN and other addresses a refusal. The host "
+        "and local ranges stay blocked. Empty: network decides (all or nothing).",
+    )
     shares = List(
         Unicode(),
         default_value=[],
@@ -281,6 +293,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._guest_env, self._kernel_env = self._split_env(kwargs.get("env") or {})
         self._guest_argv = list(self.kernel_spec.argv) + extra
         self._shares, self._cwd = self._resolve_shares(kwargs.get("cwd"))
+        self._check_allow_hosts()
         return kwargs
 
     async def warm_up(self, cwd: str | None = None) -> str:
@@ -291,6 +304,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         self._guest_env, self._kernel_env = self._split_env(dict(os.environ))
         self._guest_argv = list(self.kernel_spec.argv)
         self._shares, self._cwd = self._resolve_shares(cwd)
+        self._check_allow_hosts()
         return await on_io_loop(self._warm_up())
 
     async def _warm_up(self) -> str:
@@ -319,6 +333,14 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             if name in env:
                 per_kernel.setdefault(name, env.pop(name))
         return env, per_kernel
+
+    def _check_allow_hosts(self) -> None:
+        try:
+            AllowList.parse(self.allow_hosts)
+        except AllowListError as e:
+            raise KernelStartError(
+                f"cannot start a {self.kernel_spec.display_name} kernel: {e}"
+            ) from None
 
     def _resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
         """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
@@ -661,8 +683,9 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             vcpus=self.vcpus,
             memory_mib=self.memory_mib,
             disk_mib=self.disk_mib,
-            network=self.network,
+            network=self.network or bool(self.allow_hosts),
             dns=tuple(self.dns_servers),
+            allow_hosts=tuple(self.allow_hosts),
             shares=self._shares,
             argv=tuple(self._guest_argv),
             env=tuple(sorted(env.items())),
@@ -695,10 +718,23 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             self._end_reason = "max_lifetime"
             vm.kill()
 
+    def egress_log(self) -> dict | None:
+        """What the network guard of the kernel's current VM logged (``vm/egress.py``):
+        every destination tried, allowed or blocked; None without network."""
+        vm, plan = self.vm, self.plan
+        if vm is None or plan is None or not plan.network:
+            return None
+        return read_egress_log(vm.runtime_dir)
+
     def _audit_end(self, reason: str) -> None:
+        global _egress_blocked_ended
         if self.ready_at is not None:
             lifetime = round(time.monotonic() - self.ready_at, 1)
-            self._audit("kernel_end", reason=reason, lifetime_s=lifetime)
+            extra = {}
+            if (log := self.egress_log()) is not None:
+                extra["egress"] = egress_summary(log)
+                _egress_blocked_ended += int(log.get("blocked", 0))
+            self._audit("kernel_end", reason=reason, lifetime_s=lifetime, **extra)
             self.ready_at = None
         _running.discard(self)
 
@@ -892,6 +928,19 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
 
 
 _running: weakref.WeakSet[SmolVMProvisioner] = weakref.WeakSet()
+_egress_blocked_ended = 0  # blocked attempts of kernels that have ended
+
+
+def egress_blocked_total() -> int:
+    """Blocked connection attempts of every kernel of this process, ended or running."""
+    total = _egress_blocked_ended
+    for provisioner in list(_running):
+        with contextlib.suppress(Exception):
+            total += int((provisioner.egress_log() or {}).get("blocked", 0))
+    return total
+
+
+metrics.count_egress_blocked(egress_blocked_total)
 
 
 @atexit.register

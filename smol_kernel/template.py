@@ -93,6 +93,8 @@ def template_key(plan: KernelPlan, backend: QemuBackend, isolation: str) -> str:
             **asdict(plan),
             # A share's host folder is the clone's own; the template has the devices only.
             "shares": [(s.guest, s.read_only) for s in plan.shares],
+            # The network guard is the clone's own, started with it; the guest is the same.
+            "allow_hosts": None,
         },
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -43,6 +43,9 @@ def test_a_template_is_keyed_on_everything_a_clone_depends_on(image, tmp_path, m
                    "ipykernel_launcher", "-f", "{connection_file}", "--x")}):  # fmt: skip
         assert tpl.template_key(plan(**change), backend, "tcg") != key, change
     assert tpl.template_key(plan(), backend, "kvm") != key
+    # The allow-list lives in the clone's own network guard: one template serves every list.
+    net = tpl.template_key(plan(network=True), backend, "tcg")
+    assert tpl.template_key(plan(network=True, allow_hosts=("pypi.org",)), backend, "tcg") == net
     assert tpl.template_key(plan(), QemuBackend(tb_size_mib=128), "tcg") != key
     # The image: a rebuilt one (other file digests) is another template.
     from smol_kernel.image import store

@@ -33,9 +33,11 @@ from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
 from ..guest import protocol as P
 from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
-from ..provisioner import CLIENT_RCVHWM
+from ..provisioner import CLIENT_RCVHWM, SmolVMProvisioner
 from ..shown import escaped
+from ..vm.allowlist import AllowList
 from ..vm.base import VmError
+from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 
 PROVISIONER_NAME = "smolvm-provisioner"
@@ -124,7 +126,8 @@ async def warm_pool(env: dict[str, str] | None = None, **settings: Any) -> str:
 class AsyncSandbox:
     """A Python sandbox in a microVM: ``async with AsyncSandbox() as sb: await
     sb.run_code("1+1")``. Settings are ``SmolVMProvisioner`` traits (``image``, ``network``,
-    ``shares``, ``vcpus``, ``memory_mib``, ``disk_mib``, ``dns_servers``, ``max_processes``,
+    ``shares``, ``allow_hosts``, ``vcpus``, ``memory_mib``, ``disk_mib``, ``dns_servers``,
+    ``max_processes``,
     ``require_hardware_isolation``, ``pool_size``, ...) with the same defaults."""
 
     def __init__(
@@ -132,6 +135,7 @@ class AsyncSandbox:
         image: str = "default",
         network: bool = False,
         shares: Sequence[str] = (),
+        allow_hosts: Sequence[str] = (),
         vcpus: int = 1,
         memory_mib: int = 1024,
         env: dict[str, str] | None = None,
@@ -142,9 +146,10 @@ class AsyncSandbox:
         startup_timeout: float = 240.0,
         **settings: Any,
     ):
+        AllowList.parse(allow_hosts)  # AllowListError (a ValueError) says what is accepted
         self._config = provisioner_settings(
             image=image, network=network, shares=list(shares), vcpus=vcpus,
-            memory_mib=memory_mib, **settings,
+            memory_mib=memory_mib, allow_hosts=list(allow_hosts), **settings,
         )  # fmt: skip
         self._spec = kernel_spec(env, self._config)
         self.max_output_chars = max_output_chars
@@ -377,6 +382,7 @@ class AsyncSandbox:
             t0 = time.monotonic()
             self._interrupt_requested = False
             kc = self._kc
+            blocked_before = self._blocked()
             msg_id = kc.execute(code, allow_stdin=False, stop_on_error=False)
             state = await self._pump(msg_id, collector, t0 + timeout)
             if state == "timeout":
@@ -397,7 +403,17 @@ class AsyncSandbox:
                 ex.status = "kernel_died"
                 self._replace_soon()
             ex.duration_s = time.monotonic() - t0
+            ex.blocked = [dest for dest, n in self._blocked().items()
+                          if n > blocked_before.get(dest, 0)]  # fmt: skip
             return ex
+
+    def _blocked(self) -> dict[str, int]:
+        """Blocked destinations in the kernel VM's egress log, with their counts."""
+        prov = self._km.provisioner if self._km is not None else None
+        log = prov.egress_log() if isinstance(prov, SmolVMProvisioner) else None
+        entries = (log or {}).get("entries", [])
+        return {describe_destination(e): int(e.get("count", 0))
+                for e in entries if e.get("verdict") == "blocked"}  # fmt: skip
 
     async def _pump(self, msg_id: str, collector: OutputCollector, until: float) -> str:
         """Feed this execution's IOPub messages to ``collector`` until the kernel is idle

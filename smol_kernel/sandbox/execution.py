@@ -103,6 +103,7 @@ class Execution:
     truncated: bool = False
     dropped_chars: int = 0  # output not kept because of max_output_chars / image cap
     kernel_restarted: bool = False  # the kernel ignored the interrupt and was replaced
+    blocked: list[str] = field(default_factory=list)  # destinations the network refused
 
     @property
     def text(self) -> str | None:
@@ -149,6 +150,14 @@ class Execution:
         elif self.status == "kernel_died":
             text.append("[the kernel died (e.g. out of memory, or os._exit); the next call "
                         "starts a fresh kernel: variables and files are gone]")  # fmt: skip
+        if self.blocked:
+            text.append(
+                "[network: the sandbox refused connections to "
+                + ", ".join(self.blocked[:10])
+                + (f" and {len(self.blocked) - 10} more" if len(self.blocked) > 10 else "")
+                + " (not on its allow-list, or the host); only allowed destinations are "
+                "reachable]"
+            )
         if self.truncated:
             text.append(f"[output truncated: {self.dropped_chars} characters not shown]")
         return "\n".join(text) if text else "[no output]"

@@ -282,7 +282,9 @@ class KrunBackend(VmBackend):
             await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
             await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             if spec.network:
-                net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
+                net_procs, net_sock = await asyncio.to_thread(
+                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns
+                )
             net_fd = net_sock.fileno() if net_sock else None
             cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd,
                                   share_fds=share_fds)  # fmt: skip

@@ -15,12 +15,16 @@ How it is configured, and why:
 * ``-4``: IPv4 only, one address family to reason about;
 * no direct line to the VMM: guest frames pass ``netfilter`` first, which drops anything
   aimed at the host (passt alone forwards raw frames for 127.0.0.1 to the host's loopback);
+* ``allow_hosts`` (``egress.py``): with a list, the guard lets the guest reach only those
+  names and addresses; with or without one it logs every destination tried to
+  ``egress.json`` in the VM's runtime folder (``read_egress_log``);
 * passt and the guard are helpers of their VM, killed when the VMM exits and with the
   owner (parent-death signal); passt also exits when its link closes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -30,6 +34,7 @@ from pathlib import Path
 
 from ..trusted import find_program, python_argv
 from .base import VmError
+from .egress import LOG_FILE, POLICY_FILE
 from .netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from .process import stop_processes
 
@@ -59,8 +64,51 @@ def passt_argv(passt: str, fd: int) -> list[str]:
     ]  # fmt: skip
 
 
-def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.socket]:
+MAX_LOG_BYTES = 4 << 20
+
+
+def read_egress_log(rt_path: Path) -> dict | None:
+    """What the VM's network guard logged (``egress.EgressLog``), or None without one."""
+    try:
+        with open(rt_path / LOG_FILE, "rb") as f:
+            data = f.read(MAX_LOG_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_LOG_BYTES:
+        return None
+    try:
+        log = json.loads(data)
+    except ValueError:
+        return None
+    return log if isinstance(log, dict) else None
+
+
+def egress_summary(log: dict, most: int = 10) -> dict:
+    """Totals and the most tried blocked destinations of an egress log, for the audit."""
+    blocked = sorted((e for e in log.get("entries", []) if e.get("verdict") == "blocked"),
+                     key=lambda e: -int(e.get("count", 0)))  # fmt: skip
+    return {
+        "allowed": log.get("allowed", 0),
+        "blocked": log.get("blocked", 0),
+        "blocked_to": [describe_destination(e) for e in blocked[:most]],
+    }
+
+
+def describe_destination(entry: dict) -> str:
+    """``name (address):port/protocol`` of an egress log entry."""
+    where = entry.get("address", "?")
+    if entry.get("name"):
+        where = f"{entry['name']} ({where})"
+    port = entry.get("port")
+    return f"{where}{'' if port is None else f':{port}'}/{entry.get('protocol', '?')}"
+
+
+def start_network(
+    spawn, rt_path: Path, allow_hosts: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+) -> tuple[list[subprocess.Popen], socket.socket]:
     """Start passt and its guard (``netfilter``) for one VM; ``spawn`` is process.spawn.
+    ``allow_hosts``: the only destinations (empty: any the host checks allow); ``dns``: the
+    resolvers the guest was given (empty: passt's forwarder).
 
     Returns both processes and the VMM's end of the guarded link, a connected unix stream
     socket the VMM must inherit (close it here once it has). Socket pairs rather than
@@ -75,10 +123,12 @@ def start_network(spawn, rt_path: Path) -> tuple[list[subprocess.Popen], socket.
     ready_r, ready_w = os.pipe()
     procs: list[subprocess.Popen] = []
     try:
+        policy = {"allow_hosts": list(allow_hosts), "resolvers": list(dns or (DNS,))}
+        (rt_path / POLICY_FILE).write_text(json.dumps(policy))
         fd = passt_end.fileno()
         procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))
         fds = (guard_vm.fileno(), guard_passt.fileno(), ready_w)
-        argv = python_argv("smol_kernel.vm.netfilter", *map(str, fds))
+        argv = python_argv("smol_kernel.vm.netfilter", *map(str, fds), str(rt_path))
         procs.append(spawn(argv, rt_path / "netfilter.log", pass_fds=fds))
         os.close(ready_w)
         ready_w = -1

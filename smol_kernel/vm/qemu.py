@@ -238,7 +238,9 @@ class QemuBackend(VmBackend):
             for share in spec.shares:
                 share_fds.append(open_share(share))
             if spec.network:
-                net_procs, net_sock = await asyncio.to_thread(start_network, spawn, rt.path)
+                net_procs, net_sock = await asyncio.to_thread(
+                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns
+                )
             if restore is not None:
                 overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
                 if restore.console.is_file():  # the boot it comes from, for smol-kernel logs

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 
+from .allowlist import AllowList, AllowListError
 from .share import Share, ShareError, check_shares
 
 
@@ -50,6 +51,8 @@ class VmSpec:
     network:    give the guest outbound network through a per-VM passt (default: loopback only)
     dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
                 through passt
+    allow_hosts: with network, the only destinations (``allowlist.py`` entries); empty:
+                any the network guard allows
     shares:     host folders visible in the guest (see ``share.py``)
     shares_at_claim: mount the shares when the kernel is claimed, not at boot (a VM that
                 is saved cannot have 9p mounted; its clones mount what they are given)
@@ -63,6 +66,7 @@ class VmSpec:
     label: str = ""
     network: bool = False
     dns: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
     shares: tuple[Share, ...] = ()
     shares_at_claim: bool = False
 
@@ -90,6 +94,12 @@ class VmSpec:
                 raise VmSpecError(
                     f"DNS server {server!r} is not an IPv4 address (e.g. 192.0.2.53)"
                 ) from None
+        if self.allow_hosts and not self.network:
+            raise VmSpecError("allow_hosts needs network=True (it limits the network)")
+        try:
+            AllowList.parse(self.allow_hosts)
+        except AllowListError as e:
+            raise VmSpecError(str(e)) from None
         try:
             check_shares(self.shares)
         except ShareError as e:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -25,48 +23,23 @@ from ..conftest import install_spec
 from ..kernel_helpers import run_cell, start_kernel, stop_kernel
 from .bystander import assert_bystander_fine, start_bystander
 from .host_listeners import HostServer, HostUdpServer
+from .netns import outside_network
 
 pytestmark = pytest.mark.vm
 SERVICES = Path(__file__).with_name("netns_services.py")
 TEST_HOST_NAME = "smol-test-host.internal"
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def test_host():
     """A host in its own network namespace behind a veth pair: HTTP on :8080 and DNS."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("the test host needs root and iproute2 (ip netns + veth); CI runs as root")
-    n = os.getpid() % 200 + 20
-    ns, host_if, ns_if = f"smoltest{n}", f"smolh{n}", f"smoln{n}"
-    host_ip, ns_ip = f"10.203.{n}.1", f"10.203.{n}.2"
     marker = f"marker-{os.getpid()}"
-    proc = None
-    try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", ns)
-        _ip("addr", "add", f"{host_ip}/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{ns_ip}/24", "dev", ns_if)
-        _ip("-n", ns, "link", "set", ns_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(SERVICES), ns_ip, "8080",
-             TEST_HOST_NAME, marker],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield {"ip": ns_ip, "marker": marker}
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+    def services(addrs: list[str]) -> list[str]:
+        return [sys.executable, str(SERVICES), addrs[0], "8080", TEST_HOST_NAME, marker]
+
+    with outside_network("smoltest", 203, 1, services) as addrs:
+        yield {"ip": addrs[0], "marker": marker}
 
 
 @pytest.fixture(scope="module")

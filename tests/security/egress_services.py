@@ -1,0 +1,94 @@
+"""The "internet" for the allow-list tests, inside a network namespace the test makes.
+
+Usage: python egress_services.py FILES_DIR DNS_ADDR NAME=ADDR...
+
+* DNS on DNS_ADDR:53: A records for each NAME (NXDOMAIN for any other name);
+* HTTP on every address, ports 8080 and 8081: GET /marker answers ``marker <address>:<port>``
+  (so a test sees which host it reached), GET /files/... serves FILES_DIR (a package index),
+  GET /tls lists what the TLS port received;
+* TCP port 443 on every address: records the first bytes a client sends (a ClientHello),
+  answers b"not-tls" and closes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+from netns_services import dns_answer  # the same directory: run as a script
+
+tls_seen: list[str] = []
+
+
+def serve_dns(addr: str, names: dict[str, str]) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, 53))
+    while True:
+        query, peer = sock.recvfrom(512)
+        reply = None
+        for name, target in names.items():
+            reply = dns_answer(query, name, target)
+            if reply and reply[7]:  # one answer record: this name
+                break
+        if reply:
+            sock.sendto(reply, peer)
+
+
+def serve_tls() -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 443))
+    srv.listen(16)
+    while True:
+        conn, _ = srv.accept()
+        conn.settimeout(3)
+        try:
+            data = conn.recv(4096)
+            tls_seen.append(data.decode("latin-1"))
+            conn.sendall(b"not-tls\r\n")
+        except OSError:
+            pass
+        conn.close()
+
+
+def main() -> None:
+    files, dns_addr = sys.argv[1], sys.argv[2]
+    names = dict(arg.split("=", 1) for arg in sys.argv[3:])
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/files/"):
+                self.path = self.path[len("/files") :]
+                return super().do_GET()
+            if self.path == "/marker":
+                host, port = self.connection.getsockname()[:2]
+                body = f"marker {host}:{port}".encode()
+            elif self.path == "/tls":
+                body = json.dumps(tls_seen).encode()
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    threading.Thread(target=serve_dns, args=(dns_addr, names), daemon=True).start()
+    threading.Thread(target=serve_tls, daemon=True).start()
+    handler = partial(Handler, directory=files)
+    servers = [ThreadingHTTPServer(("0.0.0.0", port), handler) for port in (8080, 8081)]
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    servers[0].serve_forever()
+
+
+if __name__ == "__main__":
+    main()

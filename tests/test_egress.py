@@ -372,6 +372,16 @@ def test_inspection_is_bounded_and_gaps_wait():
     assert policy.allow_frame(tcp(ALLOWED, 22, 0x18, other, 1, b"SSH-2.0-x\r\n", sport=52001))
 
 
+def test_segments_of_no_connection_reach_passt_only_for_open_destinations():
+    policy, eg, _ = make(["allowed.test"])
+    assert not policy.allow_frame(tcp(OTHER, 80, flags=0x10, seq=5)), "a bare ACK"
+    assert not policy.allow_frame(tcp(OTHER, 80, flags=0x12, seq=5)), "SYN+ACK: no opening"
+    assert not policy.allow_frame(tcp(OTHER, 80, flags=0x18, seq=5, payload=b"GET / HTTP/1.1"))
+    assert not eg.to_guest, "dropped quietly: no reset storm for stray segments"
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    assert policy.allow_frame(tcp(ALLOWED, 80, flags=0x10, seq=5))
+
+
 def test_classify():
     assert classify(b"GE")[0] == "more"
     assert classify(b"SSH-2.0")[0] == "other"

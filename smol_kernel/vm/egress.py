@@ -291,9 +291,12 @@ class Egress:
         return None
 
     # -- guest -> passt
-    def outbound(self, frame: bytes, proto: int, l4: int, new_flow: bool) -> bool:
+    def outbound(
+        self, frame: bytes, proto: int, l4: int, new_flow: bool, known_tcp: bool = False
+    ) -> bool:
         """Whether a guest frame (already past the host checks) may go to passt.
-        ``new_flow``: it would open a UDP flow to a new peer / is a TCP SYN / an echo."""
+        ``new_flow``: it would open a UDP flow to a new peer / is a TCP SYN / an echo;
+        ``known_tcp``: a TCP segment of a connection whose SYN the guard let through."""
         dst = bytes(frame[30:34])
         if proto == socket.IPPROTO_UDP:
             dport = struct.unpack_from("!H", frame, l4 + 2)[0]
@@ -301,7 +304,7 @@ class Egress:
                 return self._query(frame, l4)
             return self._udp(frame, dst, dport, new_flow)
         if proto == socket.IPPROTO_TCP:
-            return self._tcp(frame, l4, dst)
+            return self._tcp(frame, l4, dst, known_tcp)
         if proto == socket.IPPROTO_ICMP:
             allowed = self._destination(dst, None) is not None
             if new_flow or not allowed:
@@ -343,7 +346,7 @@ class Egress:
             self.to_guest.append(to_guest_frame(frame, socket.IPPROTO_ICMP, icmp_prohibited(frame)))
         return allowed
 
-    def _tcp(self, frame: bytes, l4: int, dst: bytes) -> bool:
+    def _tcp(self, frame: bytes, l4: int, dst: bytes, known: bool) -> bool:
         sport, dport, seq, ack = struct.unpack_from("!HHII", frame, l4)
         flags = frame[l4 + 13]
         key = (sport, dst, dport)
@@ -365,7 +368,9 @@ class Egress:
             return True
         state = self.inspect.get(key)
         if state is None:
-            return True  # a flow the guard let open, or one passt never saw (it resets it)
+            # A connection the guard let open, or the last segments of one it saw close;
+            # nothing else (passt must not see segments for a flow it was never asked for).
+            return known or self._destination(dst, dport) is not None
         payload = _payload(frame, l4 + (frame[l4 + 12] >> 4) * 4)
         if not payload:
             return True

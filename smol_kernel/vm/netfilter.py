@@ -229,7 +229,11 @@ class Policy:
         elif proto == socket.IPPROTO_ICMP and len(frame) < l4 + 8:
             return False
         new = self._attempt(frame, proto, l4) is not None
-        return self.egress.outbound(bytes(frame), proto, l4, new)
+        known = proto == socket.IPPROTO_TCP and (
+            struct.unpack_from("!H", frame, l4)[0], bytes(frame[30:34]),
+            struct.unpack_from("!H", frame, l4 + 2)[0],
+        ) in self.tcp_flows  # fmt: skip
+        return self.egress.outbound(bytes(frame), proto, l4, new, known)
 
     def _tcp_flow(self, frame: bytes | memoryview, l4: int) -> bool:
         """A SYN opens a flow (passt connects a host socket for it); FIN or RST from the

@@ -136,13 +136,17 @@ def _provisioner_config(args: argparse.Namespace) -> dict:
         except Exception as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         config[name] = trait_value
-    if config.get("allow_hosts"):
-        from .vm.allowlist import AllowList, AllowListError
+    from .vm.allowlist import AllowList, AllowListError, check_cidr
 
-        try:
-            AllowList.parse(config["allow_hosts"])
-        except AllowListError as e:
-            raise ValueError(f"--allow-host: {e}") from None
+    try:
+        AllowList.parse(config.get("allow_hosts", []))
+    except AllowListError as e:
+        raise ValueError(f"--allow-host: {e}") from None
+    try:
+        for net in config.get("private_answer_ranges", []):
+            check_cidr(net)
+    except AllowListError as e:
+        raise ValueError(f"--private-answer-range: {e}") from None
     for server in config.get("dns_servers", []):
         try:
             ipaddress.IPv4Address(server)
@@ -175,7 +179,8 @@ def _env_flags(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-LIST_METAVARS = {"shares": "HOST:GUEST[:ro|rw]", "allow_hosts": "HOST[:PORT]"}
+LIST_METAVARS = {"shares": "HOST:GUEST[:ro|rw]", "allow_hosts": "HOST[:PORT]",
+                 "private_answer_ranges": "CIDR"}  # fmt: skip
 
 
 def _add_provisioner_flags(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ class KernelPlan:
     max_processes: int
     debugger: bool
     allow_hosts: tuple[str, ...] = ()  # the network guard's, not the guest's
+    private_answers: tuple[str, ...] = ()  # the guard's too
 
     @property
     def isolation(self) -> str:
@@ -69,6 +70,7 @@ class KernelPlan:
             network=self.network,
             dns=self.dns,
             allow_hosts=self.allow_hosts,
+            private_answers=self.private_answers,
             shares=self.shares,
             shares_at_claim=shares_at_claim,
         )

@@ -51,7 +51,7 @@ from .relay import KernelRelay
 from .shown import escaped
 from .start_errors import ReadableStartError
 from .timeline import Timeline, finish_restore, restore_vm, resume
-from .vm.allowlist import AllowList, AllowListError
+from .vm.allowlist import AllowList, AllowListError, check_cidr
 from .vm.base import Vm, VmBackend, VmError
 from .vm.network import egress_summary, read_egress_log
 from .vm.process import RuntimeDir, kill_vm_dir, owner_user, proc_start_time, reap_orphans
@@ -184,6 +184,16 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
         "ranges, each optionally with :PORT or :PORT-PORT. A name's addresses open when the "
         "guest resolves it; other names get NXDOMAIN and other addresses a refusal. The host "
         "and local ranges stay blocked. Empty: network decides (all or nothing).",
+    )
+    private_answer_ranges = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="With allow_hosts: private or other non-global IPv4 ranges (CIDR) a DNS answer "
+        "for an allowed name may open, e.g. 10.20.0.0/16 for an internal API. Empty: a name "
+        "opens only globally routable addresses, so an allowed name pointed at a LAN "
+        "address (DNS rebinding) opens nothing. Address entries in allow_hosts are not "
+        "limited by this.",
     )
     shares = List(
         Unicode(),
@@ -337,6 +347,8 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
     def _check_allow_hosts(self) -> None:
         try:
             AllowList.parse(self.allow_hosts)
+            for net in self.private_answer_ranges:
+                check_cidr(net)
         except AllowListError as e:
             raise KernelStartError(
                 f"cannot start a {self.kernel_spec.display_name} kernel: {e}"
@@ -686,6 +698,7 @@ class SmolVMProvisioner(LocalProvisioner):  # type: ignore[misc]
             network=self.network or bool(self.allow_hosts),
             dns=tuple(self.dns_servers),
             allow_hosts=tuple(self.allow_hosts),
+            private_answers=tuple(self.private_answer_ranges),
             shares=self._shares,
             argv=tuple(self._guest_argv),
             env=tuple(sorted(env.items())),

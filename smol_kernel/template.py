@@ -95,6 +95,7 @@ def template_key(plan: KernelPlan, backend: QemuBackend, isolation: str) -> str:
             "shares": [(s.guest, s.read_only) for s in plan.shares],
             # The network guard is the clone's own, started with it; the guest is the same.
             "allow_hosts": None,
+            "private_answers": None,
         },
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

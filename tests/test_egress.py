@@ -30,7 +30,8 @@ GUEST_MAC = bytes.fromhex("525400123456")
 PASST_MAC = bytes.fromhex("02fc00000001")
 GUEST = "10.0.2.15"
 RESOLVER = "10.0.2.3"
-ALLOWED, OTHER = "198.51.100.10", "198.51.100.20"
+# Globally routable (a DNS answer opens nothing else unless private_answers says so).
+ALLOWED, OTHER = "151.101.0.10", "151.101.64.20"
 
 
 # ------------------------------------------------------------------ frames
@@ -100,22 +101,29 @@ class Clock:
         return self.now
 
 
-def make(allow: list[str] | None, tmp_path=None, clock=None):
+def make(allow: list[str] | None, tmp_path=None, clock=None, private=()):
     clock = clock or Clock()
     log = EgressLog(tmp_path / "egress.json" if tmp_path else None, allow)
-    eg = Egress(AllowList.parse(allow) if allow else None, [RESOLVER], log, clock)
+    eg = Egress(AllowList.parse(allow) if allow else None, [RESOLVER], log, clock, list(private))
     nets = {ipaddress.IPv4Network("192.0.2.1/32")}
     return Policy(host_nets=nets, probe=False, clock=clock, egress=eg), eg, clock
 
 
 def resolve(policy: Policy, eg: Egress, name: str, addr: str, ttl: int = 60, qid: int = 7):
-    """The guest asks for ``name``; the resolver answers ``addr``. True if the query left."""
-    sent = policy.allow_frame(udp(RESOLVER, 53, query(name, qid)))
-    if sent:
-        assert policy.allow_inbound(
-            inbound_udp(RESOLVER, 53, 41000, response(name, [a_record(addr, ttl)], qid))
-        )
-    return sent
+    """The guest asks for ``name``; the resolver answers ``addr`` (to the id the guard sent,
+    which the guest gets back as its own). True if the query left."""
+    q = udp(RESOLVER, 53, query(name, qid))
+    if not policy.allow_frame(q):
+        return False
+    out = policy.rewritten or q
+    sent_id = struct.unpack_from("!H", out, 42)[0]
+    if eg.allow is not None:
+        assert out[40:42] == b"\0\0", "the UDP checksum is left out: the payload changed"
+    answer = inbound_udp(RESOLVER, 53, 41000, response(name, [a_record(addr, ttl)], sent_id))
+    assert policy.allow_inbound(answer)
+    back = policy.rewritten_in or answer
+    assert struct.unpack_from("!H", back, 42)[0] == qid, "the guest sees the id it used"
+    return True
 
 
 # ------------------------------------------------------------------ entries
@@ -246,10 +254,38 @@ def test_an_allowed_name_opens_its_addresses_and_nothing_else(tmp_path):
 
 def test_an_answer_the_guard_did_not_let_out_opens_nothing():
     policy, _, _ = make(["allowed.test"])
-    stray = response("allowed.test", [a_record(ALLOWED)], qid=99)
-    policy.udp_peers[(41000, socket.inet_aton(RESOLVER), 53)] = 1000.0
-    assert policy.allow_inbound(inbound_udp(RESOLVER, 53, 41000, stray))
+    assert policy.allow_frame(udp(RESOLVER, 53, query("allowed.test", 99)))
+    assert policy.rewritten is not None
+    sent_id = struct.unpack_from("!H", policy.rewritten, 42)[0]
+    # A spoofer who knows the guest's id (99) but not the id the guard sent:
+    guess = 99 if sent_id != 99 else 98
+    stray = response("allowed.test", [a_record(ALLOWED)], qid=guess)
+    assert not policy.allow_inbound(inbound_udp(RESOLVER, 53, 41000, stray))
+    other = response("other.test", [a_record(ALLOWED)], qid=sent_id)
+    assert not policy.allow_inbound(inbound_udp(RESOLVER, 53, 41000, other)), "other name"
     assert not policy.allow_frame(tcp(ALLOWED, 80))
+
+
+def test_answers_open_private_addresses_only_in_listed_ranges(tmp_path):
+    policy, eg, _ = make(["allowed.test"], tmp_path)
+    resolve(policy, eg, "allowed.test", "192.168.1.1")
+    assert not policy.allow_frame(tcp("192.168.1.1", 80)), "DNS rebinding opens nothing"
+    resolve(policy, eg, "allowed.test", "100.64.0.1", qid=8)
+    assert not policy.allow_frame(tcp("100.64.0.1", 80))
+    eg.log.flush(force=True)
+    log = json.loads((tmp_path / "egress.json").read_text())
+    assert any(e["protocol"] == "dns-answer" and e["address"] == "192.168.1.1"
+               for e in log["entries"])  # fmt: skip
+    policy, eg, _ = make(["allowed.test"], private=["192.168.0.0/16"])
+    resolve(policy, eg, "allowed.test", "192.168.1.1")
+    assert policy.allow_frame(tcp("192.168.1.1", 80))
+
+
+def test_only_ordinary_queries_leave():
+    policy, _, _ = make(["allowed.test"])
+    update = bytearray(query("allowed.test"))
+    update[2] |= 5 << 3  # opcode UPDATE
+    assert not policy.allow_frame(udp(RESOLVER, 53, bytes(update)))
 
 
 def test_ports_wildcards_and_cidr(tmp_path):
@@ -262,6 +298,14 @@ def test_ports_wildcards_and_cidr(tmp_path):
     assert policy.allow_frame(tcp("203.0.113.5", 22))
     assert not policy.allow_frame(tcp("203.0.113.5", 23))
     assert not policy.allow_frame(tcp("203.0.113.17", 22))
+
+
+def test_names_open_tcp_only():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    assert not policy.allow_frame(udp(ALLOWED, 443, b"quic")), "QUIC would hide its SNI"
+    ping = frame(ALLOWED, 1, struct.pack("!BBHHH", 8, 0, 0, 1, 1) + bytes(8))
+    assert not policy.allow_frame(ping)
 
 
 def test_udp_and_ping_to_other_addresses_are_refused(tmp_path):
@@ -329,11 +373,9 @@ def test_tls_to_a_named_address_must_name_an_allowed_host(split):
             seq += len(part)
             if not results[-1]:
                 break  # the guest's side is reset
-        # Refused at the segment that shows the SNI (or completes the hello), not later.
+        # Refused at the segment that completes the hello (all of it is read), not later.
         assert all(results) is ok, (sni, results)
-        sni_at = client_hello(sni).find(sni.encode())
-        if not ok and split is not None:
-            assert len(results) == (1 if sni_at + len(sni) <= split else 2)
+        assert len(results) == len(parts)
     assert len(eg.to_passt) == 1 and len(eg.to_guest) == 1
     _, l4 = check_ipv4(eg.to_guest[0])
     assert l4[13] & 0x04 and struct.unpack_from("!I", l4, 4)[0] == 777, "RST at the ack"
@@ -369,7 +411,14 @@ def test_inspection_is_bounded_and_gaps_wait():
         seq += 1400
     assert not ok, "refused once MAX_INSPECT bytes say nothing"
     other = connect(policy, 22, 52001)
-    assert policy.allow_frame(tcp(ALLOWED, 22, 0x18, other, 1, b"SSH-2.0-x\r\n", sport=52001))
+    ssh = b"SSH-2.0-x\r\n"
+    assert not policy.allow_frame(tcp(ALLOWED, 22, 0x18, other, 1, ssh, sport=52001)), (
+        "neither TLS nor HTTP: refused unless a name entry lists the port"
+    )
+    policy, eg, _ = make(["allowed.test:22"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    other = connect(policy, 22, 52002)
+    assert policy.allow_frame(tcp(ALLOWED, 22, 0x18, other, 1, ssh, sport=52002))
 
 
 def test_segments_of_no_connection_reach_passt_only_for_open_destinations():
@@ -379,13 +428,127 @@ def test_segments_of_no_connection_reach_passt_only_for_open_destinations():
     assert not policy.allow_frame(tcp(OTHER, 80, flags=0x18, seq=5, payload=b"GET / HTTP/1.1"))
     assert not eg.to_guest, "dropped quietly: no reset storm for stray segments"
     resolve(policy, eg, "allowed.test", ALLOWED)
-    assert policy.allow_frame(tcp(ALLOWED, 80, flags=0x10, seq=5))
+    assert not policy.allow_frame(tcp(ALLOWED, 80, flags=0x10, seq=5)), (
+        "a name-opened stream starts with a SYN the guard saw"
+    )
+    policy, eg, _ = make(["151.101.0.0/16"])
+    assert policy.allow_frame(tcp(ALLOWED, 80, flags=0x10, seq=5)), "an address entry: yes"
+
+
+def head_frames(policy, port, sport, parts, seq=101):
+    results = []
+    for part in parts:
+        results.append(policy.allow_frame(tcp(ALLOWED, port, 0x18, seq, 1, part, sport=sport)))
+        seq += len(part)
+    return results
+
+
+@pytest.mark.parametrize("head", [
+    b"\r\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    b"get / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    b"PROPFIND / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    b"GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: evil.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: evil.test:1.allowed.test\r\n\r\n",
+    b"CONNECT evil.test:443 HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET http://user@allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+])  # fmt: skip
+def test_http_that_names_another_host_in_any_way_is_refused(head):
+    policy, eg, _ = make(["allowed.test", "*.allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 80, 53000)
+    assert head_frames(policy, 80, 53000, [head]) == [False], head
+
+
+def test_http_requests_that_name_only_allowed_hosts_pass():
+    policy, eg, _ = make(["allowed.test", "*.allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    for n, head in enumerate([
+        b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+        b"\r\nget /x HTTP/1.0\r\nhost: API.allowed.test:80\r\n\r\n",
+        b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    ]):  # fmt: skip
+        connect(policy, 80, 53100 + n)
+        assert head_frames(policy, 80, 53100 + n, [head]) == [True], head
+
+
+def test_tls_hellos_that_hide_or_bend_the_name_are_refused():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    good = client_hello("allowed.test")
+    # Encrypted client hello: the same hello with a 0xfe0d extension appended.
+    body = bytearray(good[9:])
+    at = 2 + 32
+    at += 1 + body[at]
+    at += 2 + struct.unpack_from("!H", body, at)[0]
+    at += 1 + body[at]
+    struct.pack_into("!H", body, at, struct.unpack_from("!H", body, at)[0] + 8)
+    body += struct.pack("!HH", 0xFE0D, 4) + b"ech!"
+    hello = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    record = b"\x16\x03\x01" + struct.pack("!H", len(hello)) + hello
+    connect(policy, 443, 54000)
+    assert head_frames(policy, 443, 54000, [record]) == [False], "encrypted client hello"
+    bent = good.replace(b"allowed.test", b"allowed.tes\x85")
+    connect(policy, 443, 54001)
+    assert head_frames(policy, 443, 54001, [bent]) == [False], "not a valid host name"
+    connect(policy, 443, 54002)
+    assert head_frames(policy, 443, 54002, [good]) == [True]
+
+
+def test_the_stream_passt_sees_is_the_stream_the_guard_read():
+    """The review's desync attacks: each would get a hello for evil.test past the check."""
+    evil = client_hello("evil.test")
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    # A frame whose IP length disagrees with its size (passt drops it, so must the guard).
+    connect(policy, 443, 55000)
+    padded = tcp(ALLOWED, 443, 0x18, 101, 1, b"AAAA", sport=55000) + b"\0"
+    assert not policy.allow_frame(padded)
+    assert head_frames(policy, 443, 55000, [evil]) == [False]
+    # A resend with other bytes over what was read, or a resend one byte early.
+    connect(policy, 443, 55001)
+    assert head_frames(policy, 443, 55001, [b"\x16"]) == [True]
+    resets = len(eg.to_passt)
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, 100, 1, evil, sport=55001))
+    assert len(eg.to_passt) == resets, "dropped, not refused: the stream goes on"
+    assert head_frames(policy, 443, 55001, [evil[:1] + b"\x00" + evil[2:]]) == [False]
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, 102, 1, evil[1:], sport=55001)), (
+        "after a refusal, no segment of that stream reaches passt"
+    )
+    # A second SYN with another sequence number on a live stream.
+    connect(policy, 443, 55002)
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x02, 5000, 0, sport=55002))
+    # Bytes the guard decided on can never come again as others (data passt dropped).
+    policy, eg, _ = make(["allowed.test:443"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 55003)
+    assert head_frames(policy, 443, 55003, [b"AAAA"]) == [True], "other, on a listed port"
+    assert head_frames(policy, 443, 55003, [evil]) == [False]
+    # A FIN carrying the request is read like any other segment.
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 80, 55004)
+    fin = tcp(ALLOWED, 80, 0x19, 101, 1, b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+              sport=55004)  # fmt: skip
+    assert not policy.allow_frame(fin)
+    # Data on a reset never reaches passt.
+    connect(policy, 80, 55005)
+    assert not policy.allow_frame(tcp(ALLOWED, 80, 0x04, 101, 1, b"x", sport=55005))
+
+
+def test_inspected_streams_are_capped():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    for i in range(3000):
+        policy.allow_frame(tcp(ALLOWED, 443, sport=10000 + i))
+    assert len(eg.inspect) <= 256 and len(policy.tcp_flows) <= 256
 
 
 def test_classify():
     assert classify(b"GE")[0] == "more"
     assert classify(b"SSH-2.0")[0] == "other"
-    assert classify(b"\x16\x03\x01\x00\x05\x02")[0] == "bad", "a server hello from a client"
+    assert classify(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01")[0] == "bad", "a server hello"
 
 
 def test_the_guard_writes_its_answers_to_the_guest(tmp_path):

@@ -37,6 +37,7 @@ from ..provisioner import CLIENT_RCVHWM, SmolVMProvisioner
 from ..shown import escaped
 from ..vm.allowlist import AllowList
 from ..vm.base import VmError
+from ..vm.egress import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 
@@ -382,7 +383,7 @@ class AsyncSandbox:
             t0 = time.monotonic()
             self._interrupt_requested = False
             kc = self._kc
-            blocked_before = self._blocked()
+            blocked_before = await self._blocked()
             msg_id = kc.execute(code, allow_stdin=False, stop_on_error=False)
             state = await self._pump(msg_id, collector, t0 + timeout)
             if state == "timeout":
@@ -403,14 +404,21 @@ class AsyncSandbox:
                 ex.status = "kernel_died"
                 self._replace_soon()
             ex.duration_s = time.monotonic() - t0
-            ex.blocked = [dest for dest, n in self._blocked().items()
+            blocked_after = await self._blocked(settled=True)
+            ex.blocked = [dest for dest, n in blocked_after.items()
                           if n > blocked_before.get(dest, 0)]  # fmt: skip
             return ex
 
-    def _blocked(self) -> dict[str, int]:
-        """Blocked destinations in the kernel VM's egress log, with their counts."""
+    async def _blocked(self, settled: bool = False) -> dict[str, int]:
+        """Blocked destinations in the kernel VM's egress log, with their counts.
+        ``settled``: if the guard wrote the log less than its interval ago (a refusal it
+        saw since may not be written yet), wait for its next write first."""
         prov = self._km.provisioner if self._km is not None else None
         log = prov.egress_log() if isinstance(prov, SmolVMProvisioner) else None
+        age = time.time() - float((log or {}).get("written", 0))
+        if settled and log is not None and 0 <= age < EGRESS_LOG_INTERVAL:
+            await asyncio.sleep(EGRESS_LOG_INTERVAL - age + 0.05)
+            log = prov.egress_log() if isinstance(prov, SmolVMProvisioner) else None
         entries = (log or {}).get("entries", [])
         return {describe_destination(e): int(e.get("count", 0))
                 for e in entries if e.get("verdict") == "blocked"}  # fmt: skip

@@ -138,3 +138,13 @@ def ports_ok(ranges, port: int | None) -> bool:
         if port is not None and r[0] <= port <= r[1]:
             return True
     return False
+
+
+def check_cidr(text: str) -> ipaddress.IPv4Network:
+    """An IPv4 CIDR range (``private_answer_ranges``), or AllowListError saying so."""
+    try:
+        if "/" not in text:
+            raise ValueError
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise AllowListError(f"{text!r} is not an IPv4 CIDR range (e.g. 10.20.0.0/16)") from None

@@ -70,6 +70,11 @@ class Query:
     qtype: int
     end: int  # where the (first) question ends
 
+    @property
+    def opcode(self) -> int:
+        """0 for an ordinary query (UPDATE, NOTIFY... are others)."""
+        return (self.flags >> 11) & 0x0F
+
 
 def parse_query(msg: bytes) -> Query | None:
     """A query with one question (what resolvers send), or None."""

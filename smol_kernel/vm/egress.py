@@ -4,23 +4,32 @@
 aimed at the host, loopback, link-local, metadata or multicast, whatever the list says).
 With an allow-list (``allow_hosts``) it guarantees, per VM:
 
-* DNS: a query to the guest's resolvers (``10.0.2.3``, or the ``dns_servers`` it was given)
-  goes out only for a name the list covers; any other name gets NXDOMAIN from the guard at
-  once. A response opens the A addresses of the question's name (directly or through its
-  CNAME chain) for the record's TTL, clamped to ``MIN_TTL``..``MAX_TTL``, for the ports that
-  name's entries give -- only for a query the guard let out (same guest port and id).
-* A new TCP connection, UDP flow or ping to any other address is refused at once: TCP gets a
-  reset, UDP an ICMP "administratively prohibited", so clients fail in milliseconds.
-  Address and CIDR entries allow their ranges directly.
-* A connection to an address opened by name is read until it shows where it is going: a TLS
-  ClientHello must name an allowed host in its SNI, an HTTP request in its Host header;
-  otherwise the connection is reset both ways before the bytes that complete the hello or
-  the request head reach passt. At most ``MAX_INSPECT`` bytes are read; other protocols pass.
+* DNS: a query (opcode QUERY) to the guest's resolvers (``10.0.2.3``, or the
+  ``dns_servers`` it was given) goes out only for a name the list covers, with a fresh
+  random id (so nobody who learns the guest's id can answer for the resolver); any other
+  name gets NXDOMAIN from the guard at once. An answer to a query the guard let out opens
+  the A addresses of the question's name (directly or through its CNAME chain) for the
+  record's TTL, clamped to ``MIN_TTL``..``MAX_TTL``, for the ports that name's entries give,
+  for TCP only -- and only globally routable addresses, unless ``private_answers`` lists
+  the range (an allowed name pointed at a LAN address opens nothing).
+* A new TCP connection, UDP flow or ping to any other destination is refused at once: TCP
+  gets a reset, UDP an ICMP "administratively prohibited". Address and CIDR entries open
+  their ranges for every protocol.
+* A connection to an address opened by a name is read until it shows where it goes: a TLS
+  ClientHello must name an allowed host in its SNI (and not hide one: encrypted client hello
+  is refused), an HTTP request must name allowed hosts in its Host header and any absolute
+  or CONNECT target. Other protocols pass only on a port a name entry lists explicitly
+  (``git.example.com:22``). A refused connection is reset both ways before the segment that
+  completes what was read reaches passt. The guard follows the stream as passt does: frames
+  passt would drop are dropped, segments must continue the stream in order, and the first
+  ``MAX_INSPECT`` bytes can never be sent again with other content (so passt cannot be made
+  to see another stream than the guard read).
 
 Without a list (``network=True``) nothing is refused here; the log is kept either way.
 The log (``EgressLog``): one entry per destination and verdict (name if known, address,
 port, protocol, count, first and last time), at most ``MAX_LOG_ENTRIES``, written as JSON
-to the VM's runtime folder at most every ``LOG_INTERVAL`` seconds. Standard library only.
+to the VM's runtime folder at most every ``LOG_INTERVAL`` seconds (at once for a newly
+refused destination). Standard library only.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import struct
 import threading
@@ -36,7 +46,7 @@ import time
 from pathlib import Path
 
 from . import dns
-from .allowlist import AllowList, Ports, normalize_name, ports_ok
+from .allowlist import AllowList, Ports, normalize_name, ports_ok, valid_name
 
 MIN_TTL = 30.0
 MAX_TTL = 3600.0
@@ -48,8 +58,7 @@ MAX_LOG_ENTRIES = 1024
 LOG_INTERVAL = 0.2
 LOG_FILE = "egress.json"
 POLICY_FILE = "egress-policy.json"
-HTTP_METHODS = (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT",
-                b"TRACE")  # fmt: skip
+MAX_INSPECTED_FLOWS = 256  # the guard's own TCP flow cap (netfilter.MAX_TCP_FLOWS)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 
@@ -62,6 +71,7 @@ class EgressLog:
         self.lost = 0
         self.lock = threading.Lock()
         self.dirty, self.written = False, 0.0
+        self.flush_lock = threading.Lock()  # both directions' threads and the log thread
 
     def record(self, name: str | None, addr: bytes, port: int | None, proto: str,
                allowed: bool) -> None:  # fmt: skip
@@ -104,16 +114,19 @@ class EgressLog:
     def flush(self, force: bool = False) -> None:
         if self.path is None or not self.dirty:
             return
-        now = time.monotonic()
-        if not force and now - self.written < LOG_INTERVAL:
-            return
-        self.dirty, self.written = False, now
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # the runtime folder is going away with its VM
+        with self.flush_lock:
+            now = time.monotonic()
+            if not self.dirty or (not force and now - self.written < LOG_INTERVAL):
+                return
+            self.dirty, self.written = False, now
+            snapshot = self.snapshot()
+            snapshot["written"] = round(time.time(), 3)
+            tmp = self.path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(snapshot))
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # the runtime folder is going away with its VM
 
 
 # ------------------------------------------------------------------ frames the guard writes
@@ -165,77 +178,110 @@ def icmp_prohibited(frame: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------ what a flow says
-def _tls_sni(buf: bytes) -> tuple[str, str | None]:
-    """("more" | "done" | "bad", sni) for a TLS record that should hold a ClientHello."""
-    if len(buf) < 6:
-        return "more", None
-    if buf[5] != 1:
-        return "bad", None  # the first handshake message of a client is its hello
+def _tls_names(buf: bytes) -> tuple[str, list[str]]:
+    """("more" | "done" | "bad", [sni]) for a TLS record that should hold a ClientHello.
+    Decided on the whole hello: one SNI host name, no encrypted client hello."""
+    if len(buf) < 9:
+        return "more", []
     reclen = struct.unpack_from("!H", buf, 3)[0]
-    complete = len(buf) >= 5 + reclen
-    hello = buf[5 : 5 + reclen]
-    need = "bad" if complete else "more"
-    pos = 4 + 2 + 32  # handshake header, version, random
+    hello_len = int.from_bytes(buf[6:9], "big")
+    if buf[5] != 1 or hello_len + 4 > reclen:
+        return "bad", []  # not a hello, or one spread over records
+    if len(buf) < 5 + reclen:
+        return "more", []
+    hello = buf[9 : 9 + hello_len]
+    names: list[str] = []
     try:
+        pos = 2 + 32  # version, random
         pos += 1 + hello[pos]  # session id
         pos += 2 + struct.unpack_from("!H", hello, pos)[0]  # cipher suites
         pos += 1 + hello[pos]  # compression methods
         ext_end = pos + 2 + struct.unpack_from("!H", hello, pos)[0]
+        if ext_end != len(hello):
+            return "bad", []
         pos += 2
-        while pos + 4 <= min(ext_end, len(hello)):
+        while pos < ext_end:
             etype, elen = struct.unpack_from("!HH", hello, pos)
-            pos += 4
+            data = hello[pos + 4 : pos + 4 + elen]
+            pos += 4 + elen
+            if len(data) != elen or etype == 0xFE0D:  # encrypted client hello hides a name
+                return "bad", []
             if etype == 0:
-                data = hello[pos : pos + elen]
-                if len(data) < elen:
-                    return need, None
-                if len(data) < 5 or data[2] != 0:
-                    return "bad", None
+                if names or len(data) < 5 or data[2] != 0:
+                    return "bad", []
                 nlen = struct.unpack_from("!H", data, 3)[0]
-                name = data[5 : 5 + nlen]
-                if len(name) != nlen:
-                    return "bad", None
-                return "done", name.decode("latin-1")
-            pos += elen
+                if 5 + nlen != len(data) or struct.unpack_from("!H", data)[0] != nlen + 3:
+                    return "bad", []
+                names.append(data[5:].decode("latin-1"))
     except (IndexError, struct.error):
-        return need, None
-    return need, None  # no SNI (yet)
+        return "bad", []
+    return ("done", names) if names else ("bad", [])
 
 
-def _http_host(buf: bytes) -> tuple[str, str | None]:
-    end = buf.find(b"\r\n\r\n")
+_HOST = re.compile(r"([a-z0-9_.-]{1,253})(?::[0-9]{1,5})?")
+_TOKEN = re.compile(rb"[A-Za-z]{1,20}")
+
+
+def _host_of(text: bytes) -> str | None:
+    """The host name of ``name[:port]``, or None if it is anything else."""
+    m = _HOST.fullmatch(text.decode("latin-1").lower())
+    return m.group(1) if m and valid_name(m.group(1)) else None
+
+
+def _http_names(data: bytes) -> tuple[str, list[str]]:
+    """("more" | "done" | "bad", hosts) of an HTTP/1 request head: its one Host header, and
+    the host of an absolute-form or CONNECT target (servers route on either)."""
+    end = data.find(b"\r\n\r\n")
     if end < 0:
-        return "more", None
-    for line in buf[:end].split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"host":
-            host = value.strip().decode("latin-1")
-            host = re.sub(r":\d+$", "", host)
-            return "done", host
-    return "bad", None
+        return "more", []
+    lines = data[:end].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return "bad", []
+    method, target = parts[0].upper(), parts[1]
+    hosts = [v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])
+             if k.strip().lower() == b"host"]  # fmt: skip
+    if len(hosts) != 1:
+        return "bad", []
+    if method == b"CONNECT":
+        hosts.append(target)
+    elif target[:1] != b"/" and target != b"*":
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return "bad", []
+        authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+        if b"@" in authority:
+            return "bad", []
+        hosts.append(authority)
+    names = [_host_of(h) for h in hosts]
+    if None in names:
+        return "bad", []
+    return "done", [n for n in names if n is not None]
 
 
-def classify(buf: bytes) -> tuple[str, str, str | None]:
-    """(state, protocol, name) of the first bytes a client sent: state "more" (not yet
-    known), "done" (name found), "bad" (must be refused) or "other" (another protocol)."""
+def classify(buf: bytes) -> tuple[str, str, list[str]]:
+    """(state, protocol, names) of the first bytes a client sent: state "more" (not yet
+    known), "done" (names found), "bad" (refused) or "other" (neither TLS nor HTTP)."""
     if buf[:1] == b"\x16":
         if len(buf) >= 2 and buf[1] != 3:
-            return "other", "tcp", None
-        state, name = _tls_sni(buf)
-        return state, "tls", name
-    word = buf.split(b" ", 1)[0]
-    if word in HTTP_METHODS and b" " in buf:
-        state, name = _http_host(buf)
-        return state, "http", name
-    if b" " not in buf and any(m.startswith(buf[:8]) for m in HTTP_METHODS):
-        return "more", "http", None
-    return "other", "tcp", None
+            return "other", "tcp", []
+        state, names = _tls_names(buf)
+        return state, "tls", names
+    data = buf.lstrip(b"\r\n")  # servers skip empty lines before a request
+    first = data.split(b"\r\n", 1)[0]
+    token = first.split(b" ", 1)[0]
+    if _TOKEN.fullmatch(token) and b" " in first:
+        state, names = _http_names(data)
+        return state, "http", names
+    if b" " not in first and b"\r\n" not in data and (not data or _TOKEN.fullmatch(data)):
+        return "more", "http", []  # a method still arriving
+    return "other", "tcp", []
 
 
 def safe_name(name: str | None) -> str | None:
     if name is None:
         return None
-    name = normalize_name(name)[:253]
+    name = name.lower().rstrip(".")[:253]
     return re.sub(r"[^a-z0-9._*-]", "?", name)
 
 
@@ -249,46 +295,79 @@ class _Opening:
 
 
 class _Inspect:
-    __slots__ = ("buf", "next_seq")
+    """A TCP stream to a name-opened address: its first bytes, as passt will see them."""
 
-    def __init__(self, next_seq: int) -> None:
-        self.next_seq, self.buf = next_seq, b""
+    __slots__ = ("buf", "decided", "start")
+
+    def __init__(self, start: int) -> None:
+        self.start, self.buf, self.decided = start, b"", False
 
 
 # ------------------------------------------------------------------ the policy
 class Egress:
     """Allow-list decisions and the log for one VM (see the module docstring). Frames the
-    guard must write back are queued on ``to_guest`` / ``to_passt``."""
+    guard must write back are queued on ``to_guest`` / ``to_passt``; a frame to forward
+    changed (a DNS id) is left in ``rewritten`` / ``rewritten_in``."""
 
-    def __init__(self, allow: AllowList | None, resolvers: list[str],
-                 log: EgressLog | None = None, clock=time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        allow: AllowList | None,
+        resolvers: list[str],
+        log: EgressLog | None = None,
+        clock=time.monotonic,
+        private_answers: list[str] = (),  # type: ignore[assignment]
+    ) -> None:
         self.allow = allow
         self.resolvers = {socket.inet_aton(r) for r in resolvers}
+        self.private_answers = [ipaddress.IPv4Network(n, strict=False) for n in private_answers]
         self.log = log or EgressLog(None, None)
         self.clock = clock
         self.opened: dict[bytes, _Opening] = {}
-        self.pending: dict[tuple[int, int], tuple[str, float]] = {}  # (guest port, id)
+        # (guest port, id sent) -> (name, id the guest used, when)
+        self.pending: dict[tuple[int, int], tuple[str, int, float]] = {}
         self.inspect: dict[tuple[int, bytes, int], _Inspect] = {}
+        self.tcp_flows: dict = {}  # the Policy's, shared: a flow reset here leaves it
         self.to_guest: list[bytes] = []
         self.to_passt: list[bytes] = []
+        self.rewritten: bytes | None = None  # guest -> passt thread
+        self.rewritten_in: bytes | None = None  # passt -> guest thread
         self.lock = threading.Lock()  # the two directions run on two threads
 
     # -- names
     def name_of(self, addr: bytes) -> str | None:
-        opening = self.opened.get(addr)
-        return opening.names[0] if opening and opening.names else None
+        with self.lock:
+            opening = self.opened.get(addr)
+            return opening.names[0] if opening is not None and opening.names else None
 
-    def _destination(self, addr: bytes, port: int | None) -> str | None:
-        """ "address" (an entry covers it), "name" (opened by a DNS answer), or None."""
+    def _destination(self, addr: bytes, port: int | None, tcp: bool = True) -> str | None:
+        """ "address" (an entry covers it), "name" (opened by a DNS answer: TCP only), or
+        None."""
         if self.allow is None:
             return "address"
         if self.allow.address_allowed(ipaddress.IPv4Address(addr), port):
             return "address"
+        if not tcp:
+            return None
         with self.lock:
             opening = self.opened.get(addr)
             if opening and opening.expiry > self.clock() and ports_ok(opening.ports, port):
                 return "name"
         return None
+
+    def _names_allowed(self, names: list[str], port: int) -> bool:
+        assert self.allow is not None
+        return bool(names) and all(
+            any(e.name_matches(n) and e.port_ok(port) for e in self.allow.entries) for n in names
+        )
+
+    def _port_listed(self, addr: bytes, port: int) -> bool:
+        """Does a name entry that opened ``addr`` list ``port`` explicitly?"""
+        assert self.allow is not None
+        with self.lock:
+            opening = self.opened.get(addr)
+            names = list(opening.names) if opening is not None else []
+        return any(e.ports is not None and e.port_ok(port) and e.name_matches(n)
+                   for n in names for e in self.allow.entries)  # fmt: skip
 
     # -- guest -> passt
     def outbound(
@@ -297,6 +376,7 @@ class Egress:
         """Whether a guest frame (already past the host checks) may go to passt.
         ``new_flow``: it would open a UDP flow to a new peer / is a TCP SYN / an echo;
         ``known_tcp``: a TCP segment of a connection whose SYN the guard let through."""
+        self.rewritten = None
         dst = bytes(frame[30:34])
         if proto == socket.IPPROTO_UDP:
             dport = struct.unpack_from("!H", frame, l4 + 2)[0]
@@ -306,7 +386,7 @@ class Egress:
         if proto == socket.IPPROTO_TCP:
             return self._tcp(frame, l4, dst, known_tcp)
         if proto == socket.IPPROTO_ICMP:
-            allowed = self._destination(dst, None) is not None
+            allowed = self._destination(dst, None, tcp=False) is not None
             if new_flow or not allowed:
                 self.log.record(self.name_of(dst), dst, None, "icmp", allowed)
             return allowed
@@ -321,25 +401,33 @@ class Egress:
             self.log.record(None, dst, dns.DNS_PORT, "dns", self.allow is None)
             return self.allow is None
         name = safe_name(query.name)
-        allowed = self.allow is None or self.allow.name_allowed(query.name)
+        allowed = self.allow is None or (query.opcode == 0 and self.allow.name_allowed(query.name))
         self.log.record(name, dst, dns.DNS_PORT, "dns", allowed)
         if not allowed:
             reply = udp_datagram(dst, bytes(frame[26:30]), dns.DNS_PORT, sport,
                                  dns.nxdomain(payload, query))  # fmt: skip
             self.to_guest.append(to_guest_frame(frame, socket.IPPROTO_UDP, reply))
             return False
+        sent_id = query.qid
+        if self.allow is not None:
+            # A fresh id the guest never sees: only the resolver can answer (the UDP
+            # checksum is left out -- zero means none in IPv4 -- as the payload changed).
+            sent_id = secrets.randbelow(1 << 16)
+            start = l4 + 8
+            self.rewritten = (bytes(frame[: l4 + 6]) + b"\0\0" + struct.pack("!H", sent_id)
+                              + bytes(frame[start + 2 :]))  # fmt: skip
         now = self.clock()
         with self.lock:
             if len(self.pending) >= MAX_PENDING_QUERIES:
-                for key in [k for k, (_, t) in self.pending.items() if now - t > QUERY_TIMEOUT]:
+                for key in [k for k, v in self.pending.items() if now - v[2] > QUERY_TIMEOUT]:
                     del self.pending[key]
             if len(self.pending) >= MAX_PENDING_QUERIES:
                 self.pending.pop(next(iter(self.pending)))
-            self.pending[(sport, query.qid)] = (query.name, now)
+            self.pending[(sport, sent_id)] = (query.name, query.qid, now)
         return True
 
     def _udp(self, frame: bytes, dst: bytes, dport: int, new_flow: bool) -> bool:
-        allowed = self._destination(dst, dport) is not None
+        allowed = self._destination(dst, dport, tcp=False) is not None
         if new_flow or not allowed:
             self.log.record(self.name_of(dst), dst, dport, "udp", allowed)
         if not allowed:
@@ -348,60 +436,98 @@ class Egress:
 
     def _tcp(self, frame: bytes, l4: int, dst: bytes, known: bool) -> bool:
         sport, dport, seq, ack = struct.unpack_from("!HHII", frame, l4)
-        flags = frame[l4 + 13]
+        flags, doff = frame[l4 + 13], (frame[l4 + 12] >> 4) * 4
+        if doff < 20 or l4 + doff > len(frame):
+            return False  # passt would not read it as this guard does
         key = (sport, dst, dport)
-        if flags & TCP_SYN and not flags & TCP_ACK:
-            kind = self._destination(dst, dport)
-            self.log.record(self.name_of(dst), dst, dport, "tcp", kind is not None)
-            if kind is None:
-                self.to_guest.append(self._rst_to_guest(frame, sport, dport, 0, seq + 1))
-                return False
-            with self.lock:
-                if kind == "name":
-                    self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF)
-                else:
-                    self.inspect.pop(key, None)
-            return True
-        if flags & (TCP_FIN | TCP_RST):
-            with self.lock:
-                self.inspect.pop(key, None)
-            return True
         state = self.inspect.get(key)
+        if flags & TCP_SYN and not flags & TCP_ACK:
+            return self._syn(frame, key, seq, state, known)
         if state is None:
             # A connection the guard let open, or the last segments of one it saw close;
             # nothing else (passt must not see segments for a flow it was never asked for).
-            return known or self._destination(dst, dport) is not None
-        payload = _payload(frame, l4 + (frame[l4 + 12] >> 4) * 4)
-        if not payload:
-            return True
-        ahead = (seq - state.next_seq) & 0xFFFFFFFF
-        if ahead:
-            return ahead > 0x7FFFFFFF  # a retransmission passes, a gap waits for the rest
-        state.buf += payload
-        state.next_seq = (state.next_seq + len(payload)) & 0xFFFFFFFF
-        verdict, proto, name = classify(state.buf)
-        if verdict == "other":
+            # Streams to name-opened addresses start with a SYN the guard saw, always.
+            return known or self._destination(dst, dport) == "address"
+        if flags & TCP_SYN:
+            return False
+        payload = bytes(frame[l4 + doff :])
+        if flags & TCP_RST:
             self.inspect.pop(key, None)
+            return not payload  # data on a reset is nothing a stream should carry
+        # A FIN keeps the stream's state: its data is checked like any other, and so is
+        # anything sent again over it (the state goes when the flow leaves tcp_flows).
+        verdict = self._stream(state, seq, payload, dport, dst)
+        if verdict is None:
             return True
+        if verdict == "drop":
+            return False
+        self._refuse(frame, key, seq, ack, dport, dst, verdict)
+        return False
+
+    def _syn(self, frame: bytes, key, seq: int, state: _Inspect | None, known: bool) -> bool:
+        sport, dst, dport = key
+        if state is not None:  # the same SYN again, or a second one on a live stream
+            return state.start == (seq + 1) & 0xFFFFFFFF and not state.buf
+        kind = self._destination(dst, dport)
+        if kind == "name" and not self._room_to_inspect():
+            kind = None
+        self.log.record(self.name_of(dst), dst, dport, "tcp", kind is not None)
+        if kind is None:
+            self.to_guest.append(self._rst_to_guest(frame, sport, dport, 0, seq + 1))
+            return False
+        if kind == "name":
+            self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF)
+        return True
+
+    def _room_to_inspect(self) -> bool:
+        if len(self.inspect) >= MAX_INSPECTED_FLOWS:
+            for key in [k for k in self.inspect if k not in self.tcp_flows]:
+                del self.inspect[key]
+        return len(self.inspect) < MAX_INSPECTED_FLOWS
+
+    def _stream(self, state: _Inspect, seq: int, payload: bytes, port: int, dst: bytes):
+        """None: pass; "drop": not this segment (the guest resends); else the protocol of
+        a refusal (the connection is reset)."""
+        if not payload:
+            return None
+        off = (seq - state.start) & 0xFFFFFFFF
+        if off > 0x7FFFFFFF or off > len(state.buf):
+            return "drop"  # before the stream, or after a gap
+        overlap = state.buf[off : off + len(payload)]
+        if payload[: len(overlap)] != overlap:
+            return "drop"  # other bytes where the guard already read some
+        new = payload[len(overlap) :]
+        if not new:
+            return None
+        if state.decided:
+            state.buf += new[: max(0, MAX_INSPECT - len(state.buf))]
+            return None
+        state.buf += new
+        verdict, proto, names = classify(state.buf)
         if verdict == "more" and len(state.buf) <= MAX_INSPECT:
-            return True
-        ok = (
-            verdict == "done"
-            and name is not None
-            and self.allow is not None
-            and any(
-                e.name_matches(normalize_name(name)) and e.port_ok(dport)
-                for e in self.allow.entries
-            )
-        )
+            return None
+        assert self.allow is not None
+        if verdict == "done":
+            ok = self._names_allowed(names, port)
+        else:
+            ok = verdict == "other" and self._port_listed(dst, port)
+        shown = safe_name(names[0]) if names else self.name_of(dst)
+        self.log.record(shown, dst, port, proto, ok)
+        state.buf = state.buf[:MAX_INSPECT]
+        if ok:
+            state.decided = True
+            return None
+        return proto
+
+    def _refuse(self, frame: bytes, key, seq: int, ack: int, dport: int, dst: bytes,
+                proto: str) -> None:  # fmt: skip
+        sport = key[0]
         self.inspect.pop(key, None)
-        self.log.record(safe_name(name) or self.name_of(dst), dst, dport, proto, ok)
-        if not ok:
-            self.to_guest.append(self._rst_to_guest(frame, sport, dport, ack, 0, ack_flag=False))
-            rst = tcp_segment(bytes(frame[26:30]), dst, sport, dport, seq, 0, TCP_RST)
-            self.to_passt.append(bytes(frame[:14]) + _ipv4(bytes(frame[26:30]), dst,
-                                                           socket.IPPROTO_TCP, rst))  # fmt: skip
-        return ok
+        self.tcp_flows.pop(key, None)
+        self.to_guest.append(self._rst_to_guest(frame, sport, dport, ack, 0, ack_flag=False))
+        guest = bytes(frame[26:30])
+        rst = tcp_segment(guest, dst, sport, dport, seq, 0, TCP_RST)
+        self.to_passt.append(bytes(frame[:14]) + _ipv4(guest, dst, socket.IPPROTO_TCP, rst))
 
     def _rst_to_guest(self, frame: bytes, sport: int, dport: int, seq: int, ack: int,
                       ack_flag: bool = True) -> bytes:  # fmt: skip
@@ -410,43 +536,60 @@ class Egress:
         return to_guest_frame(frame, socket.IPPROTO_TCP, seg)
 
     # -- passt -> guest
-    def inbound_dns(self, frame: bytes, l4: int) -> None:
-        """A resolver's answer: open the addresses of a name the guard let out."""
+    def inbound_dns(self, frame: bytes, l4: int) -> bool:
+        """A resolver's answer: open the addresses of a name the guard let out. False: not
+        an answer to a query it let out (with an allow-list: not for the guest)."""
+        self.rewritten_in = None
         dport = struct.unpack_from("!H", frame, l4 + 2)[0]
         answer = dns.parse_response(_payload(frame, l4 + 8))
         if answer is None:
-            return
+            return self.allow is None
         with self.lock:
-            asked = self.pending.pop((dport, answer.qid), None)
-        if asked is None or normalize_name(asked[0]) != answer.name:
-            return
+            asked = self.pending.get((dport, answer.qid))
+            if asked is not None and normalize_name(asked[0]) == answer.name:
+                del self.pending[(dport, answer.qid)]
+            else:
+                asked = None
+        if asked is None:
+            return self.allow is None
         if self.allow is None:
             ports: list[Ports] = [None]
         else:
             ports = self.allow.name_ports(answer.name)
-            if not ports:
-                return
+            start = l4 + 8  # the guest gets back the id it used
+            self.rewritten_in = (bytes(frame[: l4 + 6]) + b"\0\0" + struct.pack("!H", asked[1])
+                                 + bytes(frame[start + 2 :]))  # fmt: skip
         now = self.clock()
-        with self.lock:
-            for addr, ttl, _owner in dns.chain_addresses(answer):
-                opening = self.opened.get(addr)
-                if opening is None:
-                    if len(self.opened) >= MAX_OPEN_ADDRESSES:
-                        for a in [a for a, o in self.opened.items() if o.expiry <= now]:
-                            del self.opened[a]
-                    if len(self.opened) >= MAX_OPEN_ADDRESSES:
-                        continue
-                    opening = self.opened[addr] = _Opening()
-                expiry = now + min(max(float(ttl), MIN_TTL), MAX_TTL)
-                if opening.expiry <= now:
-                    opening.names, opening.ports = [], []
-                opening.expiry = max(opening.expiry, expiry)
-                name = safe_name(answer.name) or "?"
-                if name not in opening.names and len(opening.names) < 8:
-                    opening.names.append(name)
-                for p in ports:
-                    if p not in opening.ports and len(opening.ports) < 64:
-                        opening.ports.append(p)
+        name = safe_name(answer.name) or "?"
+        for addr, ttl, _owner in dns.chain_addresses(answer):
+            if self.allow is not None and not self._answer_may_open(addr):
+                self.log.record(name, addr, None, "dns-answer", False)
+                continue
+            with self.lock:
+                self._open(addr, now + min(max(float(ttl), MIN_TTL), MAX_TTL), name, ports, now)
+        return True
+
+    def _answer_may_open(self, addr: bytes) -> bool:
+        ip = ipaddress.IPv4Address(addr)
+        return ip.is_global or any(ip in net for net in self.private_answers)
+
+    def _open(self, addr: bytes, expiry: float, name: str, ports: list[Ports], now: float):
+        opening = self.opened.get(addr)
+        if opening is None:
+            if len(self.opened) >= MAX_OPEN_ADDRESSES:
+                for a in [a for a, o in self.opened.items() if o.expiry <= now]:
+                    del self.opened[a]
+            if len(self.opened) >= MAX_OPEN_ADDRESSES:
+                return
+            opening = self.opened[addr] = _Opening()
+        if opening.expiry <= now:
+            opening.names, opening.ports = [], []
+        opening.expiry = max(opening.expiry, expiry)
+        if name not in opening.names and len(opening.names) < 8:
+            opening.names = [*opening.names, name]
+        for p in ports:
+            if p not in opening.ports and len(opening.ports) < 64:
+                opening.ports = [*opening.ports, p]
 
     def is_resolver(self, addr: bytes) -> bool:
         return addr in self.resolvers
@@ -463,4 +606,5 @@ def load(runtime: Path, clock=time.monotonic) -> Egress:
     allow = config.get("allow_hosts")
     rules = AllowList.parse(allow) if allow else None
     log = EgressLog(runtime / LOG_FILE, allow or None)
-    return Egress(rules, list(config["resolvers"]), log, clock)
+    return Egress(rules, list(config["resolvers"]), log, clock,
+                  list(config.get("private_answers", [])))  # fmt: skip

@@ -283,7 +283,7 @@ class KrunBackend(VmBackend):
             await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(
-                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns
+                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns, spec.private_answers
                 )
             net_fd = net_sock.fileno() if net_sock else None
             cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd,

@@ -50,6 +50,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from . import egress as egress_policy
@@ -142,6 +143,8 @@ class Policy:
         egress: egress_policy.Egress | None = None,
     ) -> None:
         self.egress = egress
+        self.rewritten: bytes | None = None  # what to forward instead (guest -> passt)
+        self.rewritten_in: bytes | None = None  # (passt -> guest)
         self._read_nets = host_nets is None
         self.host_nets = local_networks() if host_nets is None else set(host_nets)
         self._nets_read = clock()
@@ -155,12 +158,18 @@ class Policy:
         self.udp_peers: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
         self.icmp_ids: dict[int, float] = {}
         self.tcp_flows: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
+        if egress is not None:
+            egress.tcp_flows = self.tcp_flows
         self.dropped = 0
 
     # ---------------------------------------------------------------- guest -> passt
     def allow_frame(self, frame: bytes | memoryview) -> bool:
+        """Whether ``frame`` may go to passt (as ``rewritten`` if that is set)."""
+        self.rewritten = None
         ok = self._allow(frame)
         self.dropped += not ok
+        if ok and self.egress is not None:
+            self.rewritten = self.egress.rewritten
         return ok
 
     def _allow(self, frame: bytes | memoryview) -> bool:
@@ -174,6 +183,8 @@ class Policy:
         ihl = (frame[14] & 0x0F) * 4
         if frame[14] >> 4 != 4 or ihl < 20 or len(frame) < 14 + ihl:
             return False
+        if struct.unpack_from("!H", frame, 16)[0] != len(frame) - 14:
+            return False  # passt drops it too: the guard must read what passt reads
         if struct.unpack_from("!H", frame, 14 + 6)[0] & 0x3FFF:  # MF or an offset
             return False
         dst = ipaddress.IPv4Address(bytes(frame[30:34]))
@@ -298,7 +309,9 @@ class Policy:
 
     # ---------------------------------------------------------------- passt -> guest
     def allow_inbound(self, frame: bytes | memoryview) -> bool:
-        """UDP only from where the guest sent to, and refreshes that flow."""
+        """UDP only from where the guest sent to, and refreshes that flow (a DNS answer
+        may come back as ``rewritten_in``)."""
+        self.rewritten_in = None
         if len(frame) < 14 + 20 or struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
             return True
         if frame[14 + 9] != socket.IPPROTO_UDP:
@@ -314,7 +327,10 @@ class Policy:
         now = self.clock()
         self.udp_peers[key] = self.udp_flows[dport] = now
         if self.egress is not None and sport == DNS_PORT and self.egress.is_resolver(key[1]):
-            self.egress.inbound_dns(bytes(frame), l4)
+            if not self.egress.inbound_dns(bytes(frame), l4):
+                self.dropped += 1
+                return False
+            self.rewritten_in = self.egress.rewritten_in
         return True
 
 
@@ -325,8 +341,10 @@ def _room(table: dict, limit: int, now: float) -> bool:
 
 
 def _expire(table: dict, now: float) -> None:
-    for key in [k for k, seen in table.items() if now - seen > FLOW_IDLE_SECONDS]:
-        del table[key]
+    # list() copies in one step: the other direction's thread may add a key meanwhile.
+    for key, seen in list(table.items()):
+        if now - seen > FLOW_IDLE_SECONDS:
+            table.pop(key, None)
 
 
 class Pacer:
@@ -383,9 +401,11 @@ def guard(
             for head, frame in _frames(passt):
                 if policy.allow_inbound(frame):
                     with vm_lock:
-                        vm.sendall(head + frame)
+                        vm.sendall(head + (policy.rewritten_in or frame))
         except OSError:
             pass
+        except Exception:  # a bug must end the network visibly, not leave half of it
+            traceback.print_exc()
         done.set()
         _close(vm, passt)  # wakes the other direction's recv
 
@@ -402,7 +422,7 @@ def guard(
                 break
             pacer.wait()
             if policy.allow_frame(frame):
-                passt.sendall(head + frame)
+                passt.sendall(head + (policy.rewritten or frame))
             if egress is not None and (egress.to_guest or egress.to_passt):
                 for answer in egress.to_passt:
                     passt.sendall(struct.pack("!I", len(answer)) + answer)
@@ -413,6 +433,8 @@ def guard(
                 egress.to_passt.clear()
     except OSError:
         pass
+    except Exception:
+        traceback.print_exc()
     done.set()
     if egress is not None:
         egress.log.flush(force=True)

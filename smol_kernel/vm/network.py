@@ -104,11 +104,16 @@ def describe_destination(entry: dict) -> str:
 
 
 def start_network(
-    spawn, rt_path: Path, allow_hosts: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+    spawn,
+    rt_path: Path,
+    allow_hosts: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+    private_answers: tuple[str, ...] = (),
 ) -> tuple[list[subprocess.Popen], socket.socket]:
     """Start passt and its guard (``netfilter``) for one VM; ``spawn`` is process.spawn.
     ``allow_hosts``: the only destinations (empty: any the host checks allow); ``dns``: the
-    resolvers the guest was given (empty: passt's forwarder).
+    resolvers the guest was given (empty: passt's forwarder); ``private_answers``: the
+    non-global ranges a DNS answer may open.
 
     Returns both processes and the VMM's end of the guarded link, a connected unix stream
     socket the VMM must inherit (close it here once it has). Socket pairs rather than
@@ -123,7 +128,8 @@ def start_network(
     ready_r, ready_w = os.pipe()
     procs: list[subprocess.Popen] = []
     try:
-        policy = {"allow_hosts": list(allow_hosts), "resolvers": list(dns or (DNS,))}
+        policy = {"allow_hosts": list(allow_hosts), "resolvers": list(dns or (DNS,)),
+                  "private_answers": list(private_answers)}  # fmt: skip
         (rt_path / POLICY_FILE).write_text(json.dumps(policy))
         fd = passt_end.fileno()
         procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))

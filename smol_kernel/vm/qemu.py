@@ -239,7 +239,7 @@ class QemuBackend(VmBackend):
                 share_fds.append(open_share(share))
             if spec.network:
                 net_procs, net_sock = await asyncio.to_thread(
-                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns
+                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns, spec.private_answers
                 )
             if restore is not None:
                 overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)

@@ -53,6 +53,7 @@ class VmSpec:
                 through passt
     allow_hosts: with network, the only destinations (``allowlist.py`` entries); empty:
                 any the network guard allows
+    private_answers: non-global IPv4 ranges a DNS answer for an allowed name may open
     shares:     host folders visible in the guest (see ``share.py``)
     shares_at_claim: mount the shares when the kernel is claimed, not at boot (a VM that
                 is saved cannot have 9p mounted; its clones mount what they are given)
@@ -67,6 +68,7 @@ class VmSpec:
     network: bool = False
     dns: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
+    private_answers: tuple[str, ...] = ()
     shares: tuple[Share, ...] = ()
     shares_at_claim: bool = False
 
@@ -100,6 +102,13 @@ class VmSpec:
             AllowList.parse(self.allow_hosts)
         except AllowListError as e:
             raise VmSpecError(str(e)) from None
+        for net in self.private_answers:
+            try:
+                ipaddress.IPv4Network(net, strict=False)
+            except ValueError:
+                raise VmSpecError(
+                    f"private answer range {net!r} is not an IPv4 CIDR range (e.g. 10.0.0.0/8)"
+                ) from None
         try:
             check_shares(self.shares)
         except ShareError as e:

@@ -80,7 +80,7 @@ def tls_log(world) -> list[str]:
 async def allow_kernel(jupyter_prefix, world):
     spec = install_spec(
         jupyter_prefix, "smolvm-allow", "--backend", "qemu", "--memory-mib", "512",
-        "--dns-server", world["allowed"],
+        "--dns-server", world["allowed"], "--private-answer-range", "10.204.0.0/16",
         "--allow-host", "allowed.test:8080", "--allow-host", "allowed.test:443",
         "--allow-host", "*.allowed.test", "--allow-host", f"{world['cidr']}/32",
     )  # fmt: skip
@@ -245,6 +245,7 @@ async def test_a_sandbox_execution_names_what_was_refused(world):
 
     before = egress_blocked_total()
     async with AsyncSandbox(allow_hosts=["allowed.test:8080"], dns_servers=[world["allowed"]],
+                            private_answer_ranges=["10.204.0.0/16"],
                             memory_mib=512) as sb:  # fmt: skip
         ex = await sb.run_code(
             "import urllib.request as u\n"
@@ -289,7 +290,8 @@ async def test_an_mcp_client_learns_the_list_and_why_a_request_failed(world):
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "smol_kernel.cli", "mcp", "--pool-size", "0", "--memory-mib", "512",
-              "--allow-host", "allowed.test:8080", "--dns-server", world["allowed"]],
+              "--allow-host", "allowed.test:8080", "--dns-server", world["allowed"],
+              "--private-answer-range", "10.204.0.0/16"],
         env=env,
     )  # fmt: skip
     async with stdio_client(params) as (read, write), ClientSession(read, write) as mcp:

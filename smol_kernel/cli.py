@@ -205,6 +205,13 @@ def _add_provisioner_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=typ, default=None, dest=name, help=helptext)
 
 
+def display_name(name: str, image: str | None) -> str:
+    """A launcher tile's name that tells kernelspecs apart: two installs under different
+    names must not both read "Python (smolvm)"."""
+    parts = [name] + ([f"image {image}"] if image and image != DEFAULT_IMAGE else [])
+    return f"Python ({', '.join(parts)})"
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -217,8 +224,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     template = resources.files("smol_kernel.kernelspec")
     spec = json.loads(template.joinpath("kernel.json").read_text())
-    spec["display_name"] = args.display_name
     config = _provisioner_config(args)
+    spec["display_name"] = args.display_name or display_name(args.name, config.get("image"))
     spec["env"].update(_env_flags(args))
     spec["metadata"]["kernel_provisioner"]["config"] = config
     spec["metadata"]["debugger"] = bool(config.get("debugger"))  # JupyterLab's debugger UI
@@ -234,7 +241,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         dest = KernelSpecManager().install_kernel_spec(
             str(src), args.name, user=args.user and not prefix, prefix=prefix
         )
-    print(f"installed kernelspec {args.name!r} ({args.display_name}) in {dest}")
+    print(f"installed kernelspec {args.name!r} ({spec['display_name']}) in {dest}")
     if args.lockdown:
         conf, default = _lock_down(args.name, args.user and not prefix, prefix)
         print(f"locked down in {conf}: Jupyter servers offer and start only the smolvm "
@@ -371,7 +378,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
                 "memory_mib": state.get("memory_mib"),
                 "network": bool(state.get("network")),
                 "shares": state.get("shares") or [],
-                "state": ("pooled" if state.get("pooled") else "running")
+                # A pool VM is "booting" until its kernel is prepared, then "pooled".
+                "state": (
+                    ("pooled" if state.get("pool_ready") else "booting")
+                    if state.get("pooled")
+                    else "running"
+                )
                 if pids and owner_alive
                 else ("orphaned" if pids else "stale"),
                 "owner_pid": state.get("owner_pid"),
@@ -767,7 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
     where.add_argument("--prefix", help="install under this prefix")
     inst.add_argument("--name", default="smolvm", help="kernelspec name (default: %(default)s)")
-    inst.add_argument("--display-name", default="Python (smolvm)")
+    inst.add_argument("--display-name", default=None,
+                      help="the name JupyterLab shows (default: from --name and --image, "
+                      "e.g. 'Python (smolvm)', 'Python (smolvm-sci, image scipy)')")  # fmt: skip
     inst.add_argument("--lockdown", action="store_true",
                       help="also configure Jupyter servers to offer and start only smolvm "
                       "kernelspecs, with this one as the default")  # fmt: skip

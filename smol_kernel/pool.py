@@ -320,6 +320,7 @@ class WarmPool:
             await agent.close()
             await vm.close()
             return
+        vm.set_label("", pooled=True, ready=True)
         self._ready.setdefault(plan, []).append(PooledVm(vm, agent, plan))
         want.log.info("warm pool: VM %s ready (%s)", vm.id, plan.describe())
 

@@ -12,7 +12,13 @@ import time
 import anthropic
 import pytest
 
-from smol_kernel.claude_agent import TOOL_NAME, run_agent
+from smol_kernel.claude_agent import (
+    MAX_CACHE_BREAKPOINTS,
+    TOOL_NAME,
+    Usage,
+    move_cache_breakpoint,
+    run_agent,
+)
 from smol_kernel.sandbox import AsyncSandbox
 
 from .conftest import runtime_entries
@@ -72,6 +78,42 @@ async def test_tool_runs_before_the_message_ends_and_images_go_back(sandbox):
     assert "tool ran in" in text_block["text"] and "[image 1: image/png" in text_block["text"]
     assert image_block["source"]["media_type"] == "image/png"
     assert base64.b64decode(image_block["source"]["data"]) == tiny_png()
+    # The conversation so far is cached: the breakpoint sits on the last tool result block.
+    assert tool_result["cache_control"] == {"type": "ephemeral"}
+    assert count_breakpoints(second) <= MAX_CACHE_BREAKPOINTS
+    # The usage the recorded responses report, per turn and in total.
+    assert result.turn_usage == [Usage(812, 790, 0, 120), Usage(1020, 0, 790, 15)]
+    assert result.usage == Usage(1832, 790, 790, 135)
+
+
+def count_breakpoints(request: dict) -> int:
+    found = 0
+
+    def walk(node) -> None:
+        nonlocal found
+        if isinstance(node, dict):
+            found += "cache_control" in node
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk({k: request[k] for k in ("system", "tools", "messages")})
+    return found
+
+
+def test_the_cache_breakpoint_moves_to_the_newest_tool_result():
+    messages: list[dict] = [{"role": "user", "content": "task"}]
+    for turn in range(5):
+        results = [{"type": "tool_result", "tool_use_id": f"t{turn}{i}", "content": []}
+                   for i in range(2)]  # fmt: skip
+        move_cache_breakpoint(messages, results)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": "x"}]})
+        messages.append({"role": "user", "content": results})
+    marked = [b["tool_use_id"] for m in messages if isinstance(m["content"], list)
+              for b in m["content"] if "cache_control" in b]  # fmt: skip
+    assert marked == ["t41"], "only the last block of the newest results"
 
 
 async def test_turn_limit_stops_the_loop(sandbox):
@@ -96,6 +138,9 @@ def test_agent_command_end_to_end(tmp_path):
     assert proc.stdout.rstrip().endswith("the chart is a single green pixel.")
     assert "isolation tcg" in proc.stderr or "isolation kvm" in proc.stderr
     assert len(api.requests) == 2 and sent_key(api.headers[0]) == "cli-key"
+    assert "[turn 1: input 812, cache write 790, cache read 0, output 120 tokens]" in proc.stderr
+    assert ("[total over 2 turn(s): input 1832, cache write 790, cache read 790, output 135 "
+            "tokens]") in proc.stderr  # fmt: skip
     assert runtime_entries() == before, "the agent's VM must be gone when it exits"
 
 

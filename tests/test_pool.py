@@ -83,6 +83,7 @@ async def test_a_pooled_vm_serves_a_kernel_whose_key_it_never_saw(pool_spec, cap
     [pooled] = await pool_call(lambda p: p.ready_vms())
     state = pooled.rt.read_state()
     assert state["pooled"] is True and state["label"] == "", "ps must show it as pooled"
+    assert state["pool_ready"] is True, "and as ready, not booting"
 
     km, kc = await start_kernel(pool_spec)
     try:

@@ -61,7 +61,7 @@ async def test_required_hardware_isolation_refuses_tcg(jupyter_prefix, image):
 
 async def test_unusable_backend_points_to_doctor(jupyter_prefix):
     spec = install_spec(jupyter_prefix, "smolvm-krun", "--backend", "libkrun")
-    info = await expect_start_failure(spec, r"cannot start a Python \(smolvm\) kernel")
+    info = await expect_start_failure(spec, r"cannot start a Python \(smolvm-krun\) kernel")
     assert "smol-kernel doctor" in flat(info.value)
 
 
@@ -108,10 +108,26 @@ def test_invalid_network_and_share_settings_are_rejected_at_install(jupyter_pref
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_install_names_the_launcher_tile_after_the_kernelspec(jupyter_prefix):
+    """Two kernelspecs must not both read "Python (smolvm)" in JupyterLab's launcher."""
+    import json
+
+    from smol_kernel.cli import main
+
+    for name, extra, shown in [("smolvm-tiles", [], "Python (smolvm-tiles)"),
+                               ("smolvm-tiles2", ["--image", "scipy"],
+                                "Python (smolvm-tiles2, image scipy)"),
+                               ("smolvm-tiles3", ["--display-name", "Mine"], "Mine")]:  # fmt: skip
+        assert main(["install", "--prefix", str(jupyter_prefix), "--name", name,
+                     "--no-server-extension", *extra]) == 0  # fmt: skip
+        spec = jupyter_prefix / "share" / "jupyter" / "kernels" / name / "kernel.json"
+        assert json.loads(spec.read_text())["display_name"] == shown
+
+
 async def test_missing_share_folder_fails_before_any_vm_boots(jupyter_prefix, tmp_path):
     spec = install_spec(jupyter_prefix, "smolvm-badshare", "--share", f"{tmp_path}/gone:/data")
     info = await expect_start_failure(spec, r"host folder .*/gone does not exist; create it")
-    assert "cannot start a Python (smolvm) kernel" in flat(info.value)
+    assert "cannot start a Python (smolvm-badshare) kernel" in flat(info.value)
 
 
 async def test_relative_share_is_relative_to_the_notebook_folder(jupyter_prefix, tmp_path):

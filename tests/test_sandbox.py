@@ -65,6 +65,17 @@ async def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing():
     assert runtime_entries() == before
 
 
+async def test_startup_timeout_is_the_boot_deadline():
+    """What ``smol-kernel mcp --startup-timeout`` sets: the provisioner's deadline for the
+    VM, not only the wait for the kernel's first answer afterwards."""
+    before = runtime_entries()
+    sandbox = AsyncSandbox(startup_timeout=0.2, pool_size=0, memory_mib=512)
+    assert sandbox._config["startup_timeout"] == 0.2
+    with pytest.raises(SandboxError, match=r"(?s)did not start.*startup_timeout"):
+        await sandbox.start()
+    assert runtime_entries() == before, "the VM that was too slow is gone"
+
+
 # ------------------------------------------------------------------ run_code
 
 

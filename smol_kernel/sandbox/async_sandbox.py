@@ -148,9 +148,12 @@ class AsyncSandbox:
         **settings: Any,
     ):
         AllowList.parse(allow_hosts)  # AllowListError (a ValueError) says what is accepted
+        # startup_timeout is the provisioner's boot deadline too (not only the wait for
+        # kernel_info): smol-kernel mcp --startup-timeout must reach the VM's start.
         self._config = provisioner_settings(
             image=image, network=network, shares=list(shares), vcpus=vcpus,
-            memory_mib=memory_mib, allow_hosts=list(allow_hosts), **settings,
+            memory_mib=memory_mib, allow_hosts=list(allow_hosts),
+            startup_timeout=startup_timeout, **settings,
         )  # fmt: skip
         self._spec = kernel_spec(env, self._config)
         self.max_output_chars = max_output_chars

@@ -90,9 +90,9 @@ class Vm(abc.ABC):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A byte stream to guest vsock ``port``; ConnectionRefusedError if nobody listens."""
 
-    def set_label(self, label: str, pooled: bool = False) -> None:
+    def set_label(self, label: str, pooled: bool = False, ready: bool = False) -> None:
         """What ``smol-kernel ps`` shows for this VM: the kernel it serves, or that it is a
-        warm-pool VM waiting for one."""
+        warm-pool VM still booting, or (``ready``) waiting for a kernel."""
         self.spec = dataclasses.replace(self.spec, label=label)
 
     @abc.abstractmethod

@@ -296,6 +296,7 @@ class ProcessVm(Vm):
         self._status: int | None = None
         self.started = time.time()
         self.pooled = False
+        self.pool_ready = False
         self._backend_name = ""
         console.watch(self.console_log)
         _open_vms.add(self)
@@ -342,11 +343,12 @@ class ProcessVm(Vm):
             "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "disk_mib": spec.disk_mib,
             "network": spec.network, "shares": [str(s) for s in spec.shares],
             "created": self.started, "pids": pids, "starts": starts, "pooled": self.pooled,
+            "pool_ready": self.pool_ready,
         })  # fmt: skip
 
-    def set_label(self, label: str, pooled: bool = False) -> None:
+    def set_label(self, label: str, pooled: bool = False, ready: bool = False) -> None:
         self.spec = dataclasses.replace(self.spec, label=label)
-        self.pooled = pooled
+        self.pooled, self.pool_ready = pooled, pooled and ready
         if self._vmm is not None:
             self.record_state(self._backend_name)
 

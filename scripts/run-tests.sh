@@ -2,7 +2,7 @@
 # The test command: set up (idempotent), lint, then the whole suite against real microVMs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 ruff check .
 ruff format --check .
 smol-kernel doctor || true

@@ -20,7 +20,6 @@ One pool per process, living on the io loop (``ioloop.io_loop``); call it from t
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import time
@@ -28,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .agent_client import GuestAgent
+from .exit_hooks import on_exit
 from .ioloop import on_io_loop
 from .kernel_vm import KernelPlan
 from .quota import Limits
@@ -350,12 +350,14 @@ async def wait_for_pool(predicate: Callable[[WarmPool], bool], timeout: float = 
         await asyncio.sleep(0.5)
 
 
-@atexit.register
 def _stop_refills() -> None:
-    """At exit no refill may start a VM (the VMs themselves are closed by process.py's
-    exit hook, which runs after this one)."""
+    """At exit no refill may start a VM (the VMs themselves are closed in the next stage,
+    ``close_vms``)."""
     if _pool is not None:
         _pool.enabled = False
         _pool._wants.clear()
         if _pool._filling is not None:
             _pool._filling.stop()
+
+
+on_exit("stop_refills", _stop_refills)

@@ -21,7 +21,6 @@ Settings are traitlets: set them in a Jupyter config file (``c.SmolVMProvisioner
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -39,6 +38,7 @@ from . import checkpoint as store
 from . import metrics, quota, template
 from .agent_client import GuestAgent
 from .checkpoint import Checkpoint
+from .exit_hooks import on_exit
 from .guest import protocol as P
 from .ioloop import on_io_loop
 from .kernel_control import KernelControl
@@ -956,13 +956,15 @@ def egress_blocked_total() -> int:
 metrics.count_egress_blocked(egress_blocked_total)
 
 
-@atexit.register
 def _audit_exit() -> None:
     """A server that exits without shutting its kernels down (stopped by a spawner) still
-    logs their end; registered after vm/process.py's hook, so it runs before the VMs go."""
+    logs their end, before the VMs go (``exit_hooks``: stage ``audit``)."""
     for provisioner in list(_running):
         with contextlib.suppress(Exception):
             provisioner._audit_end("server exited")
+
+
+on_exit("audit", _audit_exit)
 
 
 def bound_client_queues(manager: Any) -> None:

@@ -10,7 +10,6 @@ fires exactly when the owning process dies, however it dies (SIGKILL included).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -29,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import paths
+from ..exit_hooks import on_exit
 from ..trusted import helper_env
 from . import console
 from .base import Vm, VmError
@@ -265,7 +265,6 @@ def reap_orphans() -> list[str]:
 _open_vms: weakref.WeakSet[ProcessVm] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_open_vms() -> None:
     """A client that exits without cleanup (a script that never calls shutdown_kernel, an
     exception in a notebook runner, ``jupyter console``'s exit): its VMs would die by the
@@ -274,6 +273,9 @@ def _close_open_vms() -> None:
     for vm in list(_open_vms):
         with contextlib.suppress(Exception):
             vm.close_now()
+
+
+on_exit("close_vms", _close_open_vms)
 
 
 class ProcessVm(Vm):

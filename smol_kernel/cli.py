@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .image.debian import HostToolError
+from .errors import HostToolError
 from .image.store import DEFAULT_IMAGE, ImageNotFound
 from .paths import RuntimeDirError
 from .vm.base import VmError
@@ -107,13 +107,9 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
 
 
 def _provisioner_traits() -> dict:
-    from .provisioner import SmolVMProvisioner
+    from .settings import KernelSettings
 
-    return {
-        name: trait
-        for name, trait in SmolVMProvisioner.class_traits(config=True).items()
-        if trait.this_class is SmolVMProvisioner
-    }
+    return dict(KernelSettings.class_traits(config=True))
 
 
 def _provisioner_config(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .agent_client import GuestAgent
+from .errors import KernelStartError
 from .guest import protocol as P
 from .vm.base import Vm, VmBackend, VmError
 from .vm.share import Share
@@ -23,10 +24,6 @@ from .vm.spec import VmSpec
 
 # Set per kernel when a VM is claimed; every other variable is part of the plan.
 PER_KERNEL_ENV = ("KERNEL_ID", "JPY_SESSION_NAME")
-
-
-class KernelStartError(RuntimeError):
-    """The kernel VM did not come up; the message has the reason and the console tail."""
 
 
 @dataclass(frozen=True)

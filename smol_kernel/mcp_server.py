@@ -336,13 +336,13 @@ async def serve(
 ) -> None:
     """Run the server until its transport ends (stdin closed, or the HTTP server stops);
     every session's VM is killed on the way out. ``config``: provisioner settings."""
-    from .sandbox import warm_pool
+    from .sandbox import fill_sandbox_pool
 
     sessions = Sessions({**config, "env": env, "max_output_chars": max_output_chars},
                         max_sessions)  # fmt: skip
     server = build_server(sessions, network=bool(config.get("network")),
                           allow_hosts=config.get("allow_hosts") or ())  # fmt: skip
-    await warm_pool(env, **config)  # the first session starts warm (pool_size 0: nothing)
+    await fill_sandbox_pool(env, **config)  # the first session starts warm (pool_size 0: nothing)
     try:
         if http is None:
             await server.run_stdio_async()

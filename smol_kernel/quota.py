@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .start_errors import ReadableStartError
+from .errors import QuotaExceeded
 
-
-class QuotaExceeded(ReadableStartError):
-    def __init__(self, message: str):
-        super().__init__(403, message)
+__all__ = ["Limits", "QuotaExceeded"]
 
 
 def _strictest(*caps: int) -> int:

@@ -101,7 +101,7 @@ class Timeline:
 
     def _quota(self, extra_mib: int) -> None:
         """Checkpoints count against the memory cap, at their size on disk."""
-        limits = self.p._limits()
+        limits = self.p.launcher.limits()
         if not limits.max_total_memory_mib:
             return
         held = store.total_mib()

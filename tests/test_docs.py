@@ -6,13 +6,14 @@ import re
 from pathlib import Path
 
 from smol_kernel.provisioner import SmolVMProvisioner
+from smol_kernel.settings import KernelSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_provisioner_setting_is_in_the_readme_table():
     table = set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "README.md").read_text(), re.M))
-    ours = set(SmolVMProvisioner.class_own_traits(config=True))
+    ours = set(KernelSettings.class_traits(config=True))
     assert ours, "the provisioner has settings"
     assert not ours - table, f"settings missing from README.md's table: {sorted(ours - table)}"
     stale = {name for name in table - ours if not hasattr(SmolVMProvisioner, name)}

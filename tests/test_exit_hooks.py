@@ -25,7 +25,7 @@ exit_hooks.run_exit_hooks()
 print(json.dumps(order))
 """
 EXPECTED = [
-    ["audit", "smol_kernel.provisioner._audit_exit"],
+    ["audit", "smol_kernel.audit._audit_exit"],
     ["stop_refills", "smol_kernel.pool._stop_refills"],
     ["close_vms", "smol_kernel.vm.process._close_open_vms"],
 ]

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from smol_kernel.cli import main
+from smol_kernel.errors import HostToolError
 from smol_kernel.image.builder import ImageBuilder, ImageBuildError, extract_vmlinux
-from smol_kernel.image.debian import HostToolError
 from smol_kernel.image.initramfs import CpioWriter, ModuleError, read_cpio, resolve_modules
 from smol_kernel.image.store import GuestImage, ImageNotFound, check_name
 

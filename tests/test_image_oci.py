@@ -264,8 +264,8 @@ def test_an_image_without_python3_is_refused_and_leaves_nothing(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("fakeroot"), reason="fakeroot is not installed")
 def test_fakeroot_build_failures_say_why_and_leave_nothing(tmp_path, monkeypatch):
+    from smol_kernel.errors import HostToolError
     from smol_kernel.image.builder import ImageBuilder
-    from smol_kernel.image.debian import HostToolError
 
     images = tmp_path / "images"
     src = oci_layout(tmp_path / "img", [layer([("file", "bin/sh", b"#!")])])

@@ -21,14 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .. import __version__, paths
+from ..errors import HostToolError
 from ..guest import agent as _agent_mod
 from ..trusted import find_program, helper_env, python_argv
 from . import oci_steps
-from .debian import Apt, HostToolError, host_sources_file, require_tool, unpack_deb
+from .debian import Apt, host_sources_file, require_tool, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
 from .oci import OciError, open_image
 from .oci_root import GUEST_DIR, GuestPython
@@ -49,6 +52,27 @@ PIP_PLATFORMS = (
     "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64",
     "manylinux1_x86_64", "linux_x86_64",
 )  # fmt: skip
+
+
+@dataclass
+class _Build:
+    """What one build's stages hand on to the next."""
+
+    work: Path
+    out: Path  # the image folder being made
+    versions: dict[str, str] = field(default_factory=dict)
+    wanted: list[str] = field(default_factory=list)  # pip packages (and -r FILE) for the guest
+    staging: Path | None = None  # pip's install target, copied into the root
+    release: str = ""  # the guest kernel's release
+    python: GuestPython | None = None  # an OCI image's python3
+
+    @property
+    def kernel_dir(self) -> Path:
+        return self.work / "kernel"
+
+    @property
+    def busybox_dir(self) -> Path:
+        return self.work / "busybox"
 
 
 class ImageBuildError(Exception):
@@ -241,9 +265,32 @@ class ImageBuilder:
         )
 
     def stage_count(self) -> int:
+        return len(self.pipeline())
+
+    def pipeline(self) -> list[tuple[str, Callable[[_Build], None]]]:
+        """The stages of this build, in order: one pipeline per source of the root (a
+        title may name what a stage before it found: ``{wanted}``)."""
+        boot = [
+            (f"download kernel ({self.kernel_package}) and busybox", self._download_kernel),
+            ("kernel for direct boot (vmlinux)", self._vmlinux),
+            ("initramfs", self._initramfs),
+        ]
         if self.from_oci is not None:
-            return 6  # layers, pip, ext4, kernel, vmlinux, initramfs
-        return 4 + (1 if self.pip or self.requirements else 0)  # [pip,] kernel, root, ...
+            return [
+                ("container image layers, and its python3", self._oci_unpack),
+                ("pip packages for the guest ({wanted})", self._oci_pip),
+                ("read-only root image (ext4)", self._oci_finish),
+                *boot,
+            ]
+        # pip first: a requirement that cannot be met fails before anything is downloaded
+        pip = [("pip packages for the guest ({wanted})", self._debian_pip)]
+        return [
+            *(pip if self.pip or self.requirements else []),
+            boot[0],
+            ("Debian root filesystem (mmdebstrap) and read-only root image (ext4)",
+             self._debian_root),
+            *boot[1:],
+        ]  # fmt: skip
 
     def _preflight(self) -> None:
         if self.from_oci is not None:
@@ -276,55 +323,13 @@ class ImageBuilder:
             self.progress.stage(title)
 
     def _build_in(self, work: Path, t0: float) -> GuestImage:
-        out = work / "image"
-        out.mkdir()
-        versions: dict[str, str] = {}
-
-        staging = None  # pip first: a requirement that cannot be met fails before downloads
-        if self.from_oci is not None:
-            self._oci_root(work, out / "root.ext4", versions)
-        elif self.pip or self.requirements:
-            what = ", ".join(self.pip + ([f"-r {self.requirements}"] if self.requirements else []))
-            self._stage(f"pip packages for the guest ({what})")
-            staging = work / "pip"
-            self._pip_install(staging)
-
-        self._stage(f"download kernel ({self.kernel_package}) and busybox")
-        apt = Apt()
-        kernel_pkg = apt.resolve(self.kernel_package)
-        kdir, bdir = work / "kernel", work / "busybox"
-        unpack_deb(apt.download(kernel_pkg, work / "debs"), kdir)
-        unpack_deb(apt.download("busybox-static", work / "debs"), bdir)
-        releases = sorted((kdir / "lib" / "modules").iterdir())
-        if not releases:
-            raise ImageBuildError(f"{kernel_pkg} contains no kernel modules")
-        release = releases[-1].name
-        versions["kernel_package"] = kernel_pkg
-        versions["kernel_release"] = release
-
-        if self.from_oci is None:
-            self._stage("Debian root filesystem (mmdebstrap) and read-only root image (ext4)")
-            self._mmdebstrap(out / "root.ext4", work, staging)
-        vfile = work / "versions.txt"
-        for line in vfile.read_text().splitlines() if vfile.exists() else []:
-            pkg, _, ver = line.partition(" ")
-            versions[pkg] = ver
-
-        self._stage("kernel for direct boot (vmlinux)")
-        bzimage = next((kdir / "boot").glob("vmlinuz-*"))
-        extract_vmlinux(bzimage, out / "vmlinux")
-
-        self._stage("initramfs")
-        mdir = kdir / "lib" / "modules" / release
-        modules = resolve_modules(mdir, GUEST_MODULES)
-        optional = {  # each group's modules and deps, minus those always loaded
-            group: [ko for ko in resolve_modules(mdir, names) if ko not in modules]
-            for group, names in OPTIONAL_MODULES.items()
-        }
-        build_initramfs(
-            bdir / "bin" / "busybox", self._init_script(), modules, out / "initramfs.cpio",
-            optional,
-        )  # fmt: skip
+        b = _Build(work, work / "image")
+        b.out.mkdir()
+        b.wanted = self.pip + ([f"-r {self.requirements}"] if self.requirements else [])
+        for title, step in self.pipeline():
+            self._stage(title.format(wanted=", ".join(b.wanted) or "none"))
+            step(b)
+        out, versions = b.out, b.versions
 
         manifest = {
             "name": self.name,
@@ -353,6 +358,46 @@ class ImageBuilder:
         if self.progress:
             self.progress.done(f"built image {self.name!r} at {image.path}")
         return image
+
+    # ---------------------------------------------------------------- stages
+    def _debian_pip(self, b: _Build) -> None:
+        b.staging = b.work / "pip"
+        self._pip_install(b.staging)
+
+    def _download_kernel(self, b: _Build) -> None:
+        apt = Apt()
+        kernel_pkg = apt.resolve(self.kernel_package)
+        unpack_deb(apt.download(kernel_pkg, b.work / "debs"), b.kernel_dir)
+        unpack_deb(apt.download("busybox-static", b.work / "debs"), b.busybox_dir)
+        releases = sorted((b.kernel_dir / "lib" / "modules").iterdir())
+        if not releases:
+            raise ImageBuildError(f"{kernel_pkg} contains no kernel modules")
+        b.release = releases[-1].name
+        b.versions["kernel_package"] = kernel_pkg
+        b.versions["kernel_release"] = b.release
+
+    def _debian_root(self, b: _Build) -> None:
+        self._mmdebstrap(b.out / "root.ext4", b.work, b.staging)
+        vfile = b.work / "versions.txt"
+        for line in vfile.read_text().splitlines() if vfile.exists() else []:
+            pkg, _, ver = line.partition(" ")
+            b.versions[pkg] = ver
+
+    def _vmlinux(self, b: _Build) -> None:
+        bzimage = next((b.kernel_dir / "boot").glob("vmlinuz-*"))
+        extract_vmlinux(bzimage, b.out / "vmlinux")
+
+    def _initramfs(self, b: _Build) -> None:
+        mdir = b.kernel_dir / "lib" / "modules" / b.release
+        modules = resolve_modules(mdir, GUEST_MODULES)
+        optional = {  # each group's modules and deps, minus those always loaded
+            group: [ko for ko in resolve_modules(mdir, names) if ko not in modules]
+            for group, names in OPTIONAL_MODULES.items()
+        }
+        build_initramfs(
+            b.busybox_dir / "bin" / "busybox", self._init_script(), modules,
+            b.out / "initramfs.cpio", optional,
+        )  # fmt: skip
 
     def _run(self, cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -434,47 +479,53 @@ class ImageBuilder:
         self._run(cmd, "mmdebstrap (Debian root filesystem)")
 
     # ---------------------------------------------------------------- from an OCI image
-    def _oci_root(self, work: Path, root_image: Path, versions: dict[str, str]) -> None:
-        """The container image's root, with our pieces, as the ext4 ``root_image``."""
-        self._stage("container image layers, and its python3")
-        info = self._oci_step(work, "unpack", str(self.from_oci), self._oci_identity,
-                              str(work / "tree"))  # fmt: skip
-        python = GuestPython(**info["python"])
+    def _oci_unpack(self, b: _Build) -> None:
+        """The container image's layers, and what its python3 is."""
+        info = self._oci_step(b.work, "unpack", str(self.from_oci), self._oci_identity,
+                              str(b.work / "tree"))  # fmt: skip
+        b.python = python = GuestPython(**info["python"])
+        versions = b.versions
         versions["oci_image"] = f"{self._oci_identity} ({info['kind']}, {info['layers']} layers)"
         if info["skipped"]:
             versions["oci_skipped"] = ", ".join(f"{n} {k}" for k, n in info["skipped"].items())
         versions["python"] = f"{python.version} ({python.executable})"
         versions["ipykernel"] = "from the image" if python.ipykernel else "added with pip"
         versions["owners"] = "fakeroot" if self.fakeroot else "root"
+        if not python.ipykernel:
+            b.wanted = [*self.pip, "ipykernel", *b.wanted[len(self.pip) :]]
 
+    def _oci_pip(self, b: _Build) -> None:
+        """pip packages for the image's python (ipykernel if it has none), and our agent."""
+        python = b.python
+        assert python is not None
         extra = () if python.ipykernel else ("ipykernel",)
-        wanted = [*self.pip, *extra] + ([f"-r {self.requirements}"] if self.requirements else [])
-        self._stage(f"pip packages for the guest ({', '.join(wanted) or 'none'})")
         same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == python.version
-        staging = ""
-        if wanted:
+        if b.wanted:
             if python.musl:
                 raise OciError(
                     "the image uses musl libc (Alpine), where pip's manylinux wheels do not run;"
                     " install ipykernel and your packages in the image itself (e.g. apk add "
                     "py3-ipykernel, or pip install in the image)"
                 )
-            self._pip_install(work / "pip", python.version, extra)
+            self._pip_install(b.work / "pip", python.version, extra)
             if same_python:
-                self._compile(work / "pip", python.site)
-            staging = str(work / "pip")
-        guest = work / "guest"
+                self._compile(b.work / "pip", python.site)
+            b.staging = b.work / "pip"
+        guest = b.work / "guest"
         guest.mkdir()
         for f in GUEST_FILES:
             shutil.copy2(f, guest / f.name)
         if same_python:  # else the guest compiles them in memory at each start
             self._compile(guest, "/" + GUEST_DIR)
 
-        self._stage("read-only root image (ext4)")
-        python_json = json.dumps(dataclasses.asdict(python))
-        self._oci_step(work, "finish", str(work / "tree"), python_json, staging, str(guest),
-                       str(root_image))  # fmt: skip
-        shutil.rmtree(work / "tree")
+    def _oci_finish(self, b: _Build) -> None:
+        """The tree with our pieces, as the read-only ext4 root."""
+        assert b.python is not None
+        python_json = json.dumps(dataclasses.asdict(b.python))
+        staging = str(b.staging) if b.staging else ""
+        self._oci_step(b.work, "finish", str(b.work / "tree"), python_json, staging,
+                       str(b.work / "guest"), str(b.out / "root.ext4"))  # fmt: skip
+        shutil.rmtree(b.work / "tree")
 
     def _oci_step(self, work: Path, step: str, *args: str) -> dict:
         """Run one of ``oci_steps`` as root: here if we are, else under fakeroot (one state

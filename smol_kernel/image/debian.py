@@ -11,13 +11,10 @@ import re
 import subprocess
 from pathlib import Path
 
+from ..errors import HostToolError
 from ..trusted import find_program
 
 APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
-
-
-class HostToolError(Exception):
-    """A host program smol-kernel needs is missing or failed; the message says what to do."""
 
 
 def require_tool(name: str, package: str) -> str:

@@ -13,7 +13,7 @@ from .async_sandbox import (
     CommandResult,
     EntryInfo,
     SandboxError,
-    warm_pool,
+    fill_sandbox_pool,
 )
 from .execution import Execution, ExecutionError, Logs, Result
 from .sync_sandbox import Commands, Files, Sandbox
@@ -33,5 +33,5 @@ __all__ = [
     "Result",
     "Sandbox",
     "SandboxError",
-    "warm_pool",
+    "fill_sandbox_pool",
 ]

@@ -116,7 +116,7 @@ def kernel_spec(env: dict[str, str] | None, config: dict[str, Any]) -> KernelSpe
     )
 
 
-async def warm_pool(env: dict[str, str] | None = None, **settings: Any) -> str:
+async def fill_sandbox_pool(env: dict[str, str] | None = None, **settings: Any) -> str:
     """Start filling the warm pool for sandboxes with these settings (``pool_size`` VMs),
     so the first one starts warm; returns what it did."""
     from ..server_extension import warm_kernelspec

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # base64 characters of images kept per execution
-STATUSES = ("ok", "error", "timeout", "interrupted", "kernel_died")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _MIME_FIELDS = {
     "text/plain": "text",

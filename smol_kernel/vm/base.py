@@ -99,10 +99,6 @@ class Vm(abc.ABC):
     async def close(self) -> None:
         """Kill the VM if it runs, stop its helpers, remove its runtime dir. Idempotent."""
 
-    @property
-    def exit_status(self) -> int | None:
-        return self.poll()
-
     def console_tail(self, max_bytes: int = 4096) -> str:
         """The last ``max_bytes`` of the console log."""
         return read_tail(self.console_log, max_bytes)

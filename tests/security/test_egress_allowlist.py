@@ -241,7 +241,7 @@ async def test_pip_installs_from_an_allowed_index_and_fails_fast_from_another(al
 
 
 async def test_a_sandbox_execution_names_what_was_refused(world):
-    from smol_kernel.provisioner import egress_blocked_total
+    from smol_kernel.audit import egress_blocked_total
 
     before = egress_blocked_total()
     async with AsyncSandbox(allow_hosts=["allowed.test:8080"], dns_servers=[world["allowed"]],

@@ -1,0 +1,411 @@
+"""Starting a kernel's VM: the plan, the quotas, and which start it gets.
+
+``KernelLauncher`` does for ``SmolVMProvisioner`` what happens between ``pre_launch`` and a
+reachable kernel: it turns the settings into a ``KernelPlan`` (guest environment, shares,
+allow-list, all checked before any VM exists), reserves the plan's memory against the
+quotas (``quota.py``; pooled VMs give way first), and starts the kernel in the first way
+that works -- from a checkpoint (a fork, or ``restore_on_crash``), by claiming a warm-pool
+VM, by restoring a clone of the plan's template, or by a cold boot. It never reports an
+isolation other than the backend check found. It keeps no state of its own: what it
+starts (VM, agent, relay, start kind) is the provisioner's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+
+from . import audit, metrics, quota, template
+from . import checkpoint as store
+from .checkpoint import Checkpoint
+from .errors import KernelStartError
+from .guest import protocol as P
+from .kernel_vm import PER_KERNEL_ENV, KernelPlan, boot_kernel_vm, claim
+from .message_pump import MessageGate
+from .output_policy import OutputPolicy
+from .pool import warm_pool
+from .relay import KernelRelay
+from .shown import escaped
+from .timeline import finish_restore, restore_vm, resume
+from .vm.allowlist import AllowList, AllowListError, check_cidr
+from .vm.base import VmBackend, VmError
+from .vm.qemu import QemuBackend
+from .vm.select import Selection, select_backend
+from .vm.share import Share, ShareError, check_shares, parse_share
+
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class KernelLauncher:
+    """Plans and starts the VM of one provisioner's kernel (see the module docstring)."""
+
+    def __init__(self, p: Any) -> None:
+        self.p = p  # the SmolVMProvisioner
+
+    async def warm_up(self) -> str:
+        selection = await self._select_backend()
+        plan = self._plan(selection)
+        if (why := self._why_not_pooled(plan, {})) is not None:
+            return f"no pool: {why}"
+        assert selection.backend is not None
+        warm_pool().want(plan, selection.backend, self.p.pool_size, self.p.pool_ttl,
+                         self.p.startup_timeout, self.p.log, self.limits())  # fmt: skip
+        return f"keeping {self.p.pool_size} VM(s) ready ({plan.describe()})"
+
+    def split_env(self, host_env: dict) -> tuple[dict[str, str], dict[str, str]]:
+        """The guest's environment: fixed for this configuration, and per kernel. The
+        kernelspec's values go in literally: jupyter_client fills ``${VAR}`` from the host's
+        environment, which would hand a host secret to the VM."""
+        env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
+        for name, value in (self.p.kernel_spec.env or {}).items():
+            env[str(name)] = str(value)
+        per_kernel = {}
+        if session := host_env.get("JPY_SESSION_NAME"):  # the notebook: its name, not where
+            per_kernel["JPY_SESSION_NAME"] = os.path.basename(str(session))  # it is on the host
+        if self.p.kernel_id:
+            per_kernel["KERNEL_ID"] = self.p.kernel_id
+        for name in PER_KERNEL_ENV:  # a kernelspec value is still per kernel
+            if name in env:
+                per_kernel.setdefault(name, env.pop(name))
+        return env, per_kernel
+
+    def check_allow_hosts(self) -> None:
+        try:
+            AllowList.parse(self.p.allow_hosts)
+            for net in self.p.private_answer_ranges:
+                check_cidr(net)
+        except AllowListError as e:
+            raise KernelStartError(
+                f"cannot start a {self.p.kernel_spec.display_name} kernel: {e}"
+            ) from None
+
+    def resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
+        """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
+        shares = []
+        allow_home = self.p.allow_home_share
+        try:
+            for text in self.p.shares:
+                shares.append(parse_share(text, host_cwd, allow_home))
+            if self.p.share_cwd != "off":
+                text = f"{host_cwd or '.'}:{self.p.cwd_guest_path}:{self.p.share_cwd}"
+                shares.append(parse_share(text, allow_home=allow_home))
+            check_shares(shares)
+        except ShareError as e:
+            raise KernelStartError(
+                f"cannot start a {self.p.kernel_spec.display_name} kernel: {e}"
+            ) from None
+        cwd = self.p.guest_cwd or (shares[-1].guest if self.p.share_cwd != "off" else "/root")
+        return tuple(shares), cwd
+
+    def limits(self) -> quota.Limits:
+        """The caps for this kernel: the server's own settings (config files, command line,
+        MEM_LIMIT), which no kernelspec can lift, tightened by this kernelspec's. Also
+        records the server's in the ledger and makes the pool ask it before each refill."""
+        conf = self.p.config.get("SmolVMProvisioner", {})  # not the kernelspec's metadata
+
+        def server_value(name: str, default: int) -> int:
+            try:
+                return int(conf.get(name, default))
+            except (TypeError, ValueError):
+                return default
+
+        book, pool = quota.ledger(), warm_pool()
+        book.server = quota.Limits(
+            server_value("max_vms", 0),
+            server_value("max_total_memory_mib", self.p._default_max_total_memory_mib()),
+        )
+        pool.admit = lambda p: book.refusal(
+            pool.memory(), p.memory_mib, book.server.tighter(pool.limits_for(p))
+        )
+        return book.server.tighter(quota.Limits(self.p.max_vms, self.p.max_total_memory_mib))
+
+    def _reserve(self, plan: KernelPlan) -> None:
+        """Count this kernel's VM against the quotas, closing pooled VMs if that makes
+        room; QuotaExceeded (HTTP 403) if it cannot."""
+        book, pool = quota.ledger(), warm_pool()
+        limits = self.limits()
+
+        def why_not() -> str | None:
+            memory = pool.memory()
+            if pool.ready_count(plan):  # claiming it: already counted
+                memory.remove(plan.memory_mib)
+            return book.refusal(memory, plan.memory_mib, limits)
+
+        while (why := why_not()) is not None:
+            if not pool.give_way_now(keep=plan):
+                metrics.quota_refused()
+                self.p.log.warning("kernel %s: refused: %s", self.p._shown_id, why)
+                raise quota.QuotaExceeded(
+                    f"cannot start a {self.p.kernel_spec.display_name} kernel: {why}"
+                )
+        book.kernels[id(self)] = plan.memory_mib
+
+    async def launch(self) -> KernelConnectionInfo:
+        deadline = time.monotonic() + self.p.startup_timeout
+        late = f"within {self.p.startup_timeout:.0f}s (startup_timeout)"
+        self.p._exit_status = None
+        selection = await self._select_backend()
+        ci = self.p.connection_info
+        relay = KernelRelay(
+            str(ci.get("transport", "tcp")),
+            str(ci.get("ip", "127.0.0.1")),
+            {ch: int(ci[f"{ch}_port"]) for ch in P.CHANNEL_PORTS},  # type: ignore[call-overload]
+            self._message_gate(),
+        )
+        relay.bind()
+        self.p.relay = relay
+        self.p.plan = plan = self._plan(selection)
+        self.p.backend_name = plan.backend
+        self.p.vm_backend = selection.backend
+        try:
+            self._reserve(plan)
+        except BaseException:
+            await relay.close()
+            self.p.relay = None
+            raise
+        connection = guest_connection_of(ci)
+        self.p.start_kind = None
+        t0 = time.monotonic()
+        restore, announce = self._restore_source()
+        try:
+            if restore is not None and not await self._start_restored(
+                restore, connection, deadline
+            ):
+                announce = None
+            assert selection.backend is not None
+            why_cold = self._why_not_pooled(plan, connection)
+            if self.p.start_kind is None and why_cold is None:
+                why_cold = await self._start_pooled(selection.backend, plan, connection,
+                                                    deadline, late)  # fmt: skip
+            if self.p.start_kind is None:
+                await self._start_unpooled(selection.backend, plan, connection, deadline, late,
+                                           why_cold)  # fmt: skip
+            vm = self.p.vm
+            assert vm is not None
+            if self.p.isolation != dict(plan.env)["SMOL_KERNEL_ISOLATION"]:  # never misreport
+                raise KernelStartError(
+                    f"VM {vm.id} got isolation {self.p.isolation}, not the "
+                    f"{dict(plan.env)['SMOL_KERNEL_ISOLATION']} the backend check found"
+                )
+            await relay.start_serving(vm.open_stream)
+            assert self.p.agent is not None
+            self.p.agent.on_kernel_request = self.p.timeline.on_kernel_request
+            await self.p.vm_changed()
+        except BaseException:
+            await self.p._teardown()
+            raise
+        self.p._launches += 1
+        self.p._crashed = None
+        if announce is not None:  # a restored kernel says so once its clients are back
+            self.p._finishing = asyncio.ensure_future(self._finish_restore(announce))
+        self.p.ready_at = time.monotonic()
+        self.p._end_reason = "ended"
+        audit.kernel_started(self, self.p.start_kind or "cold", self.p.ready_at - t0)
+        if self.p.max_lifetime > 0:
+            launch = self.p._launches
+            asyncio.get_running_loop().call_later(self.p.max_lifetime, self.p._expire, launch)
+        self.p.log.info(
+            "kernel %s: ready in VM %s (%s start, %.1fs)",
+            self.p._shown_id, vm.id, self.p.start_kind, self.p.ready_at - t0,
+        )  # fmt: skip
+        return self.p.connection_info
+
+    def _message_gate(self) -> MessageGate:
+        """The kernel's key, output policy and iopub cap, for the relay."""
+        ci = self.p.connection_info
+        if ci.get("curve_secretkey"):
+            raise KernelStartError(
+                f"cannot start a {self.p.kernel_spec.display_name} kernel with CurveZMQ "
+                "encryption: the host reads what the kernel sends (output policy, memory "
+                "bounds), which an end-to-end encrypted connection would hide. Use the "
+                "default HMAC-signed connection (the channels stay on this host)."
+            )
+        key = ci.get("key") or b""
+        return MessageGate(
+            key=key.encode() if isinstance(key, str) else bytes(key),
+            signature_scheme=str(ci.get("signature_scheme") or "hmac-sha256"),
+            policy=None if self.p.trusted_outputs else OutputPolicy(),
+            iopub_backlog=max(1, self.p.iopub_backlog_mib) << 20,
+        )
+
+    async def _start_unpooled(
+        self, backend: VmBackend, plan: KernelPlan, connection: dict, deadline: float,
+        late: str, why_not_pooled: str | None,
+    ) -> None:  # fmt: skip
+        """No pooled VM: restore a clone of the plan's template (building it first, once
+        per configuration), or boot cold when the plan cannot be cloned."""
+        pool = warm_pool()
+        why_cold = template.why_not_cloneable(plan, backend)
+        if why_cold is None and not connection.get("curve_secretkey"):
+            built = isinstance(backend, QemuBackend) and template.find(plan, backend)
+            if not built:
+                self.p.log.info("kernel %s: building the template of %s (first start of this "
+                              "configuration)", self.p._shown_id, plan.describe())  # fmt: skip
+            async with pool.cold_start() if not built else contextlib.nullcontext():
+                vm, self.p.agent, how = await template.prepared_vm(
+                    plan, backend, deadline, self.p.kernel_id or "", self.p._adopt, self.p.log
+                )
+            self.p.log.info("kernel %s: %s VM %s (%s)", self.p._shown_id,
+                          "restored clone" if how == "clone" else "booted", vm.id,
+                          why_not_pooled)  # fmt: skip
+            await claim(vm, self.p.agent, connection, self.p._kernel_env, deadline, late)
+            self.p.start_kind = how
+            return
+        self.p.log.info("kernel %s: cold start (%s)", self.p._shown_id, why_cold or why_not_pooled)
+        async with pool.cold_start():
+            _, self.p.agent = await boot_kernel_vm(
+                backend, plan, deadline, connection, self.p._kernel_env,
+                label=self.p.kernel_id or "", on_vm=self.p._adopt, late=late,
+            )  # fmt: skip
+        self.p.start_kind = "cold"
+
+    def _restore_source(self) -> tuple[Checkpoint | None, str | None]:
+        """A checkpoint this launch restores instead of starting afresh (a fork's first
+        launch; a restart after a crash with ``restore_on_crash``), and what the restored
+        kernel says."""
+        cp, self.p._restore_from = self.p._restore_from, None
+        if cp is not None:
+            return cp, (f"[smol-kernel: forked from checkpoint {cp.name} of kernel "
+                        f"{cp.kernel_id}]")  # fmt: skip
+        if self.p._crashed and self.p.restore_on_crash and self.p.kernel_id:
+            saved = store.list_checkpoints(self.p.kernel_id)
+            if saved:
+                latest = saved[-1]
+                return latest, (f"[smol-kernel: the kernel died ({self.p._crashed}); restored "
+                                f"from its latest checkpoint, {latest.describe()}]")  # fmt: skip
+            self.p.log.info("kernel %s: died (%s) with no checkpoint to restore",
+                          self.p._shown_id, self.p._crashed)  # fmt: skip
+        return None, None
+
+    async def _start_pooled(
+        self, backend: VmBackend, plan: KernelPlan, connection: dict, deadline: float,
+        late: str,
+    ) -> str | None:  # fmt: skip
+        """Claim a VM of the warm pool (and keep the pool filled); None when the kernel
+        runs in it, else why not."""
+        pool = warm_pool()
+        p = self.p
+        pool.want(plan, backend, p.pool_size, p.pool_ttl, p.startup_timeout, p.log, self.limits())
+        pooled = await pool.claim(plan, deadline)
+        if pooled is None:
+            return pool.why_miss(plan)
+        self.p._adopt(pooled.vm)
+        self.p.agent = pooled.agent
+        pooled.vm.set_label(self.p.kernel_id or "")
+        self.p.log.info(
+            "kernel %s: claimed pooled VM %s (%s, isolation %s)",
+            self.p._shown_id, pooled.vm.id, self.p.backend_name, self.p.isolation,
+        )  # fmt: skip
+        try:
+            await claim(pooled.vm, pooled.agent, connection, self.p._kernel_env, deadline, late)
+        except (KernelStartError, VmError) as e:  # it died while it waited
+            await self.p._teardown(keep_relay=True)
+            return f"the claimed VM {pooled.vm.id} failed: {str(e)[:200]}"
+        self.p.start_kind = "pooled"
+        return None
+
+    async def _start_restored(self, cp: Checkpoint, connection: dict, deadline: float) -> bool:
+        """Start the kernel from a checkpoint. False: a crash restore that failed (start
+        afresh instead); a fork that cannot start from its checkpoint raises."""
+        try:
+            await self._restore(cp, connection, deadline)
+            return True
+        except (KernelStartError, VmError, OSError) as e:
+            if cp.kernel_id != self.p.kernel_id:
+                raise
+            self.p.log.warning("kernel %s: not restored from checkpoint %s (%s): starting "
+                             "afresh", self.p._shown_id, escaped(cp.name), e)  # fmt: skip
+            await self.p._teardown(keep_relay=True)
+            self.p.start_kind = None
+            return False
+
+    async def _restore(self, cp: Checkpoint, connection: dict, deadline: float) -> None:
+        plan = self.p.plan
+        assert plan is not None
+        if (why := self.p.timeline.why_not_for(plan)) is not None:
+            raise KernelStartError(f"cannot start from checkpoint {cp.name}: {why}")
+        if cp.plan_key != self.p.timeline.plan_key():
+            raise KernelStartError(
+                f"cannot start from checkpoint {cp.name}: it was saved by a kernel of another "
+                f"configuration ({cp.description}), or before the image or QEMU changed"
+            )
+        fork = cp.kernel_id != self.p.kernel_id
+        vm, self.p.agent = await restore_vm(cp, plan, self.p.vm_backend, self.p.kernel_id or "",
+                                          deadline, on_vm=self.p._adopt)  # fmt: skip
+        await resume(self.p.agent, connection, self.p._kernel_env, reseed=fork)
+        self.p.start_kind = "fork" if fork else "restored"
+        self.p.log.info("kernel %s: VM %s restored from checkpoint %s of kernel %s",
+                      self.p._shown_id, vm.id, escaped(cp.name), escaped(cp.kernel_id))  # fmt: skip
+
+    async def _finish_restore(self, announce: str) -> None:
+        """Let the restored kernel speak once a client listens (2 s at most: a kernel
+        saved inside %checkpoint waits for this before it handles anything)."""
+        agent, relay = self.p.agent, self.p.relay
+        if agent is None or relay is None:
+            return
+        await relay.wait_for_listener(2.0)
+        try:
+            await finish_restore(agent, announce, None)
+            self.p.log.info("kernel %s: told its clients: %s", self.p._shown_id, announce)
+        except (VmError, TimeoutError) as e:
+            self.p.log.warning("kernel %s: the restored kernel did not resume: %s",
+                             self.p._shown_id, e)  # fmt: skip
+
+    async def _select_backend(self) -> Selection:
+        selection = await asyncio.to_thread(
+            select_backend, self.p.backend, self.p.image, self.p.require_hardware_isolation
+        )
+        if selection.backend is None:
+            assert selection.error is not None
+            raise KernelStartError(
+                f"cannot start a {self.p.kernel_spec.display_name} kernel: {selection.error}. "
+                "Run 'smol-kernel doctor' for details."
+            )
+        assert selection.status is not None and selection.status.isolation is not None
+        return selection
+
+    def _plan(self, selection: Selection) -> KernelPlan:
+        assert selection.backend is not None and selection.status is not None
+        env = dict(self.p._guest_env)
+        env["SMOL_KERNEL_ISOLATION"] = str(selection.status.isolation)
+        env["SMOL_KERNEL_BACKEND"] = selection.backend.name
+        return KernelPlan(
+            backend=selection.backend.name,
+            image=self.p.image,
+            vcpus=self.p.vcpus,
+            memory_mib=self.p.memory_mib,
+            disk_mib=self.p.disk_mib,
+            network=self.p.network or bool(self.p.allow_hosts),
+            dns=tuple(self.p.dns_servers),
+            allow_hosts=tuple(self.p.allow_hosts),
+            private_answers=tuple(self.p.private_answer_ranges),
+            shares=self.p._shares,
+            argv=tuple(self.p._guest_argv),
+            env=tuple(sorted(env.items())),
+            cwd=self.p._cwd,
+            max_processes=self.p.max_processes,
+            debugger=self.p.debugger,
+        )
+
+    def _why_not_pooled(self, plan: KernelPlan, connection: dict) -> str | None:
+        if self.p.pool_size <= 0:
+            return "pool_size is 0"
+        if not plan.two_step:
+            return "the kernelspec argv is not 'python3 -m ipykernel_launcher ...'"
+        return None
+
+
+def guest_connection_of(ci: dict) -> dict:
+    """What the guest kernel needs of the connection info: keys, not host addresses."""
+    out = {}
+    for k in ("key", "signature_scheme", "kernel_name", "curve_publickey", "curve_secretkey"):
+        v = ci.get(k)
+        if v is None:
+            continue
+        out[k] = v.decode() if isinstance(v, bytes) else v
+    return out

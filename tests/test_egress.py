@@ -567,3 +567,118 @@ def test_the_guard_writes_its_answers_to_the_guest(tmp_path):
     t.join(5)
     assert not t.is_alive()
     assert json.loads((tmp_path / "egress.json").read_text())["blocked"] == 1
+
+
+# ------------------------------------------------------------------ the second review
+def test_an_arp_after_a_query_goes_to_passt_as_itself():
+    """A frame that does not pass through the allow-list (ARP) must not be replaced by the
+    previous DNS query, under the ARP's own length (passt would then read a frame the
+    guest hid after the question)."""
+    policy, _, _ = make(["allowed.test"])
+    vm, guard_vm = socket.socketpair()
+    guard_passt, passt = socket.socketpair()
+    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
+    t.start()
+    hidden = tcp("127.0.0.1", 8888)
+    q = udp(RESOLVER, 53, query("allowed.test") + struct.pack("!I", len(hidden)) + hidden)
+    arp = PASST_MAC + GUEST_MAC + b"\x08\x06" + bytes(28)
+    vm.sendall(b"".join(struct.pack("!I", len(f)) + f for f in (q, arp)))
+    passt.settimeout(5)
+    got = b""
+    while len(got) < 8 + len(q) + len(arp):
+        got += passt.recv(65536)
+    (first,) = struct.unpack_from("!I", got)
+    assert first == len(q) and got[4 + first : 8 + first] == struct.pack("!I", len(arp))
+    assert got[8 + first :] == arp, "the ARP went as itself"
+    vm.close()
+    t.join(5)
+
+
+def test_data_on_a_reset_keeps_the_stream_inspected():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 56000)
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x04, 101, 1, b"x", sport=56000))
+    assert head_frames(policy, 443, 56000, [client_hello("evil.test")]) == [False]
+
+
+def test_a_forgotten_or_refused_stream_is_reset_and_its_tuple_quarantined():
+    policy, eg, clock = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 57000)
+    assert head_frames(policy, 443, 57000, [b"\x16\x03\x01"]) == [True]
+    # The flow leaves the guard's flow table (a FIN), then 256 other streams need room.
+    assert policy.allow_frame(tcp(ALLOWED, 443, 0x11, 104, 1, sport=57000))
+    eg.to_passt.clear()
+    for i in range(256):
+        policy.allow_frame(tcp(ALLOWED, 443, sport=20000 + i))
+    resets = [f for f in eg.to_passt if struct.unpack_from("!H", f, 34)[0] == 57000]
+    assert len(resets) == 1 and resets[0][47] & 0x04, "passt's side of it is reset"
+    assert (57000, socket.inet_aton(ALLOWED), 443) not in eg.inspect
+    assert not policy.allow_frame(tcp(ALLOWED, 443, seq=103, sport=57000)), "quarantined"
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, 104, 1, b"x", sport=57000)), (
+        "a forgotten name-opened stream passes nothing"
+    )
+    # A refused stream's tuple is quarantined too, then free again.
+    policy, eg, clock = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 80, 57001)
+    assert head_frames(policy, 80, 57001, [b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"]) == [False]
+    assert not policy.allow_frame(tcp(ALLOWED, 80, sport=57001, seq=9000))
+    clock.now += 4
+    assert policy.allow_frame(tcp(ALLOWED, 80, sport=57001, seq=9000)), "after the quarantine"
+
+
+def test_everything_after_the_first_16_kib_flows_once_decided():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 58000)
+    hello = client_hello("allowed.test")
+    assert head_frames(policy, 443, 58000, [hello]) == [True]
+    seq, sent = 101 + len(hello), 0
+    while sent < 64 * 1024:
+        assert policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 1, bytes(1400), sport=58000)), sent
+        seq, sent = seq + 1400, sent + 1400
+    # A resend of early bytes still has to match what was read.
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, 101, 1, b"\x17" * 5, sport=58000))
+    assert policy.allow_frame(tcp(ALLOWED, 443, 0x18, 101, 1, hello[:5], sport=58000))
+
+
+def test_offsets_unwrap_past_the_sequence_space():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    isn = 0xFFFFFF00  # the stream's sequence numbers wrap after 255 bytes
+    assert policy.allow_frame(tcp(ALLOWED, 80, seq=isn, sport=59000))
+    head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    seq = (isn + 1) & 0xFFFFFFFF
+    for _ in range(20):
+        assert policy.allow_frame(tcp(ALLOWED, 80, 0x18, seq, 1, head, sport=59000))
+        seq = (seq + len(head)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /x HTTP/1.1\nHost: evil.test\n\n",
+    b"GET / HTTP/1.1\r\nX: a\nHost: evil.test\r\nHost : allowed.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : allowed.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: allowed.test\r\n evil\r\n\r\n",
+    b"CONNECT allowed.test:22 HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+])  # fmt: skip
+def test_http_heads_servers_read_leniently_are_refused(head):
+    policy, eg, _ = make(["allowed.test:443"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 60000)
+    assert head_frames(policy, 443, 60000, [head]) == [False], head
+
+
+def test_names_are_compared_without_case_or_trailing_dot():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    connect(policy, 443, 61000)
+    assert head_frames(policy, 443, 61000, [client_hello("Allowed.Test.")]) == [True]
+    connect(policy, 80, 61001)
+    assert head_frames(policy, 80, 61001, [b"GET / HTTP/1.1\r\nHost: allowed.test.\r\n\r\n"]) == [
+        True
+    ]
+    connect(policy, 443, 61002)
+    connect_head = b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n"
+    assert head_frames(policy, 443, 61002, [connect_head]) == [True]

@@ -53,6 +53,7 @@ MAX_TTL = 3600.0
 MAX_OPEN_ADDRESSES = 4096
 MAX_PENDING_QUERIES = 512
 QUERY_TIMEOUT = 30.0
+QUARANTINE_SECONDS = 3.0  # passt reaps a closed connection within its 1 s timer
 MAX_INSPECT = 16 * 1024
 MAX_LOG_ENTRIES = 1024
 LOG_INTERVAL = 0.2
@@ -178,7 +179,10 @@ def icmp_prohibited(frame: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------ what a flow says
-def _tls_names(buf: bytes) -> tuple[str, list[str]]:
+Named = list[tuple[str, int | None]]  # host names a client gave, with a port if it named one
+
+
+def _tls_names(buf: bytes) -> tuple[str, Named]:
     """("more" | "done" | "bad", [sni]) for a TLS record that should hold a ClientHello.
     Decided on the whole hello: one SNI host name, no encrypted client hello."""
     if len(buf) < 9:
@@ -190,7 +194,7 @@ def _tls_names(buf: bytes) -> tuple[str, list[str]]:
     if len(buf) < 5 + reclen:
         return "more", []
     hello = buf[9 : 9 + hello_len]
-    names: list[str] = []
+    names: Named = []
     try:
         pos = 2 + 32  # version, random
         pos += 1 + hello[pos]  # session id
@@ -212,39 +216,58 @@ def _tls_names(buf: bytes) -> tuple[str, list[str]]:
                 nlen = struct.unpack_from("!H", data, 3)[0]
                 if 5 + nlen != len(data) or struct.unpack_from("!H", data)[0] != nlen + 3:
                     return "bad", []
-                names.append(data[5:].decode("latin-1"))
+                sni = data[5:].decode("latin-1").lower()
+                sni = sni[:-1] if sni.endswith(".") else sni
+                if not valid_name(sni):
+                    return "bad", []
+                names.append((sni, None))
     except (IndexError, struct.error):
         return "bad", []
     return ("done", names) if names else ("bad", [])
 
 
-_HOST = re.compile(r"([a-z0-9_.-]{1,253})(?::[0-9]{1,5})?")
+_HOST = re.compile(r"([a-z0-9_.-]{1,254})(?::([0-9]{1,5}))?")
 _TOKEN = re.compile(rb"[A-Za-z]{1,20}")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def _host_of(text: bytes) -> str | None:
-    """The host name of ``name[:port]``, or None if it is anything else."""
+def _host_of(text: bytes) -> tuple[str, int | None] | None:
+    """(host name, port) of ``name[:port]``, or None if it is anything else."""
     m = _HOST.fullmatch(text.decode("latin-1").lower())
-    return m.group(1) if m and valid_name(m.group(1)) else None
+    if m is None:
+        return None
+    name = m.group(1)[:-1] if m.group(1).endswith(".") else m.group(1)
+    return (name, int(m.group(2)) if m.group(2) else None) if valid_name(name) else None
 
 
-def _http_names(data: bytes) -> tuple[str, list[str]]:
+def _http_names(data: bytes) -> tuple[str, Named]:
     """("more" | "done" | "bad", hosts) of an HTTP/1 request head: its one Host header, and
-    the host of an absolute-form or CONNECT target (servers route on either)."""
+    the host of an absolute-form or CONNECT target (servers route on either). Strict where
+    servers are lenient: a bare LF or CR, a header name that is not a token (``Host :``) or
+    a folded line is refused, so no server reads a head the guard read otherwise."""
     end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        return "bad", []
     if end < 0:
         return "more", []
-    lines = data[:end].split(b"\r\n")
+    lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return "bad", []
     method, target = parts[0].upper(), parts[1]
-    hosts = [v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])
-             if k.strip().lower() == b"host"]  # fmt: skip
+    hosts = []
+    for line in lines[1:]:
+        key, sep, value = line.partition(b":")
+        if not sep or not _FIELD_NAME.fullmatch(key):
+            return "bad", []  # a folded line, or a name with whitespace
+        if key.lower() == b"host":
+            hosts.append(value.strip(b" \t"))
     if len(hosts) != 1:
         return "bad", []
+    named: list[tuple[bytes, bool]] = [(hosts[0], False)]
     if method == b"CONNECT":
-        hosts.append(target)
+        named.append((target, True))
     elif target[:1] != b"/" and target != b"*":
         scheme, sep, rest = target.partition(b"://")
         if not sep or scheme.lower() not in (b"http", b"https"):
@@ -252,14 +275,17 @@ def _http_names(data: bytes) -> tuple[str, list[str]]:
         authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
         if b"@" in authority:
             return "bad", []
-        hosts.append(authority)
-    names = [_host_of(h) for h in hosts]
-    if None in names:
-        return "bad", []
-    return "done", [n for n in names if n is not None]
+        named.append((authority, False))
+    out: Named = []
+    for text, its_port_counts in named:
+        host = _host_of(text)
+        if host is None or (its_port_counts and host[1] is None):
+            return "bad", []
+        out.append((host[0], host[1] if its_port_counts else None))
+    return "done", out
 
 
-def classify(buf: bytes) -> tuple[str, str, list[str]]:
+def classify(buf: bytes) -> tuple[str, str, Named]:
     """(state, protocol, names) of the first bytes a client sent: state "more" (not yet
     known), "done" (names found), "bad" (refused) or "other" (neither TLS nor HTTP)."""
     if buf[:1] == b"\x16":
@@ -295,12 +321,20 @@ class _Opening:
 
 
 class _Inspect:
-    """A TCP stream to a name-opened address: its first bytes, as passt will see them."""
+    """A TCP stream to a name-opened address: its first ``MAX_INSPECT`` bytes as passt will
+    see them, how far the guest has sent (``high``: stream offset, unwrapped), and the
+    frame header to reset passt's side with."""
 
-    __slots__ = ("buf", "decided", "start")
+    __slots__ = ("buf", "decided", "eth", "guest", "high", "start")
 
-    def __init__(self, start: int) -> None:
-        self.start, self.buf, self.decided = start, b"", False
+    def __init__(self, start: int, eth: bytes, guest: bytes) -> None:
+        self.start, self.eth, self.guest = start, eth, guest
+        self.buf, self.decided, self.high = b"", False, 0
+
+    def offset(self, seq: int) -> int:
+        """The stream offset of ``seq``, unwrapped around how far the guest has sent."""
+        delta = (seq - self.start - self.high) & 0xFFFFFFFF
+        return self.high + (delta - (1 << 32) if delta & 0x80000000 else delta)
 
 
 # ------------------------------------------------------------------ the policy
@@ -326,6 +360,9 @@ class Egress:
         # (guest port, id sent) -> (name, id the guest used, when)
         self.pending: dict[tuple[int, int], tuple[str, int, float]] = {}
         self.inspect: dict[tuple[int, bytes, int], _Inspect] = {}
+        # Tuples of inspected streams that ended, refused or forgotten: passt may still hold
+        # the connection (it reaps closed ones on a 1 s timer), so no new SYN reuses one.
+        self.quarantine: dict[tuple[int, bytes, int], float] = {}
         self.tcp_flows: dict = {}  # the Policy's, shared: a flow reset here leaves it
         self.to_guest: list[bytes] = []
         self.to_passt: list[bytes] = []
@@ -354,10 +391,12 @@ class Egress:
                 return "name"
         return None
 
-    def _names_allowed(self, names: list[str], port: int) -> bool:
+    def _names_allowed(self, names: Named, port: int) -> bool:
+        """Every name allowed, for its own port (a CONNECT target) or the connection's."""
         assert self.allow is not None
         return bool(names) and all(
-            any(e.name_matches(n) and e.port_ok(port) for e in self.allow.entries) for n in names
+            any(e.name_matches(n) and e.port_ok(p or port) for e in self.allow.entries)
+            for n, p in names
         )
 
     def _port_listed(self, addr: bytes, port: int) -> bool:
@@ -442,20 +481,20 @@ class Egress:
         key = (sport, dst, dport)
         state = self.inspect.get(key)
         if flags & TCP_SYN and not flags & TCP_ACK:
-            return self._syn(frame, key, seq, state, known)
+            return self._syn(frame, key, seq, state)
         if state is None:
-            # A connection the guard let open, or the last segments of one it saw close;
-            # nothing else (passt must not see segments for a flow it was never asked for).
-            # Streams to name-opened addresses start with a SYN the guard saw, always.
-            return known or self._destination(dst, dport) == "address"
+            # Streams to name-opened addresses keep their state for their whole life; a
+            # segment with none belongs to an address entry's flow, or to nothing passt
+            # should see.
+            return self._destination(dst, dport) == "address"
         if flags & TCP_SYN:
             return False
         payload = bytes(frame[l4 + doff :])
         if flags & TCP_RST:
-            self.inspect.pop(key, None)
-            return not payload  # data on a reset is nothing a stream should carry
-        # A FIN keeps the stream's state: its data is checked like any other, and so is
-        # anything sent again over it (the state goes when the flow leaves tcp_flows).
+            if payload:
+                return False  # data on a reset: nothing a stream should carry; state stays
+            self._forget(key, state, reset_passt=False)
+            return True
         verdict = self._stream(state, seq, payload, dport, dst)
         if verdict is None:
             return True
@@ -464,41 +503,64 @@ class Egress:
         self._refuse(frame, key, seq, ack, dport, dst, verdict)
         return False
 
-    def _syn(self, frame: bytes, key, seq: int, state: _Inspect | None, known: bool) -> bool:
+    def _syn(self, frame: bytes, key, seq: int, state: _Inspect | None) -> bool:
         sport, dst, dport = key
         if state is not None:  # the same SYN again, or a second one on a live stream
-            return state.start == (seq + 1) & 0xFFFFFFFF and not state.buf
+            return state.start == (seq + 1) & 0xFFFFFFFF and state.high == 0
         kind = self._destination(dst, dport)
-        if kind == "name" and not self._room_to_inspect():
+        now = self.clock()
+        if kind == "name" and (self.quarantine.get(key, 0.0) > now or not self._room_to_inspect()):
             kind = None
         self.log.record(self.name_of(dst), dst, dport, "tcp", kind is not None)
         if kind is None:
             self.to_guest.append(self._rst_to_guest(frame, sport, dport, 0, seq + 1))
             return False
         if kind == "name":
-            self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF)
+            self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF, bytes(frame[:14]),
+                                         bytes(frame[26:30]))  # fmt: skip
         return True
 
     def _room_to_inspect(self) -> bool:
+        """Room for one more inspected stream: streams passt's flow table no longer has
+        (closed, or idle past the guard's flow timeout) are forgotten -- and reset on
+        passt's side and quarantined, in case passt still holds them."""
         if len(self.inspect) >= MAX_INSPECTED_FLOWS:
             for key in [k for k in self.inspect if k not in self.tcp_flows]:
-                del self.inspect[key]
+                self._forget(key, self.inspect[key], reset_passt=True)
         return len(self.inspect) < MAX_INSPECTED_FLOWS
+
+    def _forget(self, key, state: _Inspect, reset_passt: bool) -> None:
+        self.inspect.pop(key, None)
+        self.tcp_flows.pop(key, None)
+        now = self.clock()
+        if len(self.quarantine) >= 4 * MAX_INSPECTED_FLOWS:
+            for k in [k for k, until in self.quarantine.items() if until <= now]:
+                del self.quarantine[k]
+        if len(self.quarantine) < 4 * MAX_INSPECTED_FLOWS:
+            self.quarantine[key] = now + QUARANTINE_SECONDS
+        if reset_passt:
+            sport, dst, dport = key
+            guest = state.guest
+            seq = (state.start + state.high) & 0xFFFFFFFF
+            rst = tcp_segment(guest, dst, sport, dport, seq, 0, TCP_RST)
+            self.to_passt.append(state.eth + _ipv4(guest, dst, socket.IPPROTO_TCP, rst))
 
     def _stream(self, state: _Inspect, seq: int, payload: bytes, port: int, dst: bytes):
         """None: pass; "drop": not this segment (the guest resends); else the protocol of
         a refusal (the connection is reset)."""
         if not payload:
             return None
-        off = (seq - state.start) & 0xFFFFFFFF
-        if off > 0x7FFFFFFF or off > len(state.buf):
-            return "drop"  # before the stream, or after a gap
-        overlap = state.buf[off : off + len(payload)]
+        off = state.offset(seq)
+        if off < 0:
+            return "drop"  # before the stream
+        end = off + len(payload)
+        if off > len(state.buf) and (not state.decided or len(state.buf) < MAX_INSPECT):
+            return "drop"  # a gap in what the guard must read: the guest resends
+        overlap = state.buf[off : off + len(payload)] if off < len(state.buf) else b""
         if payload[: len(overlap)] != overlap:
             return "drop"  # other bytes where the guard already read some
-        new = payload[len(overlap) :]
-        if not new:
-            return None
+        state.high = max(state.high, end)
+        new = payload[len(overlap) :] if off <= len(state.buf) else b""
         if state.decided:
             state.buf += new[: max(0, MAX_INSPECT - len(state.buf))]
             return None
@@ -511,7 +573,7 @@ class Egress:
             ok = self._names_allowed(names, port)
         else:
             ok = verdict == "other" and self._port_listed(dst, port)
-        shown = safe_name(names[0]) if names else self.name_of(dst)
+        shown = safe_name(names[0][0]) if names else self.name_of(dst)
         self.log.record(shown, dst, port, proto, ok)
         state.buf = state.buf[:MAX_INSPECT]
         if ok:
@@ -522,8 +584,9 @@ class Egress:
     def _refuse(self, frame: bytes, key, seq: int, ack: int, dport: int, dst: bytes,
                 proto: str) -> None:  # fmt: skip
         sport = key[0]
-        self.inspect.pop(key, None)
-        self.tcp_flows.pop(key, None)
+        state = self.inspect.get(key)
+        if state is not None:
+            self._forget(key, state, reset_passt=False)
         self.to_guest.append(self._rst_to_guest(frame, sport, dport, ack, 0, ack_flag=False))
         guest = bytes(frame[26:30])
         rst = tcp_segment(guest, dst, sport, dport, seq, 0, TCP_RST)

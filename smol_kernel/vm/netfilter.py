@@ -166,6 +166,8 @@ class Policy:
     def allow_frame(self, frame: bytes | memoryview) -> bool:
         """Whether ``frame`` may go to passt (as ``rewritten`` if that is set)."""
         self.rewritten = None
+        if self.egress is not None:
+            self.egress.rewritten = None  # set anew by this frame's DNS query, if it is one
         ok = self._allow(frame)
         self.dropped += not ok
         if ok and self.egress is not None:
@@ -375,7 +377,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 def _frames(sock: socket.socket):
-    """(header, frame) pairs from a length-prefixed stream, until it closes or breaks."""
+    """Frames of a length-prefixed stream, until it closes or breaks (each is written on
+    with a length computed from what is sent: never a header read here)."""
     while (head := _recv_exact(sock, 4)) is not None:
         (length,) = struct.unpack("!I", head)
         if length > MAX_FRAME:
@@ -383,7 +386,7 @@ def _frames(sock: socket.socket):
         frame = _recv_exact(sock, length)
         if frame is None:
             return
-        yield head, frame
+        yield frame
 
 
 def guard(
@@ -398,10 +401,11 @@ def guard(
 
     def to_guest() -> None:
         try:
-            for head, frame in _frames(passt):
+            for frame in _frames(passt):
                 if policy.allow_inbound(frame):
+                    out = policy.rewritten_in or frame
                     with vm_lock:
-                        vm.sendall(head + (policy.rewritten_in or frame))
+                        vm.sendall(struct.pack("!I", len(out)) + out)
         except OSError:
             pass
         except Exception:  # a bug must end the network visibly, not leave half of it
@@ -417,12 +421,13 @@ def guard(
     if egress is not None:
         threading.Thread(target=keep_log, daemon=True).start()
     try:
-        for head, frame in _frames(vm):
+        for frame in _frames(vm):
             if done.is_set():
                 break
             pacer.wait()
             if policy.allow_frame(frame):
-                passt.sendall(head + (policy.rewritten or frame))
+                out = policy.rewritten or frame  # its own length: never another frame's
+                passt.sendall(struct.pack("!I", len(out)) + out)
             if egress is not None and (egress.to_guest or egress.to_passt):
                 for answer in egress.to_passt:
                     passt.sendall(struct.pack("!I", len(answer)) + answer)

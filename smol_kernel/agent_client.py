@@ -78,7 +78,7 @@ class GuestAgent:
                     await agent.close()
             if time.monotonic() >= deadline:
                 raise VmError(
-                    f"VM {vm.id}: guest agent did not answer within {timeout:.0f}s. "
+                    f"VM {vm.id}: guest agent did not answer within {max(timeout, 0):.0f}s. "
                     f"Guest console:\n{vm.console_tail()}"
                 )
             await asyncio.sleep(0.1)

@@ -143,11 +143,11 @@ class KernelLauncher:
                 raise quota.QuotaExceeded(
                     f"cannot start a {self.p.kernel_spec.display_name} kernel: {why}"
                 )
-        book.kernels[id(self)] = plan.memory_mib
+        book.kernels[id(self.p)] = plan.memory_mib
 
     async def launch(self) -> KernelConnectionInfo:
         deadline = time.monotonic() + self.p.startup_timeout
-        late = f"within {self.p.startup_timeout:.0f}s (startup_timeout)"
+        late = f"within {self.p.startup_timeout:g}s (startup_timeout)"
         self.p._exit_status = None
         selection = await self._select_backend()
         ci = self.p.connection_info
@@ -196,6 +196,12 @@ class KernelLauncher:
             assert self.p.agent is not None
             self.p.agent.on_kernel_request = self.p.timeline.on_kernel_request
             await self.p.vm_changed()
+        except (VmError, KernelStartError, TimeoutError) as e:
+            await self.p._teardown()
+            if time.monotonic() >= deadline and "startup_timeout" not in str(e):
+                # Whatever step ran out of time, the user's setting is what to change.
+                raise KernelStartError(f"the kernel did not start {late}: {e}") from e
+            raise
         except BaseException:
             await self.p._teardown()
             raise
@@ -205,7 +211,7 @@ class KernelLauncher:
             self.p._finishing = asyncio.ensure_future(self._finish_restore(announce))
         self.p.ready_at = time.monotonic()
         self.p._end_reason = "ended"
-        audit.kernel_started(self, self.p.start_kind or "cold", self.p.ready_at - t0)
+        audit.kernel_started(self.p, self.p.start_kind or "cold", self.p.ready_at - t0)
         if self.p.max_lifetime > 0:
             launch = self.p._launches
             asyncio.get_running_loop().call_later(self.p.max_lifetime, self.p._expire, launch)
@@ -245,14 +251,14 @@ class KernelLauncher:
             built = isinstance(backend, QemuBackend) and template.find(plan, backend)
             if not built:
                 self.p.log.info("kernel %s: building the template of %s (first start of this "
-                              "configuration)", self.p._shown_id, plan.describe())  # fmt: skip
+                                "configuration)", self.p._shown_id, plan.describe())  # fmt: skip
             async with pool.cold_start() if not built else contextlib.nullcontext():
                 vm, self.p.agent, how = await template.prepared_vm(
                     plan, backend, deadline, self.p.kernel_id or "", self.p._adopt, self.p.log
                 )
             self.p.log.info("kernel %s: %s VM %s (%s)", self.p._shown_id,
-                          "restored clone" if how == "clone" else "booted", vm.id,
-                          why_not_pooled)  # fmt: skip
+                            "restored clone" if how == "clone" else "booted", vm.id,
+                            why_not_pooled)  # fmt: skip
             await claim(vm, self.p.agent, connection, self.p._kernel_env, deadline, late)
             self.p.start_kind = how
             return
@@ -279,7 +285,7 @@ class KernelLauncher:
                 return latest, (f"[smol-kernel: the kernel died ({self.p._crashed}); restored "
                                 f"from its latest checkpoint, {latest.describe()}]")  # fmt: skip
             self.p.log.info("kernel %s: died (%s) with no checkpoint to restore",
-                          self.p._shown_id, self.p._crashed)  # fmt: skip
+                            self.p._shown_id, self.p._crashed)  # fmt: skip
         return None, None
 
     async def _start_pooled(
@@ -319,7 +325,7 @@ class KernelLauncher:
             if cp.kernel_id != self.p.kernel_id:
                 raise
             self.p.log.warning("kernel %s: not restored from checkpoint %s (%s): starting "
-                             "afresh", self.p._shown_id, escaped(cp.name), e)  # fmt: skip
+                               "afresh", self.p._shown_id, escaped(cp.name), e)  # fmt: skip
             await self.p._teardown(keep_relay=True)
             self.p.start_kind = None
             return False
@@ -335,12 +341,13 @@ class KernelLauncher:
                 f"configuration ({cp.description}), or before the image or QEMU changed"
             )
         fork = cp.kernel_id != self.p.kernel_id
-        vm, self.p.agent = await restore_vm(cp, plan, self.p.vm_backend, self.p.kernel_id or "",
-                                          deadline, on_vm=self.p._adopt)  # fmt: skip
+        p = self.p
+        vm, p.agent = await restore_vm(cp, plan, p.vm_backend, p.kernel_id or "", deadline,
+                                       on_vm=p._adopt)  # fmt: skip
         await resume(self.p.agent, connection, self.p._kernel_env, reseed=fork)
         self.p.start_kind = "fork" if fork else "restored"
-        self.p.log.info("kernel %s: VM %s restored from checkpoint %s of kernel %s",
-                      self.p._shown_id, vm.id, escaped(cp.name), escaped(cp.kernel_id))  # fmt: skip
+        p.log.info("kernel %s: VM %s restored from checkpoint %s of kernel %s",
+                   p._shown_id, vm.id, escaped(cp.name), escaped(cp.kernel_id))  # fmt: skip
 
     async def _finish_restore(self, announce: str) -> None:
         """Let the restored kernel speak once a client listens (2 s at most: a kernel
@@ -354,7 +361,7 @@ class KernelLauncher:
             self.p.log.info("kernel %s: told its clients: %s", self.p._shown_id, announce)
         except (VmError, TimeoutError) as e:
             self.p.log.warning("kernel %s: the restored kernel did not resume: %s",
-                             self.p._shown_id, e)  # fmt: skip
+                               self.p._shown_id, e)  # fmt: skip
 
     async def _select_backend(self) -> Selection:
         selection = await asyncio.to_thread(

@@ -256,6 +256,8 @@ async def prepared_vm(
             vm, agent = await restore_kernel_vm(template, plan, backend, deadline, label, on_vm)
             return vm, agent, "clone"
         except (VmError, OSError) as e:
+            if time.monotonic() >= deadline:
+                raise  # out of time: a cold boot now could only be later still
             logger.warning("no clone for %s, booting cold: %s", plan.describe(), e)
     else:
         logger.info("booting cold: %s", why)

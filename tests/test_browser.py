@@ -22,7 +22,7 @@ from smol_kernel.vm.process import reap_orphans
 from smol_kernel.vm.select import select_backend
 
 from .conftest import processes_mentioning, runtime_entries
-from .web_helpers import free_port
+from .web_helpers import free_port, wait_until_up
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,16 +81,8 @@ def lab(request, tmp_path, image):
     with open(tmp_path / "lab.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/api/status", params={"token": token}).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        alive = proc.poll() is None and time.monotonic() < deadline
-        assert alive, (tmp_path / "lab.log").read_text()[-3000:]
-        time.sleep(0.5)
+    wait_until_up(lambda: requests.get(f"{url}/api/status", params={"token": token}).ok,
+                  proc, tmp_path / "lab.log")  # fmt: skip
     before = runtime_entries()
     try:
         yield url, token, tmp_path

@@ -21,7 +21,7 @@ from smol_kernel.sandbox import AsyncSandbox, Sandbox, SandboxError
 
 from .conftest import runtime_entries
 from .test_mcp import server_env
-from .web_helpers import free_port, ws_execute
+from .web_helpers import free_port, wait_until_up, ws_execute
 
 pytestmark = pytest.mark.vm
 TOKEN = "smol-cp-token"
@@ -171,10 +171,7 @@ def test_rest_routes_of_the_jupyter_server(smolvm_spec, tmp_path):
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while _api_ready(base) is False:
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.5)
+        wait_until_up(lambda: _api_ready(base), server, log_path)
         status, kernel = _api(base, "POST", "/api/kernels", {"name": smolvm_spec})
         assert status == 201, kernel
         kid, ws = kernel["id"], f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels"

@@ -19,7 +19,7 @@ import requests
 from smol_kernel.paths import cache_dir
 
 from .conftest import processes_mentioning, runtime_entries
-from .web_helpers import free_port, ws_execute, ws_send_execute
+from .web_helpers import free_port, wait_until_up, ws_execute, ws_send_execute
 
 pytestmark = [
     pytest.mark.vm,
@@ -85,17 +85,7 @@ c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"],
     base = f"http://127.0.0.1:{port}"
     api = requests.Session()
     api.headers["Authorization"] = f"token {TOKEN}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if api.get(f"{base}/hub/api/").ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            tmp_path / "hub.log"
-        ).read_text()
-        time.sleep(0.5)
+    wait_until_up(lambda: api.get(f"{base}/hub/api/").ok, proc, tmp_path / "hub.log")
     try:
         yield base, api, tmp_path
     finally:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 import requests
 
 from .conftest import install_spec, runtime_entries
-from .web_helpers import free_port, ws_execute
+from .web_helpers import free_port, wait_until_up, ws_execute
 
 pytest.importorskip("kernel_gateway", reason="jupyter_kernel_gateway is not installed")
 pytestmark = pytest.mark.vm
@@ -30,17 +29,8 @@ def test_kernel_gateway_runs_smolvm_kernels(jupyter_prefix, tmp_path):
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"token {token}"}
     before = runtime_entries()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/api/kernelspecs", headers=auth).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "gateway.log"
-            ).read_text()[-2000:]
-            time.sleep(0.5)
+        wait_until_up(lambda: requests.get(f"{base}/api/kernelspecs", headers=auth).ok, proc,
+                      tmp_path / "gateway.log")  # fmt: skip
         assert requests.post(f"{base}/api/kernels", json={"name": spec}).status_code == 401
         r = requests.post(f"{base}/api/kernels", json={"name": spec}, headers=auth)
         assert r.status_code == 201, r.text

@@ -17,7 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from .conftest import processes_mentioning, runtime_entries
 from .test_kernel import tiny_png
-from .web_helpers import free_port
+from .web_helpers import free_port, wait_until_up
 
 TOOLS = {"run_python", "run_shell", "interrupt", "restart", "read_file", "write_file",
          "list_files", "list_sessions", "close_session", "checkpoint", "rewind",
@@ -106,14 +106,8 @@ async def test_http_transport_requires_the_bearer_token():
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-                time.sleep(0.2)
+        wait_until_up(lambda: bool(socket.create_connection(("127.0.0.1", port), 1).close()
+                                   or True), proc)  # fmt: skip
         init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {},
             "clientInfo": {"name": "t", "version": "0"}}}  # fmt: skip

@@ -16,7 +16,7 @@ from smol_kernel.cli import main as cli_main
 from smol_kernel.vm.process import list_vms
 
 from .conftest import processes_mentioning
-from .web_helpers import free_port, ws_execute
+from .web_helpers import free_port, wait_until_up, ws_execute
 
 pytestmark = pytest.mark.vm
 TOKEN = "smol-test-token"
@@ -53,15 +53,9 @@ def test_server_session_executes_then_stopping_the_server_leaves_no_vm(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                specs = _api(base, "GET", "/api/kernelspecs")
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "jupyter server did not come up"
-                time.sleep(0.3)
+        wait_until_up(lambda: bool(_api(base, "GET", "/api/kernelspecs")), server,
+                      tmp_path / "server.log")  # fmt: skip
+        specs = _api(base, "GET", "/api/kernelspecs")
         assert smolvm_spec in specs["kernelspecs"], "the smolvm kernelspec must be listed"
         (tmp_path / "nb.ipynb").write_text("{}")
         session = _api(base, "POST", "/api/sessions", {

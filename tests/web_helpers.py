@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import websocket
 
@@ -14,6 +17,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(
+    answers: Callable[[], bool],
+    proc: subprocess.Popen,
+    log: Path | None = None,
+    timeout: float = 60.0,
+    interval: float = 0.3,
+) -> None:
+    """Poll ``answers()`` until it is true (a refused or failed connection counts as not
+    yet); fail with the end of the server's ``log`` if ``proc`` exits or ``timeout``
+    passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if answers():
+                return
+        except OSError:  # requests.ConnectionError is one too
+            pass
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            state = f"exited {proc.returncode}" if proc.poll() is not None else "still starting"
+            raise AssertionError(f"the server did not come up ({state}):\n{tail}")
+        time.sleep(interval)
 
 
 def ws_send_execute(ws_url: str, token: str, code: str, timeout: float = 120):

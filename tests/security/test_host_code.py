@@ -418,6 +418,8 @@ def _host_kernel_imports_from(root: Path, prefix: Path, markers: Path, extension
 
     import requests
 
+    from ..web_helpers import wait_until_up
+
     config = prefix / ("with" if extension else "without")
     (config / "jupyter_server_config.d").mkdir(parents=True, exist_ok=True)
     (config / "jupyter_server_config.d" / "smol_kernel.json").write_text(json.dumps(
@@ -426,15 +428,8 @@ def _host_kernel_imports_from(root: Path, prefix: Path, markers: Path, extension
     env["JUPYTER_CONFIG_PATH"] = str(config)
     proc, base = _server(prefix, root, env, config / "server.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/api/status?token=t").ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_until_up(lambda: requests.get(f"{base}/api/status?token=t").ok, proc,
+                      config / "server.log")  # fmt: skip
         r = requests.post(f"{base}/api/kernels?token=t", json={"name": "python3", "path": ""})
         assert r.status_code == 201, r.text
         deadline = time.monotonic() + 30

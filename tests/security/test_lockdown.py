@@ -20,6 +20,7 @@ import websocket
 from ..conftest import processes_mentioning
 from ..web_helpers import (
     free_port,
+    wait_until_up,
     ws_execute,
     ws_v1_connect,
     ws_v1_decode,
@@ -66,16 +67,7 @@ def locked_server(tmp_path_factory, image):
     base = f"http://127.0.0.1:{port}"
     api = requests.Session()
     api.headers["Authorization"] = f"token {TOKEN}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if api.get(f"{base}/api/status").ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, (
-            tmp / "server.log").read_text()[-3000:]  # fmt: skip
-        time.sleep(0.3)
+    wait_until_up(lambda: api.get(f"{base}/api/status").ok, server, tmp / "server.log")
     try:
         yield base, api, server, runtime, tmp
     finally:

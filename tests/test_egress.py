@@ -352,9 +352,20 @@ def client_hello(sni: str) -> bytes:
     return outgoing.read()
 
 
-def connect(policy: Policy, port: int, sport: int) -> int:
-    assert policy.allow_frame(tcp(ALLOWED, port, sport=sport, seq=100))
-    return 101
+def from_passt(src: str, sport: int, dport: int, flags: int, seq: int, ack: int,
+               payload: bytes = b"") -> bytes:  # fmt: skip
+    """A TCP segment passt sends the guest."""
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(GUEST))  # fmt: skip
+    return GUEST_MAC + PASST_MAC + b"\x08\x00" + ip + seg + payload
+
+
+def connect(policy: Policy, port: int, sport: int, seq: int = 100) -> int:
+    """The guest's SYN, and passt's SYN-ACK for it; the first data sequence number."""
+    assert policy.allow_frame(tcp(ALLOWED, port, sport=sport, seq=seq))
+    policy.allow_inbound(from_passt(ALLOWED, port, sport, 0x12, 7000, (seq + 1) & 0xFFFFFFFF))
+    return (seq + 1) & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("split", [None, 40, 200])
@@ -602,31 +613,111 @@ def test_data_on_a_reset_keeps_the_stream_inspected():
     assert head_frames(policy, 443, 56000, [client_hello("evil.test")]) == [False]
 
 
-def test_a_forgotten_or_refused_stream_is_reset_and_its_tuple_quarantined():
-    policy, eg, clock = make(["allowed.test"])
+def test_a_forgotten_stream_is_reset_on_both_sides_and_passes_nothing_more():
+    policy, eg, _ = make(["allowed.test"])
     resolve(policy, eg, "allowed.test", ALLOWED)
-    connect(policy, 443, 57000)
-    assert head_frames(policy, 443, 57000, [b"\x16\x03\x01"]) == [True]
+    first = connect(policy, 443, 57000)
+    assert head_frames(policy, 443, 57000, [b"\x16\x03\x01"], seq=first) == [True]
     # The flow leaves the guard's flow table (a FIN), then 256 other streams need room.
-    assert policy.allow_frame(tcp(ALLOWED, 443, 0x11, 104, 1, sport=57000))
+    assert policy.allow_frame(tcp(ALLOWED, 443, 0x11, first + 3, 1, sport=57000))
     eg.to_passt.clear()
+    eg.to_guest.clear()
     for i in range(256):
         policy.allow_frame(tcp(ALLOWED, 443, sport=20000 + i))
-    resets = [f for f in eg.to_passt if struct.unpack_from("!H", f, 34)[0] == 57000]
-    assert len(resets) == 1 and resets[0][47] & 0x04, "passt's side of it is reset"
+    to_passt = [f for f in eg.to_passt if struct.unpack_from("!H", f, 34)[0] == 57000]
+    to_guest = [f for f in eg.to_guest if struct.unpack_from("!H", f, 36)[0] == 57000]
+    assert len(to_passt) == 1 and to_passt[0][47] & 0x04, "passt's side is reset"
+    assert len(to_guest) == 1 and to_guest[0][47] & 0x04, "and the guest's"
     assert (57000, socket.inet_aton(ALLOWED), 443) not in eg.inspect
-    assert not policy.allow_frame(tcp(ALLOWED, 443, seq=103, sport=57000)), "quarantined"
-    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, 104, 1, b"x", sport=57000)), (
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, first + 3, 1, b"x", sport=57000)), (
         "a forgotten name-opened stream passes nothing"
     )
-    # A refused stream's tuple is quarantined too, then free again.
-    policy, eg, clock = make(["allowed.test"])
+
+
+def test_no_data_before_passt_answered_this_very_syn():
+    """A connection passt still holds on the tuple (closed, not yet reaped) ignores a new
+    SYN: without a SYN-ACK for the new ISN, nothing may be appended to the old stream."""
+    policy, eg, _ = make(["allowed.test"])
     resolve(policy, eg, "allowed.test", ALLOWED)
-    connect(policy, 80, 57001)
-    assert head_frames(policy, 80, 57001, [b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"]) == [False]
-    assert not policy.allow_frame(tcp(ALLOWED, 80, sport=57001, seq=9000))
-    clock.now += 4
-    assert policy.allow_frame(tcp(ALLOWED, 80, sport=57001, seq=9000)), "after the quarantine"
+    assert policy.allow_frame(tcp(ALLOWED, 80, seq=100, sport=57100))
+    head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    assert not policy.allow_frame(tcp(ALLOWED, 80, 0x18, 101, 1, head, sport=57100))
+    policy.allow_inbound(from_passt(ALLOWED, 80, 57100, 0x12, 7000, 555))  # another ISN's
+    assert not policy.allow_frame(tcp(ALLOWED, 80, 0x18, 101, 1, head, sport=57100))
+    policy.allow_inbound(from_passt(ALLOWED, 80, 57100, 0x12, 7000, 101))
+    assert policy.allow_frame(tcp(ALLOWED, 80, 0x18, 101, 1, head, sport=57100))
+
+
+def test_a_tuple_reused_after_its_stream_closed_starts_afresh():
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    first = connect(policy, 80, 57200)
+    head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    assert head_frames(policy, 80, 57200, [head], seq=first) == [True]
+    assert policy.allow_frame(tcp(ALLOWED, 80, 0x11, first + len(head), 1, sport=57200))
+    again = connect(policy, 80, 57200, seq=90000)
+    assert head_frames(policy, 80, 57200, [head], seq=again) == [True]
+
+
+def test_the_guards_position_is_passts_not_the_guests():
+    """Segments far ahead of what passt took cannot move the guard's reference: the review's
+    jump (and 2 GiB of data passt never took) left seq == start read as new data."""
+    policy, eg, _ = make(["allowed.test"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    start = connect(policy, 443, 57300)
+    hello = client_hello("allowed.test")
+    assert head_frames(policy, 443, 57300, [hello], seq=start) == [True]
+    seq = start + len(hello)
+    while seq - start < MAX_INSPECT + 2000:
+        assert policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 1, bytes(1000), sport=57300))
+        seq += 1000
+    jump = (start + (1 << 31) + 5) & 0xFFFFFFFF
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, jump, 1, b"x", sport=57300))
+    evil = client_hello("evil.test")
+    assert not policy.allow_frame(tcp(ALLOWED, 443, 0x18, start, 1, evil, sport=57300))
+    # Once passt acknowledges past the first bytes, the sequence space moves with it.
+    policy.allow_inbound(from_passt(ALLOWED, 443, 57300, 0x10, 7001, seq & 0xFFFFFFFF))
+    assert policy.allow_frame(tcp(ALLOWED, 443, 0x18, seq, 1, bytes(100), sport=57300))
+
+
+def test_a_frame_passt_never_makes_ends_the_network(tmp_path):
+    policy, _, _ = make(["allowed.test"], tmp_path)
+    vm, guard_vm = socket.socketpair()
+    guard_passt, passt = socket.socketpair()
+    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
+    t.start()
+    good = from_passt(ALLOWED, 80, 40000, 0x10, 1, 1)
+    bad = good[:16] + struct.pack("!H", 9999) + good[18:]  # an IPv4 length that lies
+    passt.sendall(b"".join(struct.pack("!I", len(f)) + f for f in (good, bad, good)))
+    vm.settimeout(5)
+    got = b""
+    while chunk := vm.recv(65536):
+        got += chunk
+    assert got == struct.pack("!I", len(good)) + good, "the first passed, then the network ended"
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_http_split_after_a_cr_and_connect_without_host():
+    policy, eg, _ = make(["allowed.test", "proxy.test:3128", "pypi.org:443"])
+    resolve(policy, eg, "allowed.test", ALLOWED)
+    head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\nAccept: */*\r\n\r\n"
+    for cut in range(1, len(head)):
+        sport = 57400 + cut
+        first = connect(policy, 80, sport)
+        assert head_frames(policy, 80, sport, [head[:cut], head[cut:]], seq=first) == [
+            True, True
+        ], cut  # fmt: skip
+    policy, eg, _ = make(["proxy.test:3128", "pypi.org:443"])
+    resolve(policy, eg, "proxy.test", ALLOWED)
+    for n, (connect_head, ok) in enumerate([
+        (b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n", True),
+        (b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n", True),
+        (b"CONNECT pypi.org:22 HTTP/1.1\r\n\r\n", False),
+        (b"CONNECT evil.test:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n", False),
+    ]):  # fmt: skip
+        first = connect(policy, 3128, 57600 + n)
+        assert head_frames(policy, 3128, 57600 + n, [connect_head], seq=first) == [ok]
 
 
 def test_everything_after_the_first_16_kib_flows_once_decided():
@@ -648,9 +739,8 @@ def test_offsets_unwrap_past_the_sequence_space():
     policy, eg, _ = make(["allowed.test"])
     resolve(policy, eg, "allowed.test", ALLOWED)
     isn = 0xFFFFFF00  # the stream's sequence numbers wrap after 255 bytes
-    assert policy.allow_frame(tcp(ALLOWED, 80, seq=isn, sport=59000))
+    seq = connect(policy, 80, 59000, seq=isn)
     head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
-    seq = (isn + 1) & 0xFFFFFFFF
     for _ in range(20):
         assert policy.allow_frame(tcp(ALLOWED, 80, 0x18, seq, 1, head, sport=59000))
         seq = (seq + len(head)) & 0xFFFFFFFF

@@ -53,7 +53,8 @@ MAX_TTL = 3600.0
 MAX_OPEN_ADDRESSES = 4096
 MAX_PENDING_QUERIES = 512
 QUERY_TIMEOUT = 30.0
-QUARANTINE_SECONDS = 3.0  # passt reaps a closed connection within its 1 s timer
+HIDDEN_NAME_EXTENSIONS = frozenset({0xFE08, 0xFE09, 0xFE0A, 0xFE0B, 0xFE0C, 0xFE0D, 0xFFCE})
+MAX_AHEAD = 16 << 20  # bytes past passt's position a guest segment may start (its window)
 MAX_INSPECT = 16 * 1024
 MAX_LOG_ENTRIES = 1024
 LOG_INTERVAL = 0.2
@@ -208,8 +209,8 @@ def _tls_names(buf: bytes) -> tuple[str, Named]:
             etype, elen = struct.unpack_from("!HH", hello, pos)
             data = hello[pos + 4 : pos + 4 + elen]
             pos += 4 + elen
-            if len(data) != elen or etype == 0xFE0D:  # encrypted client hello hides a name
-                return "bad", []
+            if len(data) != elen or etype in HIDDEN_NAME_EXTENSIONS:
+                return "bad", []  # encrypted client hello (or its drafts, or ESNI) hides a name
             if etype == 0:
                 if names or len(data) < 5 or data[2] != 0:
                     return "bad", []
@@ -247,6 +248,8 @@ def _http_names(data: bytes) -> tuple[str, Named]:
     a folded line is refused, so no server reads a head the guard read otherwise."""
     end = data.find(b"\r\n\r\n")
     head = data if end < 0 else data[:end]
+    if end < 0 and head.endswith(b"\r"):
+        head = head[:-1]  # its LF is in the next segment
     if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
         return "bad", []
     if end < 0:
@@ -263,9 +266,10 @@ def _http_names(data: bytes) -> tuple[str, Named]:
             return "bad", []  # a folded line, or a name with whitespace
         if key.lower() == b"host":
             hosts.append(value.strip(b" \t"))
-    if len(hosts) != 1:
+    if len(hosts) > 1 or (not hosts and method != b"CONNECT"):
         return "bad", []
-    named: list[tuple[bytes, bool]] = [(hosts[0], False)]
+    # A Host names the connection's port; a CONNECT target (and its Host) their own.
+    named: list[tuple[bytes, bool]] = [(h, method == b"CONNECT") for h in hosts]
     if method == b"CONNECT":
         named.append((target, True))
     elif target[:1] != b"/" and target != b"*":
@@ -279,7 +283,7 @@ def _http_names(data: bytes) -> tuple[str, Named]:
     out: Named = []
     for text, its_port_counts in named:
         host = _host_of(text)
-        if host is None or (its_port_counts and host[1] is None):
+        if host is None or (its_port_counts and host[1] is None and text is target):
             return "bad", []
         out.append((host[0], host[1] if its_port_counts else None))
     return "done", out
@@ -322,19 +326,30 @@ class _Opening:
 
 class _Inspect:
     """A TCP stream to a name-opened address: its first ``MAX_INSPECT`` bytes as passt will
-    see them, how far the guest has sent (``high``: stream offset, unwrapped), and the
-    frame header to reset passt's side with."""
+    see them, and where passt is in it. ``acked``: the stream offset passt has acknowledged
+    (what it took), learnt from its own segments, never from the guest's; ``answered``:
+    passt's SYN-ACK for this very ISN arrived (no data flows before it: a connection passt
+    still holds from an earlier stream on the tuple never sends one)."""
 
-    __slots__ = ("buf", "decided", "eth", "guest", "high", "start")
+    __slots__ = ("acked", "answered", "buf", "decided", "eth", "guest", "start")
 
     def __init__(self, start: int, eth: bytes, guest: bytes) -> None:
         self.start, self.eth, self.guest = start, eth, guest
-        self.buf, self.decided, self.high = b"", False, 0
+        self.buf, self.decided, self.acked, self.answered = b"", False, 0, False
 
     def offset(self, seq: int) -> int:
-        """The stream offset of ``seq``, unwrapped around how far the guest has sent."""
-        delta = (seq - self.start - self.high) & 0xFFFFFFFF
-        return self.high + (delta - (1 << 32) if delta & 0x80000000 else delta)
+        """The stream offset of ``seq``, unwrapped around passt's position."""
+        delta = (seq - self.start - self.acked) & 0xFFFFFFFF
+        return self.acked + (delta - (1 << 32) if delta & 0x80000000 else delta)
+
+    def passt_said(self, flags: int, ack: int) -> None:
+        """A segment passt sent the guest on this stream (the passt -> guest thread)."""
+        if flags & TCP_SYN and flags & TCP_ACK:
+            self.answered = self.answered or ack == self.start
+        elif flags & TCP_ACK and self.answered:
+            off = self.offset(ack)
+            if self.acked < off <= self.acked + MAX_AHEAD:
+                self.acked = off
 
 
 # ------------------------------------------------------------------ the policy
@@ -360,9 +375,6 @@ class Egress:
         # (guest port, id sent) -> (name, id the guest used, when)
         self.pending: dict[tuple[int, int], tuple[str, int, float]] = {}
         self.inspect: dict[tuple[int, bytes, int], _Inspect] = {}
-        # Tuples of inspected streams that ended, refused or forgotten: passt may still hold
-        # the connection (it reaps closed ones on a 1 s timer), so no new SYN reuses one.
-        self.quarantine: dict[tuple[int, bytes, int], float] = {}
         self.tcp_flows: dict = {}  # the Policy's, shared: a flow reset here leaves it
         self.to_guest: list[bytes] = []
         self.to_passt: list[bytes] = []
@@ -505,11 +517,16 @@ class Egress:
 
     def _syn(self, frame: bytes, key, seq: int, state: _Inspect | None) -> bool:
         sport, dst, dport = key
-        if state is not None:  # the same SYN again, or a second one on a live stream
-            return state.start == (seq + 1) & 0xFFFFFFFF and state.high == 0
+        if state is not None:
+            if state.start == (seq + 1) & 0xFFFFFFFF and not state.buf:
+                return True  # the same SYN again
+            if key in self.tcp_flows:
+                return False  # a second SYN on a live stream
+            # The tuple again, after its stream closed: forget the old one (passt ignores a
+            # SYN on a connection it still holds, and then never answers this ISN).
+            self._forget(key, state, reset_passt=True)
         kind = self._destination(dst, dport)
-        now = self.clock()
-        if kind == "name" and (self.quarantine.get(key, 0.0) > now or not self._room_to_inspect()):
+        if kind == "name" and not self._room_to_inspect():
             kind = None
         self.log.record(self.name_of(dst), dst, dport, "tcp", kind is not None)
         if kind is None:
@@ -521,9 +538,8 @@ class Egress:
         return True
 
     def _room_to_inspect(self) -> bool:
-        """Room for one more inspected stream: streams passt's flow table no longer has
-        (closed, or idle past the guard's flow timeout) are forgotten -- and reset on
-        passt's side and quarantined, in case passt still holds them."""
+        """Room for one more inspected stream: streams the guard's flow table no longer has
+        (closed, or idle past its flow timeout) are forgotten, and reset on both sides."""
         if len(self.inspect) >= MAX_INSPECTED_FLOWS:
             for key in [k for k in self.inspect if k not in self.tcp_flows]:
                 self._forget(key, self.inspect[key], reset_passt=True)
@@ -532,34 +548,38 @@ class Egress:
     def _forget(self, key, state: _Inspect, reset_passt: bool) -> None:
         self.inspect.pop(key, None)
         self.tcp_flows.pop(key, None)
-        now = self.clock()
-        if len(self.quarantine) >= 4 * MAX_INSPECTED_FLOWS:
-            for k in [k for k, until in self.quarantine.items() if until <= now]:
-                del self.quarantine[k]
-        if len(self.quarantine) < 4 * MAX_INSPECTED_FLOWS:
-            self.quarantine[key] = now + QUARANTINE_SECONDS
         if reset_passt:
             sport, dst, dport = key
-            guest = state.guest
-            seq = (state.start + state.high) & 0xFFFFFFFF
-            rst = tcp_segment(guest, dst, sport, dport, seq, 0, TCP_RST)
-            self.to_passt.append(state.eth + _ipv4(guest, dst, socket.IPPROTO_TCP, rst))
+            seq = (state.start + state.acked) & 0xFFFFFFFF
+            rst = tcp_segment(state.guest, dst, sport, dport, seq, 0, TCP_RST)
+            self.to_passt.append(state.eth + _ipv4(state.guest, dst, socket.IPPROTO_TCP, rst))
+            back = tcp_segment(dst, state.guest, dport, sport, 0, seq, TCP_RST | TCP_ACK)
+            eth = state.eth[6:12] + state.eth[0:6] + state.eth[12:14]
+            self.to_guest.append(eth + _ipv4(dst, state.guest, socket.IPPROTO_TCP, back))
+
+    def passt_segment(self, frame: bytes, l4: int) -> None:
+        """A TCP segment passt sent the guest: how far passt is in an inspected stream."""
+        (dport,) = struct.unpack_from("!H", frame, l4 + 2)
+        key = (dport, bytes(frame[26:30]), struct.unpack_from("!H", frame, l4)[0])
+        state = self.inspect.get(key)
+        if state is not None:
+            state.passt_said(frame[l4 + 13], struct.unpack_from("!I", frame, l4 + 8)[0])
 
     def _stream(self, state: _Inspect, seq: int, payload: bytes, port: int, dst: bytes):
         """None: pass; "drop": not this segment (the guest resends); else the protocol of
         a refusal (the connection is reset)."""
         if not payload:
             return None
+        if not state.answered:
+            return "drop"  # no data before passt answered this stream's own SYN
         off = state.offset(seq)
-        if off < 0:
-            return "drop"  # before the stream
-        end = off + len(payload)
+        if off < 0 or off > state.acked + MAX_AHEAD:
+            return "drop"  # before the stream, or beyond any window passt offers
         if off > len(state.buf) and (not state.decided or len(state.buf) < MAX_INSPECT):
             return "drop"  # a gap in what the guard must read: the guest resends
         overlap = state.buf[off : off + len(payload)] if off < len(state.buf) else b""
         if payload[: len(overlap)] != overlap:
             return "drop"  # other bytes where the guard already read some
-        state.high = max(state.high, end)
         new = payload[len(overlap) :] if off <= len(state.buf) else b""
         if state.decided:
             state.buf += new[: max(0, MAX_INSPECT - len(state.buf))]

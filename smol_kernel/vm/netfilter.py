@@ -314,11 +314,23 @@ class Policy:
         """UDP only from where the guest sent to, and refreshes that flow (a DNS answer
         may come back as ``rewritten_in``)."""
         self.rewritten_in = None
-        if len(frame) < 14 + 20 or struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
+        if (why := _not_a_passt_frame(frame)) is not None:
+            # passt writes a frame's length and body in two sends, so a guest that stops
+            # reading can make the stream lose its framing; read on and the next "frame"
+            # could be bytes a remote sent. Fail closed: the network ends here.
+            raise FramingLost(why)
+        if struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
+            return True
+        l4 = 14 + (frame[14] & 0x0F) * 4
+        if frame[14 + 9] == socket.IPPROTO_TCP and len(frame) >= l4 + 20:
+            if frame[l4 + 13] & 0x04:  # passt reset it: the flow is over
+                sport, dport = struct.unpack_from("!HH", frame, l4)
+                self.tcp_flows.pop((dport, bytes(frame[26:30]), sport), None)
+            if self.egress is not None:
+                self.egress.passt_segment(bytes(frame), l4)
             return True
         if frame[14 + 9] != socket.IPPROTO_UDP:
             return True
-        l4 = 14 + (frame[14] & 0x0F) * 4
         if len(frame) < l4 + 8 or struct.unpack_from("!H", frame, 14 + 6)[0] & 0x3FFF:
             return False
         sport, dport = struct.unpack_from("!HH", frame, l4)
@@ -334,6 +346,26 @@ class Policy:
                 return False
             self.rewritten_in = self.egress.rewritten_in
         return True
+
+
+class FramingLost(Exception):
+    """What passt sent is not a frame passt makes: the stream's framing is lost."""
+
+
+def _not_a_passt_frame(frame: bytes | memoryview) -> str | None:
+    """Why ``frame`` cannot be one passt wrote (ARP, or a well-formed IPv4 packet), or None."""
+    if len(frame) < 14:
+        return f"a {len(frame)}-byte frame"
+    ethertype = struct.unpack_from("!H", frame, 12)[0]
+    if ethertype == ETH_ARP:
+        return None if len(frame) >= 42 else "a short ARP frame"
+    if ethertype != ETH_IPV4 or len(frame) < 34:
+        return f"ethertype {ethertype:#06x}, {len(frame)} bytes"
+    if frame[14] >> 4 != 4 or frame[14] & 0x0F < 5:
+        return "not an IPv4 header"
+    if struct.unpack_from("!H", frame, 16)[0] != len(frame) - 14:
+        return "an IPv4 length that disagrees with the frame"
+    return None
 
 
 def _room(table: dict, limit: int, now: float) -> bool:
@@ -408,6 +440,9 @@ def guard(
                         vm.sendall(struct.pack("!I", len(out)) + out)
         except OSError:
             pass
+        except FramingLost as e:
+            print(f"smol-kernel network guard: passt's stream lost its framing ({e}); "
+                  "closing the guest's network", file=sys.stderr)  # fmt: skip
         except Exception:  # a bug must end the network visibly, not leave half of it
             traceback.print_exc()
         done.set()

@@ -59,6 +59,28 @@ def ipv4_frame(
     return PASST_MAC + GUEST_MAC + b"\x08\x00" + ip + l4
 
 
+def inbound(frame: bytes) -> bytes:
+    """The same frame as passt sends it: to the guest's address."""
+    return GUEST_MAC + PASST_MAC + frame[12:]
+
+
+def arp_frame(sender: bytes = GUEST_MAC) -> bytes:
+    """An ARP request from ``sender`` for the gateway."""
+    body = struct.pack(
+        "!HHBBH6s4s6s4s",
+        1,
+        0x0800,
+        6,
+        4,
+        1,
+        sender,
+        socket.inet_aton("10.0.2.15"),
+        bytes(6),
+        socket.inet_aton("10.0.2.2"),
+    )
+    return PASST_MAC + sender + b"\x08\x06" + body  # fmt: skip
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -112,8 +134,12 @@ def test_fragments_are_dropped(policy):
 
 
 def test_arp_passes_and_other_protocols_do_not(policy):
-    arp = PASST_MAC + GUEST_MAC + b"\x08\x06" + bytes(28)
-    assert policy.allow_frame(arp)
+    assert policy.allow_frame(arp_frame())
+    other = bytes.fromhex("525400abcdef")
+    assert not policy.allow_frame(arp_frame(other)), "only the NIC's own address"
+    assert not policy.allow_frame(other.join([PASST_MAC, ipv4_frame("8.8.8.8")[12:]])), (
+        "an IPv4 frame from another address"
+    )
     ipv6 = PASST_MAC + GUEST_MAC + b"\x86\xdd" + bytes(60)
     assert not policy.allow_frame(ipv6)
     assert not policy.allow_frame(ipv4_frame("8.8.8.8")[:30]), "truncated"
@@ -171,17 +197,17 @@ def test_icmp_echo_ids_are_capped(policy, clock):
 
 
 def test_inbound_udp_only_from_where_the_guest_sent(policy):
-    reply = ipv4_frame("10.0.2.15", 17, dport=40000, sport=53, src="8.8.8.8")
+    reply = inbound(ipv4_frame("10.0.2.15", 17, dport=40000, sport=53, src="8.8.8.8"))
     assert not policy.allow_inbound(reply), "nothing was sent yet"
     assert policy.allow_frame(ipv4_frame("8.8.8.8", 17, 53, sport=40000))
     assert policy.allow_inbound(reply)
-    stranger = ipv4_frame("10.0.2.15", 17, dport=40000, sport=53, src="203.0.113.99")
-    other_port = ipv4_frame("10.0.2.15", 17, dport=40000, sport=54, src="8.8.8.8")
+    stranger = inbound(ipv4_frame("10.0.2.15", 17, dport=40000, sport=53, src="203.0.113.99"))
+    other_port = inbound(ipv4_frame("10.0.2.15", 17, dport=40000, sport=54, src="8.8.8.8"))
     assert not policy.allow_inbound(stranger) and not policy.allow_inbound(other_port)
-    dns = ipv4_frame("10.0.2.15", 17, dport=40001, sport=53, src="10.0.2.3")
+    dns = inbound(ipv4_frame("10.0.2.15", 17, dport=40001, sport=53, src="10.0.2.3"))
     assert policy.allow_frame(ipv4_frame("10.0.2.3", 17, 53, sport=40001))
     assert policy.allow_inbound(dns), "replies of the forwarded resolver"
-    tcp = ipv4_frame("10.0.2.15", 6, dport=40000, sport=443, src="203.0.113.99")
+    tcp = inbound(ipv4_frame("10.0.2.15", 6, dport=40000, sport=443, src="203.0.113.99"))
     assert policy.allow_inbound(tcp), "TCP: passt only relays connections the guest opened"
 
 
@@ -276,8 +302,8 @@ def test_guard_forwards_allowed_frames_and_drops_the_rest(policy):
     passt.settimeout(5)
     got = passt.recv(4 + len(good))
     assert got == struct.pack("!I", len(good)) + good
-    arp = PASST_MAC + GUEST_MAC + b"\x08\x06" + bytes(28)
-    stranger = ipv4_frame("10.0.2.15", 17, dport=41000, sport=53, src="203.0.113.99")
+    arp = inbound(arp_frame())
+    stranger = inbound(ipv4_frame("10.0.2.15", 17, dport=41000, sport=53, src="203.0.113.99"))
     passt.sendall(_stream([stranger, arp]))
     vm.settimeout(5)
     assert vm.recv(100) == _stream([arp]), "unasked-for UDP stays out, the rest passes"

@@ -23,10 +23,24 @@ from .web_helpers import free_port
 
 
 async def _local_kernel(key: bytes) -> AsyncKernelManager:
-    km = AsyncKernelManager(kernel_name="python3")
-    km.session.key = key
-    await km.start_kernel()
-    return km
+    """A local ipykernel that answers. Its ports are picked free and then bound by the
+    kernel, so another process (the other test worker) can take one in between: retry."""
+    for attempt in range(3):
+        km = AsyncKernelManager(kernel_name="python3")
+        km.session.key = key
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=30)
+            return km
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            await km.shutdown_kernel(now=True)
+        finally:
+            kc.stop_channels()
+    raise AssertionError("unreachable")
 
 
 def _opener(km: AsyncKernelManager):

@@ -36,7 +36,7 @@ from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve
 from .oci import OciError, open_image
 from .oci_root import GUEST_DIR, GuestPython
 from .progress import StageProgress
-from .store import DEFAULT_IMAGE, GuestImage, check_name
+from .store import DEFAULT_IMAGE, GuestImage, check_name, file_sha256
 
 BUILDER_VERSION = 1
 # Host package files copied into the guest's /opt/smol-kernel (their hashes are inputs).
@@ -77,14 +77,6 @@ class _Build:
 
 class ImageBuildError(Exception):
     """The image could not be built; the message says why and what to do."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract_vmlinux(bzimage: Path, out: Path) -> None:
@@ -340,7 +332,7 @@ class ImageBuilder:
             "input_hash": self.input_hash(),
             "versions": versions,
             "files": {
-                f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+                f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
                 for f in sorted(out.iterdir())
             },
         }

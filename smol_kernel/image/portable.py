@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import paths
-from .store import IMAGE_FILES, GuestImage, ImageNotFound, check_name, max_image_bytes
+from .store import (
+    IMAGE_FILES,
+    GuestImage,
+    ImageNotFound,
+    check_name,
+    file_sha256,
+    max_image_bytes,
+)
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -65,14 +72,6 @@ def export_image(name: str, dest: Path, compress: bool = False) -> str:
         tmp.unlink(missing_ok=True)
         raise
     return file_sha256(dest)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_image(

@@ -10,6 +10,7 @@ An image directory holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -135,3 +136,12 @@ def remove_image(name: str, root: Path | None = None) -> Path:
         raise ImageNotFound(f"no guest image named {name!r} in {base.parent}")
     shutil.rmtree(base)
     return base
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (an image's files are listed by it in their manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -54,6 +54,8 @@ MAX_OPEN_ADDRESSES = 4096
 MAX_PENDING_QUERIES = 512
 QUERY_TIMEOUT = 30.0
 HIDDEN_NAME_EXTENSIONS = frozenset({0xFE08, 0xFE09, 0xFE0A, 0xFE0B, 0xFE0C, 0xFE0D, 0xFFCE})
+SYN_RESEND_SECONDS = 0.5  # Linux resends a SYN after 1 s
+QUIET_SECONDS = 10.0  # an inspected stream gone from the flow table this long is forgotten
 MAX_AHEAD = 16 << 20  # bytes past passt's position a guest segment may start (its window)
 MAX_INSPECT = 16 * 1024
 MAX_LOG_ENTRIES = 1024
@@ -331,10 +333,10 @@ class _Inspect:
     passt's SYN-ACK for this very ISN arrived (no data flows before it: a connection passt
     still holds from an earlier stream on the tuple never sends one)."""
 
-    __slots__ = ("acked", "answered", "buf", "decided", "eth", "guest", "start")
+    __slots__ = ("acked", "answered", "buf", "decided", "eth", "guest", "last", "start")
 
-    def __init__(self, start: int, eth: bytes, guest: bytes) -> None:
-        self.start, self.eth, self.guest = start, eth, guest
+    def __init__(self, start: int, eth: bytes, guest: bytes, now: float) -> None:
+        self.start, self.eth, self.guest, self.last = start, eth, guest, now
         self.buf, self.decided, self.acked, self.answered = b"", False, 0, False
 
     def offset(self, seq: int) -> int:
@@ -342,8 +344,9 @@ class _Inspect:
         delta = (seq - self.start - self.acked) & 0xFFFFFFFF
         return self.acked + (delta - (1 << 32) if delta & 0x80000000 else delta)
 
-    def passt_said(self, flags: int, ack: int) -> None:
+    def passt_said(self, flags: int, ack: int, now: float) -> None:
         """A segment passt sent the guest on this stream (the passt -> guest thread)."""
+        self.last = now
         if flags & TCP_SYN and flags & TCP_ACK:
             self.answered = self.answered or ack == self.start
         elif flags & TCP_ACK and self.answered:
@@ -492,6 +495,8 @@ class Egress:
             return False  # passt would not read it as this guard does
         key = (sport, dst, dport)
         state = self.inspect.get(key)
+        if flags & TCP_SYN and l4 + doff < len(frame) and self.allow is not None:
+            return False  # data on a SYN (TCP Fast Open, which passt never offers) is unread
         if flags & TCP_SYN and not flags & TCP_ACK:
             return self._syn(frame, key, seq, state)
         if state is None:
@@ -501,6 +506,9 @@ class Egress:
             return self._destination(dst, dport) == "address"
         if flags & TCP_SYN:
             return False
+        state.last = self.clock()
+        if not state.answered:
+            return False  # nothing but its SYN before passt answered it
         payload = bytes(frame[l4 + doff :])
         if flags & TCP_RST:
             if payload:
@@ -519,7 +527,13 @@ class Egress:
         sport, dst, dport = key
         if state is not None:
             if state.start == (seq + 1) & 0xFFFFFFFF and not state.buf:
-                return True  # the same SYN again
+                # The same SYN again: passt (2023.03) loops on two frames of a connection it
+                # is opening in one read, so resends are spaced as a kernel spaces them.
+                now = self.clock()
+                if state.answered or now - state.last < SYN_RESEND_SECONDS:
+                    return False
+                state.last = now
+                return True
             if key in self.tcp_flows:
                 return False  # a second SYN on a live stream
             # The tuple again, after its stream closed: forget the old one (passt ignores a
@@ -534,15 +548,18 @@ class Egress:
             return False
         if kind == "name":
             self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF, bytes(frame[:14]),
-                                         bytes(frame[26:30]))  # fmt: skip
+                                         bytes(frame[26:30]), self.clock())  # fmt: skip
         return True
 
     def _room_to_inspect(self) -> bool:
         """Room for one more inspected stream: streams the guard's flow table no longer has
-        (closed, or idle past its flow timeout) are forgotten, and reset on both sides."""
+        and that have been quiet for ``QUIET_SECONDS`` (a half-closed download still moves)
+        are forgotten, and reset on both sides. None such: the new stream is refused."""
         if len(self.inspect) >= MAX_INSPECTED_FLOWS:
-            for key in [k for k in self.inspect if k not in self.tcp_flows]:
-                self._forget(key, self.inspect[key], reset_passt=True)
+            now = self.clock()
+            for key, state in list(self.inspect.items()):
+                if key not in self.tcp_flows and now - state.last >= QUIET_SECONDS:
+                    self._forget(key, state, reset_passt=True)
         return len(self.inspect) < MAX_INSPECTED_FLOWS
 
     def _forget(self, key, state: _Inspect, reset_passt: bool) -> None:
@@ -563,7 +580,8 @@ class Egress:
         key = (dport, bytes(frame[26:30]), struct.unpack_from("!H", frame, l4)[0])
         state = self.inspect.get(key)
         if state is not None:
-            state.passt_said(frame[l4 + 13], struct.unpack_from("!I", frame, l4 + 8)[0])
+            state.passt_said(frame[l4 + 13], struct.unpack_from("!I", frame, l4 + 8)[0],
+                             self.clock())  # fmt: skip
 
     def _stream(self, state: _Inspect, seq: int, payload: bytes, port: int, dst: bytes):
         """None: pass; "drop": not this segment (the guest resends); else the protocol of

@@ -29,7 +29,8 @@ from ..trusted import helper_env, python_argv
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
-from .network import GUEST_MAC, start_network
+from .netfilter import GUEST_MAC
+from .network import start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
 from .share import open_share
 from .spec import Isolation, VmSpec, share_tag

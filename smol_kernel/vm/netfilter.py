@@ -61,6 +61,8 @@ GUEST_ADDR = "10.0.2.15"
 PREFIX = 24
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
+GUEST_MAC = "52:54:00:12:34:56"  # the VM NIC's (QEMU and libkrun are given it)
+GUEST_MAC_BYTES = bytes.fromhex(GUEST_MAC.replace(":", ""))
 
 ETH_ARP = 0x0806
 ETH_IPV4 = 0x0800
@@ -177,9 +179,11 @@ class Policy:
     def _allow(self, frame: bytes | memoryview) -> bool:
         if len(frame) < 14 or len(frame) > MAX_GUEST_FRAME:
             return False
+        if bytes(frame[6:12]) != GUEST_MAC_BYTES:
+            return False  # the NIC's address only: passt learns where to send from it
         ethertype = struct.unpack_from("!H", frame, 12)[0]
         if ethertype == ETH_ARP:
-            return True
+            return len(frame) >= 42 and bytes(frame[22:28]) == GUEST_MAC_BYTES
         if ethertype != ETH_IPV4 or len(frame) < 14 + 20:
             return False
         ihl = (frame[14] & 0x0F) * 4
@@ -356,6 +360,8 @@ def _not_a_passt_frame(frame: bytes | memoryview) -> str | None:
     """Why ``frame`` cannot be one passt wrote (ARP, or a well-formed IPv4 packet), or None."""
     if len(frame) < 14:
         return f"a {len(frame)}-byte frame"
+    if bytes(frame[0:6]) not in (GUEST_MAC_BYTES, b"\xff" * 6):
+        return "a frame for another address than the guest's"
     ethertype = struct.unpack_from("!H", frame, 12)[0]
     if ethertype == ETH_ARP:
         return None if len(frame) >= 42 else "a short ARP frame"
@@ -460,12 +466,17 @@ def guard(
             if done.is_set():
                 break
             pacer.wait()
-            if policy.allow_frame(frame):
-                out = policy.rewritten or frame  # its own length: never another frame's
-                passt.sendall(struct.pack("!I", len(out)) + out)
-            if egress is not None and (egress.to_guest or egress.to_passt):
+            allowed = policy.allow_frame(frame)
+            # The guard's own resets first: one for an old stream must not follow the SYN
+            # that reuses its address and ports (passt 2023.03 loops on [SYN, RST]).
+            if egress is not None and egress.to_passt:
                 for answer in egress.to_passt:
                     passt.sendall(struct.pack("!I", len(answer)) + answer)
+                egress.to_passt.clear()
+            if allowed:
+                out = policy.rewritten or frame  # its own length: never another frame's
+                passt.sendall(struct.pack("!I", len(out)) + out)
+            if egress is not None and egress.to_guest:
                 with vm_lock:
                     for answer in egress.to_guest:
                         vm.sendall(struct.pack("!I", len(answer)) + answer)

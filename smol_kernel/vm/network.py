@@ -38,7 +38,6 @@ from .egress import LOG_FILE, POLICY_FILE
 from .netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from .process import stop_processes
 
-GUEST_MAC = "52:54:00:12:34:56"
 GUARD_READY_TIMEOUT = 30.0  # a Python start under load; it reads the routing table
 INSTALL_HINT = "install passt: sudo apt-get install passt (Debian/Ubuntu), sudo dnf install passt"
 

@@ -39,7 +39,8 @@ from ..transport.serial_mux import HostMux
 from ..trusted import find_program
 from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
 from .kvm_probe import probe_kvm
-from .network import GUEST_MAC, start_network
+from .netfilter import GUEST_MAC
+from .network import start_network
 from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
 from .qmp import Qmp, QmpError
 from .share import open_share

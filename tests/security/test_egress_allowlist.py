@@ -245,7 +245,7 @@ async def test_a_sandbox_execution_names_what_was_refused(world):
 
     before = egress_blocked_total()
     async with AsyncSandbox(allow_hosts=["allowed.test:8080"], dns_servers=[world["allowed"]],
-                            private_answer_ranges=["10.204.0.0/16"],
+                            private_answer_ranges=["10.204.0.0/16"], pool_size=0,
                             memory_mib=512) as sb:  # fmt: skip
         ex = await sb.run_code(
             "import urllib.request as u\n"
@@ -264,7 +264,7 @@ async def test_a_sandbox_execution_names_what_was_refused(world):
 
 
 async def test_without_network_nothing_is_reached(world):
-    async with AsyncSandbox(memory_mib=512) as sb:
+    async with AsyncSandbox(memory_mib=512, pool_size=0) as sb:
         ex = await sb.run_code(
             "import socket\n"
             "s = socket.socket(); s.settimeout(5)\n"

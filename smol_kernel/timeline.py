@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import os
 import shutil
@@ -48,6 +49,7 @@ from .shown import escaped
 from .vm.base import Vm, VmError
 from .vm.qemu import QemuBackend
 
+MAX_BUSY = 64  # requests answered "busy" waiting for their answer (a magic sends one)
 SAVE_TIMEOUT = 300.0  # seconds a save may stream (a 16 GiB guest at disk speed)
 QUIET_GRACE = 1.0  # seconds a host request waits for an answer already on its way
 SETTLE_S = 0.05  # after moving clients, before the restored kernel speaks (zmq handshakes)
@@ -62,7 +64,10 @@ class Timeline:
         # save ("checkpoints") or restore ("rewinds")
         self._last_refusal_log = float("-inf")
         self._guest_task: asyncio.Task | None = None
-        self._refusal: asyncio.Task | None = None  # "busy", to a request that overlapped
+        # "busy" answers to requests that overlapped one being served, sent one at a time;
+        # every request gets an answer (a magic waits for it), at most MAX_BUSY queued.
+        self._busy_rids: collections.deque[int] = collections.deque(maxlen=MAX_BUSY)
+        self._refusal: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ checks
     @property
@@ -279,15 +284,22 @@ class Timeline:
     # ------------------------------------------------------------------ guest requests
     def on_kernel_request(self, req: dict) -> None:
         """A magic's request (agent event): one at a time, answered by ``kernel_reply``."""
-        agent = self.p.agent
         rid = req.get("rid")
         if self._guest_task is not None and not self._guest_task.done():
-            # One refusal in flight at most: a flood of requests costs one reply at a time.
+            # A request that overlaps the one being served (the kernel can send its next
+            # as soon as it has the last answer, before the host's own ack came back) is
+            # answered "busy"; the answers go one at a time, so a flood costs one at a time.
+            if isinstance(rid, int):
+                self._busy_rids.append(rid)
             if self._refusal is None or self._refusal.done():
-                busy = "the host is busy with this kernel's previous request"
-                self._refusal = asyncio.ensure_future(_reply(agent, rid, False, busy))
+                self._refusal = asyncio.ensure_future(self._answer_busy())
             return
         self._guest_task = asyncio.ensure_future(self._serve(req))
+
+    async def _answer_busy(self) -> None:
+        busy = "the host is busy with this kernel's previous request"
+        while self._busy_rids:
+            await _reply(self.p.agent, self._busy_rids.popleft(), False, busy)
 
     async def _serve(self, req: dict) -> None:
         agent = self.p.agent

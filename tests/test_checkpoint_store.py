@@ -65,3 +65,32 @@ def test_a_kernels_checkpoints_go_with_it_but_kept_ones(checkpoints_dir):
     removed = store.remove_kernel(KID)
     assert [c.name for c in removed] == ["gone"]
     assert [p.name for p in store.kernel_folder(KID).iterdir()] == ["kept"]
+
+
+async def test_every_overlapping_magic_request_gets_an_answer():
+    """A kernel sends its next %checkpoint as soon as it has the last answer, which can be
+    before the host's own exchange for that answer ended. Each overlapping request must be
+    answered "busy" (the magic waits for its answer): one was dropped when a "busy" answer
+    was still on its way, and the cell hung."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from smol_kernel.timeline import Timeline
+
+    answered: list[tuple[int, bool, str]] = []
+
+    class Agent:
+        async def request(self, op, rid, ok, text, timeout):
+            await asyncio.sleep(0.05)  # the guest acks a moment later
+            answered.append((rid, ok, text))
+
+    prov = SimpleNamespace(agent=Agent(), log=None)
+    timeline = Timeline(prov)
+    serving = asyncio.get_running_loop().create_future()  # a request being served
+    timeline._guest_task = serving
+    for rid in (2, 3, 4):
+        timeline.on_kernel_request({"rid": rid, "request": "checkpoint", "name": f"f{rid}"})
+    await asyncio.sleep(0.5)
+    serving.cancel()
+    assert sorted(rid for rid, _, _ in answered) == [2, 3, 4]
+    assert all(not ok and "busy" in text for _, ok, text in answered)

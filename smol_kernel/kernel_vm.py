@@ -122,11 +122,16 @@ async def boot_kernel_vm(
         event = agent.kernel_prepared if connection is None else agent.kernel_ready
         await wait_for_kernel(vm, agent, event, deadline, late)
     except BaseException:
-        if agent is not None:
-            await agent.close()
-        await vm.close()
+        await _discard(vm, agent)
         raise
     return vm, agent
+
+
+async def _discard(vm: Vm, agent: GuestAgent | None) -> None:
+    """A VM that will not serve: its agent connection closed first, then the VM."""
+    if agent is not None:
+        await agent.close()
+    await vm.close()
 
 
 async def restore_and_connect(
@@ -144,9 +149,7 @@ async def restore_and_connect(
         if not is_ready(agent):
             raise VmError(f"VM {vm.id} ({what}): its kernel is {agent.hello.get('kernel')!r}")
     except BaseException:
-        if agent is not None:
-            await agent.close()
-        await vm.close()
+        await _discard(vm, agent)
         raise
     return vm, agent
 

@@ -10,7 +10,6 @@ import json
 import socket
 import ssl
 import struct
-import threading
 
 import pytest
 
@@ -24,7 +23,9 @@ from smol_kernel.vm.egress import (
     _checksum,
     classify,
 )
-from smol_kernel.vm.netfilter import Policy, guard
+from smol_kernel.vm.netfilter import Policy
+
+from .test_netfilter import start_guard
 
 GUEST_MAC = bytes.fromhex("525400123456")
 PASST_MAC = bytes.fromhex("02fc00000001")
@@ -584,10 +585,7 @@ def test_syn_data_and_early_resends_never_reach_passt():
 
 def test_the_guard_writes_its_answers_to_the_guest(tmp_path):
     policy, _, _ = make(["allowed.test"], tmp_path)
-    vm, guard_vm = socket.socketpair()
-    guard_passt, _passt = socket.socketpair()
-    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
-    t.start()
+    vm, _passt, t = start_guard(policy)
     q = udp(RESOLVER, 53, query("blocked.test"))
     vm.sendall(struct.pack("!I", len(q)) + q)
     vm.settimeout(5)
@@ -606,10 +604,7 @@ def test_an_arp_after_a_query_goes_to_passt_as_itself():
     previous DNS query, under the ARP's own length (passt would then read a frame the
     guest hid after the question)."""
     policy, _, _ = make(["allowed.test"])
-    vm, guard_vm = socket.socketpair()
-    guard_passt, passt = socket.socketpair()
-    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
-    t.start()
+    vm, passt, t = start_guard(policy)
     hidden = tcp("127.0.0.1", 8888)
     q = udp(RESOLVER, 53, query("allowed.test") + struct.pack("!I", len(hidden)) + hidden)
     arp = PASST_MAC + GUEST_MAC + b"\x08\x06" + struct.pack(
@@ -705,10 +700,7 @@ def test_the_guards_position_is_passts_not_the_guests():
 
 def test_a_frame_passt_never_makes_ends_the_network(tmp_path):
     policy, _, _ = make(["allowed.test"], tmp_path)
-    vm, guard_vm = socket.socketpair()
-    guard_passt, passt = socket.socketpair()
-    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
-    t.start()
+    vm, passt, t = start_guard(policy)
     good = from_passt(ALLOWED, 80, 40000, 0x10, 1, 1)
     bad = good[:16] + struct.pack("!H", 9999) + good[18:]  # an IPv4 length that lies
     passt.sendall(b"".join(struct.pack("!I", len(f)) + f for f in (good, bad, good)))

@@ -292,11 +292,18 @@ def _stream(frames: list[bytes]) -> bytes:
     return b"".join(struct.pack("!I", len(f)) + f for f in frames)
 
 
-def test_guard_forwards_allowed_frames_and_drops_the_rest(policy):
+def start_guard(policy: Policy, pacer: Pacer | None = None):
+    """``guard`` on a thread between two socket pairs: (the VM's end, passt's end, thread)."""
     vm, guard_vm = socket.socketpair()
     guard_passt, passt = socket.socketpair()
-    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy), daemon=True)
+    args = (guard_vm, guard_passt, policy) + ((pacer,) if pacer else ())
+    t = threading.Thread(target=guard, args=args, daemon=True)
     t.start()
+    return vm, passt, t
+
+
+def test_guard_forwards_allowed_frames_and_drops_the_rest(policy):
+    vm, passt, t = start_guard(policy)
     good, bad = ipv4_frame("203.0.113.80"), ipv4_frame("127.0.0.1", 17, 9)
     vm.sendall(_stream([bad, good, bad]))
     passt.settimeout(5)
@@ -315,11 +322,7 @@ def test_guard_forwards_allowed_frames_and_drops_the_rest(policy):
 
 def test_guard_paces_a_flooding_guest():
     policy = Policy(host_nets={ipaddress.IPv4Network("127.0.0.0/8")}, probe=False)
-    vm, guard_vm = socket.socketpair()
-    guard_passt, passt = socket.socketpair()
-    pacer = Pacer(rate=2000, burst=100)
-    t = threading.Thread(target=guard, args=(guard_vm, guard_passt, policy, pacer), daemon=True)
-    t.start()
+    vm, passt, t = start_guard(policy, Pacer(rate=2000, burst=100))
     frame = ipv4_frame("203.0.113.80")
     stop = threading.Event()
 

@@ -429,8 +429,9 @@ class Egress:
     ) -> bool:
         """Whether a guest frame (already past the host checks) may go to passt.
         ``new_flow``: it would open a UDP flow to a new peer / is a TCP SYN / an echo;
-        ``known_tcp``: a TCP segment of a connection whose SYN the guard let through."""
-        self.rewritten = None
+        ``known_tcp``: a TCP segment of a connection whose SYN the guard let through.
+        (``rewritten`` is cleared per frame by ``Policy.allow_frame``, which every frame
+        passes, ARP included.)"""
         dst = bytes(frame[30:34])
         if proto == socket.IPPROTO_UDP:
             dport = struct.unpack_from("!H", frame, l4 + 2)[0]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import queue
 import re
 import socket
 import struct
@@ -86,6 +87,7 @@ FLOW_IDLE_SECONDS = 200.0  # passt forgets a UDP flow after 180 s without traffi
 HOST_CACHE_SECONDS = 5.0
 FRAME_RATE = 10_000  # frames per second, guest -> passt
 FRAME_BURST = 2_000
+TO_GUEST_QUEUE = 4096  # frames from passt waiting for a slow guest (about 6 MiB at most)
 # A fixed send buffer toward passt (not the host default): passt 2023.03 mis-parses a frame
 # stream split at some boundaries, and every frame is written whole with one sendall.
 PASST_SNDBUF = 1 << 20
@@ -437,13 +439,22 @@ def guard(
     vm_lock = threading.Lock()  # the guard's own answers go to the guest from this thread too
     egress = policy.egress
 
-    def to_guest() -> None:
+    # passt writes some frames (ARP, ICMP) as a length and a body in two non-blocking sends:
+    # if the guard stopped reading while the guest is slow, a length could go out alone and
+    # the stream would lose its framing. So one thread always reads passt, into a bounded
+    # queue (full: the frame is dropped, as a NIC with a full ring drops), and another
+    # writes the queue to the guest.
+    to_vm: queue.Queue[bytes] = queue.Queue(maxsize=TO_GUEST_QUEUE)
+    passt_ended = threading.Event()
+
+    def from_passt() -> None:
         try:
             for frame in _frames(passt):
                 if policy.allow_inbound(frame):
-                    out = policy.rewritten_in or frame
-                    with vm_lock:
-                        vm.sendall(struct.pack("!I", len(out)) + out)
+                    try:
+                        to_vm.put_nowait(policy.rewritten_in or frame)
+                    except queue.Full:
+                        policy.dropped += 1
         except OSError:
             pass
         except FramingLost as e:
@@ -451,6 +462,21 @@ def guard(
                   "closing the guest's network", file=sys.stderr)  # fmt: skip
         except Exception:  # a bug must end the network visibly, not leave half of it
             traceback.print_exc()
+        passt_ended.set()  # to_guest delivers what is queued, then closes both sides
+
+    def to_guest() -> None:
+        try:
+            while not done.is_set():
+                try:
+                    out = to_vm.get(timeout=0.2)
+                except queue.Empty:
+                    if passt_ended.is_set():
+                        break
+                    continue
+                with vm_lock:
+                    vm.sendall(struct.pack("!I", len(out)) + out)
+        except OSError:
+            pass
         done.set()
         _close(vm, passt)  # wakes the other direction's recv
 
@@ -458,6 +484,7 @@ def guard(
         while not done.wait(egress_policy.LOG_INTERVAL):
             egress.log.flush()
 
+    threading.Thread(target=from_passt, daemon=True).start()
     threading.Thread(target=to_guest, daemon=True).start()
     if egress is not None:
         threading.Thread(target=keep_log, daemon=True).start()

@@ -160,11 +160,11 @@ def test_launcher_adds_network_and_shares(stubs, image, vm_dir, tmp_path):
 def test_missing_network_or_readonly_share_support_is_refused(stubs, image, tmp_path, vm_dir):
     backend = KrunBackend(libkrun=stubs["noextras"])
     with pytest.raises(BackendUnavailable, match="NET=1"):
-        backend._check_features(VmSpec(network=True))
+        backend._validate(VmSpec(network=True))
     ro = parse_share(f"{tmp_path}:/data")
     with pytest.raises(BackendUnavailable, match=r"1\.18.*:rw"):
-        backend._check_features(VmSpec(shares=(ro,)))
-    backend._check_features(VmSpec(shares=(parse_share(f"{tmp_path}:/data:rw"),)))
+        backend._validate(VmSpec(shares=(ro,)))
+    backend._validate(VmSpec(shares=(parse_share(f"{tmp_path}:/data:rw"),)))
     # The launcher checks too, and never falls back to a writable share.
     cfg = launcher_config(VmSpec(shares=(ro,)), image, vm_dir, {"libkrun": stubs["noextras"]})
     proc, calls = run_launcher(cfg, tmp_path)

@@ -122,9 +122,28 @@ class VmBackend(abc.ABC):
 
     name: str = ""
 
+    def __init__(self) -> None:
+        self._checked: dict[str, BackendStatus] = {}
+
     @abc.abstractmethod
     def check(self, image: str = "default") -> BackendStatus:
         """Can this backend run VMs here, and with which isolation? Must not raise."""
+
+    def remember(self, image: str, status: BackendStatus) -> None:
+        """Keep a successful check (the one that chose this backend) for its starts."""
+        if status.available and status.isolation is not None:
+            self._checked[image] = status
+
+    async def status_for(self, image: str) -> BackendStatus:
+        """The isolation a VM of ``image`` gets here, checked once per backend object and
+        image; BackendUnavailable if there is none."""
+        status = self._checked.get(image)
+        if status is None:
+            status = await asyncio.to_thread(self.check, image)
+            if not status.available or status.isolation is None:
+                raise BackendUnavailable(self.name, status.reason, status.fix)
+            self.remember(image, status)
+        return status
 
     @abc.abstractmethod
     async def start(self, spec: VmSpec) -> Vm:

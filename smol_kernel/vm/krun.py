@@ -26,13 +26,12 @@ from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
 from ..image.store import MAX_INITRAMFS_BYTES, GuestImage, ImageNotFound
 from ..trusted import helper_env, python_argv
-from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
+from .base import BackendStatus, BackendUnavailable, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
 from .netfilter import GUEST_MAC
-from .network import start_network
-from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
-from .share import open_share
+from .process import ProcessVm, RuntimeDir, spawn
+from .process_backend import Boot, ProcessBackend
 from .spec import Isolation, VmSpec, share_tag
 
 SUN_PATH_MAX = 107
@@ -188,12 +187,13 @@ class KrunVm(ProcessVm):
         )
 
 
-class KrunBackend(VmBackend):
+class KrunBackend(ProcessBackend):
     """Runs guests with libkrun, one launcher process per VM."""
 
     name = "libkrun"
 
     def __init__(self, libkrun: str | None = None, libkrunfw: str | None = None) -> None:
+        super().__init__()
         # Absolute paths only (Krun refuses others), else the system's, found in fixed
         # folders: never through the working folder or a search the PATH could steer.
         self.libkrun = libkrun or os.environ.get("SMOL_KERNEL_LIBKRUN") or None
@@ -203,15 +203,13 @@ class KrunBackend(VmBackend):
     def _krun_cfg(self) -> dict:
         return {"libkrun": self.libkrun, "libkrunfw": self.libkrunfw}
 
-    def check(self, image: str = "default", accel: str = "auto") -> BackendStatus:
+    def check(self, image: str = "default") -> BackendStatus:
         steps: list[str] = []
 
         def unavailable(reason: str, fix: str) -> BackendStatus:
             steps.append(f"unavailable: {reason}")
             return BackendStatus(self.name, False, None, reason, fix, steps)
 
-        if accel == "tcg":
-            return unavailable("libkrun has no software emulation (accel=tcg)", "use qemu")
         try:
             krun = Krun(self.libkrun, self.libkrunfw)
         except KrunLoadError as e:
@@ -265,51 +263,24 @@ class KrunBackend(VmBackend):
             detail = proc.stderr or console.decode(errors="replace")
             return False, f"launcher exited {proc.returncode}: {detail[-300:]}"
 
-    async def start(self, spec: VmSpec) -> KrunVm:
-        spec.validate()
-        image = GuestImage.load(spec.image)
-        status = await asyncio.to_thread(self.check, spec.image, spec.accel)
-        if not status.available:
-            raise BackendUnavailable(self.name, status.reason, status.fix)
-        self._check_features(spec)
-        await asyncio.to_thread(reap_orphans)
-        rt = RuntimeDir.create()
-        proc = net_sock = None
-        net_procs: list[subprocess.Popen] = []
-        share_fds: list[int] = []
-        try:
-            for share in spec.shares:  # opened and checked again: the launcher gets these
-                share_fds.append(open_share(share))
-            await asyncio.to_thread(make_boot_dir, image, rt.path / "boot")
-            await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
-            if spec.network:
-                net_procs, net_sock = await asyncio.to_thread(
-                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns, spec.private_answers
-                )
-            net_fd = net_sock.fileno() if net_sock else None
-            cfg = launcher_config(spec, image, rt.path, self._krun_cfg, net_fd=net_fd,
-                                  share_fds=share_fds)  # fmt: skip
-            cfg_path = rt.path / "launcher.json"
-            cfg_path.write_text(json.dumps(cfg))
-            proc = await asyncio.to_thread(
-                spawn, launcher_argv(cfg_path), rt.path / "launcher.log", None,
-                tuple(cfg["keep_fds"]),
-            )  # fmt: skip
-            vm = KrunVm(spec, rt, _isolation(), proc, tuple(net_procs))
-            vm.record_state(self.name)
-            await vm.confirm_started("libkrun launcher", rt.path / "launcher.log")
-            return vm
-        except BaseException:
-            stop_processes((proc, *net_procs))
-            rt.remove()
-            raise
-        finally:
-            if net_sock is not None:
-                net_sock.close()  # the launcher has its own copy
-            for fd in share_fds:
-                os.close(fd)
+    async def _spawn(self, boot: Boot) -> KrunVm:
+        rt = boot.rt
+        await asyncio.to_thread(make_boot_dir, boot.image, rt.path / "boot")
+        await asyncio.to_thread(rt.create_overlay, boot.spec.disk_mib)
+        cfg = launcher_config(boot.spec, boot.image, rt.path, self._krun_cfg,
+                              net_fd=boot.net_fd, share_fds=boot.share_fds)  # fmt: skip
+        cfg_path = rt.path / "launcher.json"
+        cfg_path.write_text(json.dumps(cfg))
+        boot.vmm = await asyncio.to_thread(
+            spawn, launcher_argv(cfg_path), rt.path / "launcher.log", None,
+            tuple(cfg["keep_fds"]),
+        )  # fmt: skip
+        vm = KrunVm(boot.spec, rt, boot.isolation, boot.vmm, tuple(boot.net_procs))
+        vm.record_state(self.name)  # before waiting: a crash from now on is still reaped
+        await vm.confirm_started("libkrun launcher", rt.path / "launcher.log")
+        return vm
 
-    def _check_features(self, spec: VmSpec) -> None:
+    def _validate(self, spec: VmSpec) -> None:
         """Refuse before booting when the library cannot give what the spec asks for."""
         needed = [f for f in required_features(spec) if f != "blk"]  # check() verified blk
         if not needed:

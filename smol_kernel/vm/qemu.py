@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,12 @@ from ..guest.mux import PORT_NAME as MUX_PORT
 from ..image.store import GuestImage, ImageNotFound
 from ..transport.serial_mux import HostMux
 from ..trusted import find_program
-from .base import BackendStatus, BackendUnavailable, VmBackend, VmError
+from .base import BackendStatus, VmError
 from .kvm_probe import probe_kvm
 from .netfilter import GUEST_MAC
-from .network import start_network
-from .process import ProcessVm, RuntimeDir, reap_orphans, spawn, stop_processes
+from .process import ProcessVm, RuntimeDir, spawn
+from .process_backend import Boot, ProcessBackend
 from .qmp import Qmp, QmpError
-from .share import open_share
 from .spec import Isolation, VmSpec, share_tag
 
 # No PS/2 probe (microvm has no i8042), no reboot loop: a reboot or panic ends QEMU.
@@ -156,19 +154,20 @@ class QemuVm(ProcessVm):
         await super().close()
 
 
-class QemuBackend(VmBackend):
+class QemuBackend(ProcessBackend):
     """Runs guests with ``qemu-system-x86_64 -M microvm``."""
 
     name = "qemu"
 
     def __init__(self, qemu: str | None = None, tb_size_mib: int | None = None) -> None:
+        super().__init__()
         self.qemu = qemu or find_qemu()
         # TCG translation cache: smaller saves host RSS, but below ~64 MiB ipykernel's
         # start-up code no longer fits and kernel start slows down ~3x.
         self.tb_size_mib = tb_size_mib or int(os.environ.get("SMOL_KERNEL_TCG_TB_MIB", "64"))
 
     # ------------------------------------------------------------------ check
-    def check(self, image: str = "default", accel: str = "auto") -> BackendStatus:
+    def check(self, image: str = "default") -> BackendStatus:
         steps: list[str] = []
 
         def unavailable(reason: str, fix: str) -> BackendStatus:
@@ -197,16 +196,10 @@ class QemuBackend(VmBackend):
                 else "rebuild it: run the 'smol-kernel image "
                 "build' that made it again (it rebuilds: the guest files changed)",
             )
-        if accel == "tcg":
-            steps.append("accel=tcg requested: KVM not tried")
-            return BackendStatus(self.name, True, Isolation.TCG, "TCG requested", "", steps)
         ok, why = probe_kvm(self.qemu, img.kernel, img.initramfs)
         steps.append(f"KVM probe: {'usable' if ok else 'not usable'}: {why}")
         if ok:
             return BackendStatus(self.name, True, Isolation.KVM, why, "", steps)
-        if accel == "kvm":
-            return unavailable(f"KVM requested but not usable: {why}",
-                               "run on a host with hardware virtualization")  # fmt: skip
         return BackendStatus(
             self.name, True, Isolation.TCG,
             f"KVM not usable ({why}); using TCG software emulation, which is not a "
@@ -214,72 +207,52 @@ class QemuBackend(VmBackend):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ start
-    async def start(
+    async def start(  # type: ignore[override]
         self, spec: VmSpec, *, template: Path | None = None, restore: Snapshot | None = None
     ) -> QemuVm:
         """Boot a VM for ``spec``; with ``template`` its RAM is that (new) file, shared,
         for ``save``; with ``restore`` it is a clone of that snapshot (a template's or a
         checkpoint's), running when this returns (its guest agent answers at once)."""
-        spec.validate()
-        image = GuestImage.load(spec.image)
-        status = await asyncio.to_thread(self.check, spec.image, spec.accel)
-        if not status.available or status.isolation is None:
-            raise BackendUnavailable(self.name, status.reason, status.fix)
-        assert self.qemu is not None
-        await asyncio.to_thread(reap_orphans)
+        vm = await super().start(spec, template=template, restore=restore)
+        assert isinstance(vm, QemuVm)
+        return vm
 
-        rt = RuntimeDir.create()
-        qemu = net_sock = state = None
-        net_procs: list[subprocess.Popen] = []
-        share_fds: list[int] = []
+    async def _spawn(
+        self, boot: Boot, *, template: Path | None, restore: Snapshot | None
+    ) -> QemuVm:
+        assert self.qemu is not None
+        rt = boot.rt
         mux = HostMux(rt.path / "mux.sock")
-        try:
-            # The folders themselves, opened and checked again now: QEMU gets them as
-            # descriptors, so no rename or symlink since planning can redirect a share.
-            for share in spec.shares:
-                share_fds.append(open_share(share))
-            if spec.network:
-                net_procs, net_sock = await asyncio.to_thread(
-                    start_network, spawn, rt.path, spec.allow_hosts, spec.dns, spec.private_answers
-                )
-            if restore is not None:
-                overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
-                if restore.console.is_file():  # the boot it comes from, for smol-kernel logs
-                    shutil.copyfile(restore.console, rt.path / "console.log")
-                state = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
-            else:
-                overlay = await asyncio.to_thread(rt.create_overlay, spec.disk_mib)
-            await mux.listen()
-            net_fd = net_sock.fileno() if net_sock else None
-            streamed = restore is not None and restore.streamed
-            ram = template if restore is None else None if streamed else restore.ram
-            # A balloon only where no RAM file is shared (see _argv), and in a restored
-            # checkpoint exactly when the VM it saved had one.
-            balloon = restore.balloon if streamed else ram is None
-            argv = self._argv(spec, image, status.isolation, rt, overlay, net_fd, share_fds,
-                              ram=ram, private=restore is not None, balloon=balloon,
-                              incoming=state)  # fmt: skip
-            fds = (*share_fds, *(() if net_fd is None else (net_fd,)),
-                   *(() if state is None else (state,)))  # fmt: skip
-            qemu = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
-            vm = QemuVm(spec, rt, status.isolation, qemu, tuple(net_procs), mux=mux,
-                        balloon=balloon)  # fmt: skip
-            vm.record_state(self.name)
-            if restore is not None:
-                await self._load(vm, state, ignore_shared=not streamed)
-            else:
-                await vm.confirm_started("QEMU", rt.path / "qemu.log")
-            return vm
-        except BaseException:
-            stop_processes((qemu, *net_procs))
-            await mux.close()
-            rt.remove()
-            raise
-        finally:
-            if net_sock is not None:
-                net_sock.close()  # QEMU has its own copy
-            for fd in (*share_fds, *(() if state is None else (state,))):
-                os.close(fd)
+        boot.cleanups.append(mux.close)
+        state = None
+        if restore is not None:
+            overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
+            if restore.console.is_file():  # the boot it comes from, for smol-kernel logs
+                shutil.copyfile(restore.console, rt.path / "console.log")
+            state = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
+            boot.fds.append(state)
+        else:
+            overlay = await asyncio.to_thread(rt.create_overlay, boot.spec.disk_mib)
+        await mux.listen()
+        streamed = restore is not None and restore.streamed
+        ram = template if restore is None else None if streamed else restore.ram
+        # A balloon only where no RAM file is shared (see _argv), and in a restored
+        # checkpoint exactly when the VM it saved had one.
+        balloon = restore.balloon if streamed else ram is None
+        argv = self._argv(boot.spec, boot.image, boot.isolation, rt, overlay, boot.net_fd,
+                          boot.share_fds, ram=ram, private=restore is not None,
+                          balloon=balloon, incoming=state)  # fmt: skip
+        fds = (*boot.share_fds, *(() if boot.net_fd is None else (boot.net_fd,)),
+               *(() if state is None else (state,)))  # fmt: skip
+        boot.vmm = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
+        vm = QemuVm(boot.spec, rt, boot.isolation, boot.vmm, tuple(boot.net_procs),
+                    mux=mux, balloon=balloon)  # fmt: skip
+        vm.record_state(self.name)  # before waiting: a crash from now on is still reaped
+        if restore is not None:
+            await self._load(vm, state, ignore_shared=not streamed)
+        else:
+            await vm.confirm_started("QEMU", rt.path / "qemu.log")
+        return vm
 
     async def _load(self, vm: QemuVm, state_fd: int | None, ignore_shared: bool) -> None:
         """Give a clone its saved state and let it run (``ignore_shared``: the memory is

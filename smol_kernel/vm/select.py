@@ -62,6 +62,7 @@ def select_backend(
             )
             continue
         steps.append(f"chosen: {backend.name} with {status.isolation} isolation")
+        backend.remember(image, status)  # its starts need not check again
         return Selection(backend, status, steps)
     if require_hardware_isolation:
         reason = "hardware isolation is required but no backend can provide it here"

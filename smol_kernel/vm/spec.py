@@ -45,8 +45,6 @@ class VmSpec:
     vcpus:      virtual CPUs
     memory_mib: guest RAM
     disk_mib:   size cap of the per-VM writable overlay disk (sparse on the host)
-    accel:      ``auto`` (hardware if a guest really boots with it, else ``tcg``),
-                ``kvm`` or ``tcg``
     label:      free text shown by ``smol-kernel ps`` (the kernel id, for kernels)
     network:    give the guest outbound network through a per-VM passt (default: loopback only)
     dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
@@ -63,7 +61,6 @@ class VmSpec:
     vcpus: int = 1
     memory_mib: int = 512
     disk_mib: int = 1024
-    accel: str = "auto"
     label: str = ""
     network: bool = False
     dns: tuple[str, ...] = ()
@@ -87,8 +84,6 @@ class VmSpec:
                 f"disk_mib={self.disk_mib!r} is too small: the writable disk needs at least "
                 f"{MIN_DISK_MIB} MiB"
             )
-        if self.accel not in ("auto", "kvm", "tcg"):
-            raise VmSpecError(f"accel={self.accel!r}: choose auto, kvm or tcg")
         for server in self.dns:
             try:
                 ipaddress.IPv4Address(server)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from .guest import protocol as P
+from .shown import escaped
 from .vm.base import Vm, VmError
 
 
@@ -70,6 +71,15 @@ class GuestAgent:
                 # libkrun may accept on the host before the guest listens, then reset:
                 # only an answered hello counts as ready.
                 agent.hello = await agent.request(P.OP_HELLO, timeout=5.0)
+                if agent.hello.get("protocol") != P.PROTOCOL_VERSION:
+                    await agent.close()
+                    raise VmError(
+                        f"VM {vm.id}: its guest agent speaks protocol "
+                        f"{escaped(str(agent.hello.get('protocol')))[:20]}, this smol-kernel "
+                        f"speaks {P.PROTOCOL_VERSION}: the image {vm.spec.image!r} was built "
+                        "by another version. Rebuild it with the 'smol-kernel image build' "
+                        "command that made it."
+                    )
                 if agent.hello.get("kernel") == "prepared":  # a clone of a saved VM
                     agent.kernel_prepared.set()
                 return agent

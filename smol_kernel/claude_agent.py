@@ -241,8 +241,9 @@ def run_agent_cli(args: argparse.Namespace, config: dict, env: dict[str, str]) -
                                 **config) as sandbox:  # fmt: skip
             print(f"[sandbox ready: isolation {sandbox.isolation}]", file=sys.stderr, flush=True)
             return await run_agent(
-                args.task, sandbox, client, model=args.model, max_turns=args.max_turns,
-                max_tokens=args.max_tokens, network=bool(config.get("network")),
+                args.task, sandbox, client, model=args.model or DEFAULT_MODEL,
+                max_turns=args.max_turns, max_tokens=args.max_tokens,
+                network=bool(config.get("network")),
                 on_text=show_text, on_tool=show_tool, on_usage=show_usage,
             )  # fmt: skip
 

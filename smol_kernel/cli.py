@@ -216,10 +216,11 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     from jupyter_client.kernelspec import KernelSpecManager
 
+    from . import kernelspec
     from .image.store import GuestImage
 
     template = resources.files("smol_kernel.kernelspec")
-    spec = json.loads(template.joinpath("kernel.json").read_text())
+    spec = kernelspec.template()
     config = _provisioner_config(args)
     spec["display_name"] = args.display_name or display_name(args.name, config.get("image"))
     spec["env"].update(_env_flags(args))
@@ -819,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="let Claude solve TASK by running Python in a sandbox")
     agent.add_argument("task", help="what to do, in words")
-    agent.add_argument("--model", default="claude-sonnet-4-5", help="default: %(default)s")
+    agent.add_argument("--model", help="Claude model (default: claude_agent.DEFAULT_MODEL)")
     agent.add_argument("--max-turns", type=int, default=10,
                        help="model calls at most (default: %(default)s)")  # fmt: skip
     agent.add_argument("--max-tokens", type=int, default=4096)

@@ -38,8 +38,6 @@ from .vm.qemu import QemuBackend
 from .vm.select import Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
 
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 
 class KernelLauncher:
     """Plans and starts the VM of one provisioner's kernel (see the module docstring)."""
@@ -61,7 +59,7 @@ class KernelLauncher:
         """The guest's environment: fixed for this configuration, and per kernel. The
         kernelspec's values go in literally: jupyter_client fills ``${VAR}`` from the host's
         environment, which would hand a host secret to the VM."""
-        env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
+        env = {"PATH": P.GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
         for name, value in (self.p.kernel_spec.env or {}).items():
             env[str(name)] = str(value)
         per_kernel = {}

@@ -17,7 +17,8 @@ import asyncio
 import functools
 from typing import Any
 
-PROVISIONER_NAME = "smolvm-provisioner"
+from .kernelspec import PROVISIONER_NAME
+
 WEBSOCKET_BACKLOG = 32 << 20  # bytes written to one browser and not yet sent, at most
 OFFLINE_BUFFER = 32 << 20  # bytes kept for a disconnected session, at most
 

@@ -35,8 +35,7 @@ except ImportError:  # in the guest: protocol.py sits next to this file
     import sandbox_ops as ops  # type: ignore[no-redef]
 
 AGENT_VERSION = "0.1.0"
-DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOME": "/root", "LANG": "C.UTF-8"}  # fmt: skip
+DEFAULT_ENV = {"PATH": P.GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
 CONSOLE_BUDGET = 64 * 1024  # kernel stdout/stderr copied to the serial console, at most
 TAIL_BYTES = 8 * 1024  # kept for the kernel_exited event
 
@@ -396,7 +395,7 @@ def fresh_start(req: dict) -> None:
 
 
 def _which(name: str, path: str) -> str:
-    for d in (path or "/usr/local/bin:/usr/bin:/bin").split(":"):
+    for d in (path or P.GUEST_PATH).split(":"):
         cand = os.path.join(d, name)
         if os.access(cand, os.X_OK):
             return cand

@@ -74,7 +74,9 @@ EV_KERNEL_REQUEST = "kernel_request"
 READY_LINE = b"smol-agent: ready"
 
 # Guest paths
-GUEST_AGENT_DIR = "/opt/smol-kernel"
+GUEST_AGENT_DIR = "/opt/smol-kernel"  # init.sh names it as @GUEST_AGENT_DIR@
+# The guest's PATH: the agent's, the kernel's, and the one host-side planning assumes.
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_CONNECTION_FILE = "/run/smol-kernel/kernel.json"
 GUEST_KERNEL_LAUNCHER = GUEST_AGENT_DIR + "/kernel_launcher.py"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import __version__, paths
 from ..errors import HostToolError
 from ..guest import agent as _agent_mod
+from ..guest import protocol as P
 from ..trusted import find_program, helper_env, python_argv
 from . import oci_steps
 from .debian import Apt, host_sources_file, require_tool, unpack_deb
@@ -39,7 +40,7 @@ from .progress import StageProgress
 from .store import DEFAULT_IMAGE, GuestImage, check_name, file_sha256
 
 BUILDER_VERSION = 1
-# Host package files copied into the guest's /opt/smol-kernel (their hashes are inputs).
+# Host package files copied into the guest's GUEST_AGENT_DIR (their hashes are inputs).
 GUEST_FILES = tuple(
     Path(_agent_mod.__file__).with_name(name)
     for name in ("agent.py", "protocol.py", "mux.py", "kernel_launcher.py", "sandbox_ops.py")
@@ -215,7 +216,8 @@ class ImageBuilder:
 
     @staticmethod
     def _init_script() -> bytes:
-        return resources.files("smol_kernel.image").joinpath("init.sh").read_bytes()
+        script = resources.files("smol_kernel.image").joinpath("init.sh").read_bytes()
+        return script.replace(b"@GUEST_AGENT_DIR@", P.GUEST_AGENT_DIR.encode())
 
     # ---------------------------------------------------------------- build
     def build(self, force: bool = False) -> GuestImage:
@@ -428,7 +430,7 @@ class ImageBuilder:
 
     def _mmdebstrap(self, root_image: Path, work: Path, pip_staging: Path | None) -> None:
         pyver = SUITE_PYTHON[self.suite]
-        guest_dir = "/opt/smol-kernel"
+        guest_dir = P.GUEST_AGENT_DIR
         hooks = [
             f'mkdir -p "$1{guest_dir}"',
             f"copy-in {' '.join(str(f) for f in GUEST_FILES)} {guest_dir}",

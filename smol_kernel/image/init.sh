@@ -80,7 +80,7 @@ fi
 
 /bin/busybox umount /proc
 /bin/busybox umount /dev
-AGENT="/usr/bin/python3 -E -s -S /opt/smol-kernel/agent.py"
+AGENT="/usr/bin/python3 -E -s -S @GUEST_AGENT_DIR@/agent.py"
 if [ "${SMOL_LIBKRUN:-0}" = 1 ]; then
     exec /bin/busybox chroot /newroot $AGENT
 fi

@@ -15,11 +15,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..guest import protocol as P
 from .oci import OciError, remove_entry, resolve_in_root
 
 PYTHON_CANDIDATES = ("usr/bin/python3", "usr/local/bin/python3", "bin/python3")
 MIN_PYTHON = (3, 9)
-GUEST_DIR = "opt/smol-kernel"
+GUEST_DIR = P.GUEST_AGENT_DIR.lstrip("/")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def unpack_step(source: str, identity: str, tree: str) -> dict:
 
 
 def finish_step(tree: str, python: str, site_files: str, guest_files: str, image: str) -> dict:
-    """Add ``guest_files`` (a folder) as /opt/smol-kernel and ``site_files`` (a folder, or
+    """Add ``guest_files`` (a folder) as GUEST_AGENT_DIR and ``site_files`` (a folder, or
     "") into the Python's site folder, then write the ext4 root image ``image``."""
     root, py = Path(tree), GuestPython(**json.loads(python))
     if site_files:

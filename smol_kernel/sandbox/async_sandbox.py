@@ -29,6 +29,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import checkpoint as checkpoint_store
+from .. import kernelspec
 from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
 from ..guest import protocol as P
@@ -41,8 +42,6 @@ from ..vm.egress import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 
-PROVISIONER_NAME = "smolvm-provisioner"
-KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_FORKS = 16
 # What a fork copies of its parent (the rest is its own kernel and connection).
@@ -106,13 +105,16 @@ def provisioner_settings(**settings: Any) -> dict[str, Any]:
 
 
 def kernel_spec(env: dict[str, str] | None, config: dict[str, Any]) -> KernelSpec:
+    """The installed kernelspec's template, with the sandbox's settings."""
+    spec = kernelspec.template()
+    spec["metadata"]["kernel_provisioner"]["config"] = config
     return KernelSpec(
-        argv=list(KERNEL_ARGV),
+        argv=spec["argv"],
         display_name="Python (smolvm sandbox)",
-        language="python",
-        interrupt_mode="signal",
+        language=spec["language"],
+        interrupt_mode=spec["interrupt_mode"],
         env=dict(env or {}),
-        metadata={"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}},
+        metadata=spec["metadata"],
     )
 
 

@@ -28,13 +28,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..guest import protocol as P
 from .host_folder import FolderError, Ident, KnownFolder, ancestors, ident, open_folder
 
 MAX_SHARES = 8  # libkrun has about 11 virtio-mmio slots on x86_64; keep a margin
 _GUEST_PATH = re.compile(r"^/[A-Za-z0-9._+/-]*$")
 RESERVED_GUEST_PATHS = (
     "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
-    "/etc", "/boot", "/opt/smol-kernel", "/var/lib/dpkg",
+    "/etc", "/boot", P.GUEST_AGENT_DIR, "/var/lib/dpkg",
 )  # fmt: skip
 
 

@@ -174,3 +174,18 @@ def test_jupyter_console_exit(smolvm_spec):
         child.close(force=True)
     (vm_id,) = new
     assert_nothing_left(str(paths.runtime_dir() / vm_id), before)
+
+
+def test_a_script_that_never_kills_its_blocking_sandbox():
+    """The blocking Sandbox's loop thread must not hold the interpreter open (a non-daemon
+    loop thread, as anyio's portal has, would hang this script at exit)."""
+    before = runtime_entries()
+    code = (
+        "from smol_kernel.sandbox import Sandbox\n"
+        "sb = Sandbox(pool_size=0)\n"
+        "print('VM', sb._async._km.provisioner.vm.runtime_dir, sb.run_code('1+1').text == '2'"
+        " and 'ok', flush=True)\n"
+    )
+    proc = run_client(code, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_nothing_left(vm_dir_of(proc), before)

@@ -7,12 +7,11 @@ blocks on it. Methods may be called from any thread (``interrupt()`` from one th
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ..checkpoint import Checkpoint
+from ..ioloop import LoopThread
 from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError
 from .execution import Execution, ExecutionError, Result
 
@@ -24,28 +23,25 @@ class _Loop:
 
     def __init__(self) -> None:
         self.users = 1
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="smol-sandbox",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
+        self.thread = LoopThread("smol-sandbox")
+
+    @property
+    def closed(self) -> bool:
+        return not self.thread.running
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self.loop.is_closed() or not self._thread.is_alive():
+        if self.closed:
             coro.close()
             raise SandboxError("this sandbox was killed; create a new one")
-        if threading.current_thread() is self._thread:
+        if self.thread.in_thread():
             coro.close()
             raise RuntimeError("a Sandbox method cannot be called from one of its callbacks")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return self.thread.call(coro)
 
     def stop(self) -> None:
         self.users -= 1
-        if self.users > 0:
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self.loop.close()
+        if self.users == 0:
+            self.thread.stop()
 
 
 class Sandbox:
@@ -127,13 +123,13 @@ class Sandbox:
         return [Sandbox._on(f, self._loop) for f in forks]
 
     def is_running(self) -> bool:
-        if self._done or self._loop.loop.is_closed():
+        if self._done or self._loop.closed:
             return False
         return self._loop.run(self._async.is_running())
 
     def kill(self) -> None:
         """Destroy the VM. Idempotent."""
-        if self._done or self._loop.loop.is_closed():
+        if self._done or self._loop.closed:
             return
         self._done = True
         try:

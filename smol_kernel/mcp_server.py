@@ -21,6 +21,8 @@ import re
 import time
 from typing import Any
 
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
@@ -148,11 +150,21 @@ def network_sentence(network: bool, allow_hosts: list[str] | tuple[str, ...] = (
 
 
 def build_server(
-    sessions: Sessions, network: bool = False, allow_hosts: list[str] | tuple[str, ...] = ()
-) -> MCPServer:
+    sessions: Sessions, network: bool = False, allow_hosts: list[str] | tuple[str, ...] = (),
+    http: tuple[str, int] | None = None, token: str | None = None,
+) -> MCPServer:  # fmt: skip
+    """The server and its tools; with ``http``, every request to it needs ``token``."""
+    auth = {}
+    if http is not None:
+        # A resource server with no authorization server: the issuer is never advertised
+        # (no resource_server_url, so no metadata routes); it is only required by the SDK.
+        url = f"http://{http[0]}:{http[1]}"
+        auth = {"token_verifier": StaticToken(token or ""),
+                "auth": AuthSettings(issuer_url=url, resource_server_url=None)}  # fmt: skip
     server = MCPServer(
         name="smol-kernel",
         instructions=INSTRUCTIONS.format(network=network_sentence(network, allow_hosts)),
+        **auth,
     )
     network = network or bool(allow_hosts)
     confined = ToolAnnotations(destructive_hint=False, open_world_hint=network)
@@ -304,26 +316,19 @@ def build_server(
     return server
 
 
-class BearerTokenAuth:
-    """ASGI middleware: HTTP requests need ``Authorization: Bearer <token>``."""
+class StaticToken:
+    """The SDK's ``TokenVerifier`` for the one bearer token ``--token`` sets (or that was
+    generated and printed): compared in constant time, no expiry, no scopes."""
 
-    def __init__(self, app: Any, token: str):
-        self.app = app
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the HTTP transport needs a bearer token")
+        self._token = token.encode()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
-                body = b'{"error": "missing or wrong bearer token"}'
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer"),
-                    (b"content-length", str(len(body)).encode()),
-                ]})  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not hmac.compare_digest(token.encode(), self._token):
+            return None
+        return AccessToken(token=token, client_id="smol-kernel-token", scopes=[])
 
 
 async def serve(
@@ -341,7 +346,8 @@ async def serve(
     sessions = Sessions({**config, "env": env, "max_output_chars": max_output_chars},
                         max_sessions)  # fmt: skip
     server = build_server(sessions, network=bool(config.get("network")),
-                          allow_hosts=config.get("allow_hosts") or ())  # fmt: skip
+                          allow_hosts=config.get("allow_hosts") or (), http=http,
+                          token=token)  # fmt: skip
     await fill_sandbox_pool(env, **config)  # the first session starts warm (pool_size 0: nothing)
     try:
         if http is None:
@@ -350,7 +356,7 @@ async def serve(
             import uvicorn
 
             host, port = http
-            app = BearerTokenAuth(server.streamable_http_app(host=host), token or "")
+            app = server.streamable_http_app(host=host)
             config = uvicorn.Config(app, host=host, port=port, log_level="warning")
             await uvicorn.Server(config).serve()
     finally:

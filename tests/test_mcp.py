@@ -113,9 +113,15 @@ async def test_http_transport_requires_the_bearer_token():
             "clientInfo": {"name": "t", "version": "0"}}}  # fmt: skip
         accept = {"accept": "application/json, text/event-stream"}
         async with httpx2.AsyncClient() as http:
-            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
+                            {"authorization": "Bearer s3cretX"}):  # fmt: skip
                 r = await http.post(url, json=init, headers={**accept, **headers})
-                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                assert r.status_code == 401, headers
+                assert r.headers["www-authenticate"].startswith("Bearer ")
+                assert "invalid_token" in r.headers["www-authenticate"]
+            # No OAuth metadata that would send a client to an authorization server
+            r = await http.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource")
+            assert r.status_code == 404
         async with (
             httpx2.AsyncClient(headers={"authorization": "Bearer s3cret"}) as http,
             streamable_http_client(url, http_client=http) as (read, write),

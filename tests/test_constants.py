@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 
 from smol_kernel import kernelspec
 from smol_kernel.guest import protocol as P
-from smol_kernel.image.builder import ImageBuilder
+from smol_kernel.image.build_steps import init_script
 from smol_kernel.provisioner import SmolVMProvisioner
 from smol_kernel.sandbox.async_sandbox import kernel_spec
 
@@ -30,6 +30,6 @@ def test_a_sandbox_kernelspec_is_the_installed_template_with_its_settings():
 
 
 def test_the_guest_init_starts_the_agent_from_the_one_agent_folder():
-    script = ImageBuilder._init_script().decode()
+    script = init_script().decode()
     assert f"{P.GUEST_AGENT_DIR}/agent.py" in script
     assert "@" not in script.split("AGENT=", 1)[1].splitlines()[0]

@@ -1,153 +1,60 @@
-"""Starting a kernel's VM: the plan, the quotas, and which start it gets.
+"""Starting a kernel's VM, and which start it gets.
 
 ``KernelLauncher`` does for ``SmolVMProvisioner`` what happens between ``pre_launch`` and a
-reachable kernel: it turns the settings into a ``KernelPlan`` (guest environment, shares,
-allow-list, all checked before any VM exists), reserves the plan's memory against the
-quotas (``quota.py``; pooled VMs give way first), and starts the kernel in the first way
-that works -- from a checkpoint (a fork, or ``restore_on_crash``), by claiming a warm-pool
-VM, by restoring a clone of the plan's template, or by a cold boot. It never reports an
-isolation other than the backend check found. It keeps no state of its own: what it
-starts (VM, agent, relay, start kind) is the provisioner's.
+reachable kernel: with the plan and the quota reservation of ``KernelPlanner``
+(``planning.py``), it binds the relay and starts the kernel in the first way that works --
+from a checkpoint (a fork, or ``restore_on_crash``), by claiming a warm-pool VM, by
+restoring a clone of the plan's template, or by a cold boot. It never reports an isolation
+other than the backend check found. It keeps no state of its own: what it starts (VM,
+agent, relay, start kind) is the provisioner's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 
-from . import audit, metrics, quota, template
+from . import audit, template
 from . import checkpoint as store
 from .checkpoint import Checkpoint
 from .errors import KernelStartError
 from .guest import protocol as P
-from .kernel_vm import PER_KERNEL_ENV, KernelPlan, boot_kernel_vm, claim
+from .kernel_vm import KernelPlan, boot_kernel_vm, claim
 from .message_pump import MessageGate
 from .output_policy import OutputPolicy
 from .pool import warm_pool
 from .relay import KernelRelay
 from .shown import escaped
 from .timeline import finish_restore, restore_vm, resume
-from .vm.allowlist import AllowList, AllowListError, check_cidr
 from .vm.base import VmBackend, VmError
 from .vm.qemu import QemuBackend
-from .vm.select import Selection, select_backend
-from .vm.share import Share, ShareError, check_shares, parse_share
 
 
 class KernelLauncher:
-    """Plans and starts the VM of one provisioner's kernel (see the module docstring)."""
+    """Starts the VM of one provisioner's kernel (see the module docstring)."""
 
     def __init__(self, p: Any) -> None:
         self.p = p  # the SmolVMProvisioner
 
     async def warm_up(self) -> str:
-        selection = await self._select_backend()
-        plan = self._plan(selection)
-        if (why := self._why_not_pooled(plan, {})) is not None:
+        selection = await self.p.planner.select_backend()
+        plan = self.p.planner.plan(selection)
+        if (why := self.p.planner.why_not_pooled(plan, {})) is not None:
             return f"no pool: {why}"
         assert selection.backend is not None
         warm_pool().want(plan, selection.backend, self.p.pool_size, self.p.pool_ttl,
-                         self.p.startup_timeout, self.p.log, self.limits())  # fmt: skip
+                         self.p.startup_timeout, self.p.log, self.p.planner.limits())  # fmt: skip
         return f"keeping {self.p.pool_size} VM(s) ready ({plan.describe()})"
-
-    def split_env(self, host_env: dict) -> tuple[dict[str, str], dict[str, str]]:
-        """The guest's environment: fixed for this configuration, and per kernel. The
-        kernelspec's values go in literally: jupyter_client fills ``${VAR}`` from the host's
-        environment, which would hand a host secret to the VM."""
-        env = {"PATH": P.GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
-        for name, value in (self.p.kernel_spec.env or {}).items():
-            env[str(name)] = str(value)
-        per_kernel = {}
-        if session := host_env.get("JPY_SESSION_NAME"):  # the notebook: its name, not where
-            per_kernel["JPY_SESSION_NAME"] = os.path.basename(str(session))  # it is on the host
-        if self.p.kernel_id:
-            per_kernel["KERNEL_ID"] = self.p.kernel_id
-        for name in PER_KERNEL_ENV:  # a kernelspec value is still per kernel
-            if name in env:
-                per_kernel.setdefault(name, env.pop(name))
-        return env, per_kernel
-
-    def check_allow_hosts(self) -> None:
-        try:
-            AllowList.parse(self.p.allow_hosts)
-            for net in self.p.private_answer_ranges:
-                check_cidr(net)
-        except AllowListError as e:
-            raise KernelStartError(
-                f"cannot start a {self.p.kernel_spec.display_name} kernel: {e}"
-            ) from None
-
-    def resolve_shares(self, host_cwd: str | None) -> tuple[tuple[Share, ...], str]:
-        """Parse ``shares`` and ``share_cwd`` now, so bad ones fail before any VM boots."""
-        shares = []
-        allow_home = self.p.allow_home_share
-        try:
-            for text in self.p.shares:
-                shares.append(parse_share(text, host_cwd, allow_home))
-            if self.p.share_cwd != "off":
-                text = f"{host_cwd or '.'}:{self.p.cwd_guest_path}:{self.p.share_cwd}"
-                shares.append(parse_share(text, allow_home=allow_home))
-            check_shares(shares)
-        except ShareError as e:
-            raise KernelStartError(
-                f"cannot start a {self.p.kernel_spec.display_name} kernel: {e}"
-            ) from None
-        cwd = self.p.guest_cwd or (shares[-1].guest if self.p.share_cwd != "off" else "/root")
-        return tuple(shares), cwd
-
-    def limits(self) -> quota.Limits:
-        """The caps for this kernel: the server's own settings (config files, command line,
-        MEM_LIMIT), which no kernelspec can lift, tightened by this kernelspec's. Also
-        records the server's in the ledger and makes the pool ask it before each refill."""
-        conf = self.p.config.get("SmolVMProvisioner", {})  # not the kernelspec's metadata
-
-        def server_value(name: str, default: int) -> int:
-            try:
-                return int(conf.get(name, default))
-            except (TypeError, ValueError):
-                return default
-
-        book, pool = quota.ledger(), warm_pool()
-        book.server = quota.Limits(
-            server_value("max_vms", 0),
-            server_value("max_total_memory_mib", self.p._default_max_total_memory_mib()),
-        )
-        pool.admit = lambda p: book.refusal(
-            pool.memory(), p.memory_mib, book.server.tighter(pool.limits_for(p))
-        )
-        return book.server.tighter(quota.Limits(self.p.max_vms, self.p.max_total_memory_mib))
-
-    def _reserve(self, plan: KernelPlan) -> None:
-        """Count this kernel's VM against the quotas, closing pooled VMs if that makes
-        room; QuotaExceeded (HTTP 403) if it cannot."""
-        book, pool = quota.ledger(), warm_pool()
-        limits = self.limits()
-
-        def why_not() -> str | None:
-            memory = pool.memory()
-            if pool.ready_count(plan):  # claiming it: already counted
-                memory.remove(plan.memory_mib)
-            return book.refusal(memory, plan.memory_mib, limits)
-
-        while (why := why_not()) is not None:
-            if not pool.give_way_now(keep=plan):
-                metrics.quota_refused()
-                self.p.log.warning("kernel %s: refused: %s", self.p._shown_id, why)
-                raise quota.QuotaExceeded(
-                    f"cannot start a {self.p.kernel_spec.display_name} kernel: {why}"
-                )
-        book.kernels[id(self.p)] = plan.memory_mib
 
     async def launch(self) -> KernelConnectionInfo:
         deadline = time.monotonic() + self.p.startup_timeout
         late = f"within {self.p.startup_timeout:g}s (startup_timeout)"
         self.p._exit_status = None
-        selection = await self._select_backend()
+        selection = await self.p.planner.select_backend()
         ci = self.p.connection_info
         relay = KernelRelay(
             str(ci.get("transport", "tcp")),
@@ -157,11 +64,11 @@ class KernelLauncher:
         )
         relay.bind()
         self.p.relay = relay
-        self.p.plan = plan = self._plan(selection)
+        self.p.plan = plan = self.p.planner.plan(selection)
         self.p.backend_name = plan.backend
         self.p.vm_backend = selection.backend
         try:
-            self._reserve(plan)
+            self.p.planner.reserve(plan)
         except BaseException:
             await relay.close()
             self.p.relay = None
@@ -176,7 +83,7 @@ class KernelLauncher:
             ):
                 announce = None
             assert selection.backend is not None
-            why_cold = self._why_not_pooled(plan, connection)
+            why_cold = self.p.planner.why_not_pooled(plan, connection)
             if self.p.start_kind is None and why_cold is None:
                 why_cold = await self._start_pooled(selection.backend, plan, connection,
                                                     deadline, late)  # fmt: skip
@@ -294,7 +201,15 @@ class KernelLauncher:
         runs in it, else why not."""
         pool = warm_pool()
         p = self.p
-        pool.want(plan, backend, p.pool_size, p.pool_ttl, p.startup_timeout, p.log, self.limits())
+        pool.want(
+            plan,
+            backend,
+            p.pool_size,
+            p.pool_ttl,
+            p.startup_timeout,
+            p.log,
+            self.p.planner.limits(),
+        )
         pooled = await pool.claim(plan, deadline)
         if pooled is None:
             return pool.why_miss(plan)
@@ -360,49 +275,6 @@ class KernelLauncher:
         except (VmError, TimeoutError) as e:
             self.p.log.warning("kernel %s: the restored kernel did not resume: %s",
                                self.p._shown_id, e)  # fmt: skip
-
-    async def _select_backend(self) -> Selection:
-        selection = await asyncio.to_thread(
-            select_backend, self.p.backend, self.p.image, self.p.require_hardware_isolation
-        )
-        if selection.backend is None:
-            assert selection.error is not None
-            raise KernelStartError(
-                f"cannot start a {self.p.kernel_spec.display_name} kernel: {selection.error}. "
-                "Run 'smol-kernel doctor' for details."
-            )
-        assert selection.status is not None and selection.status.isolation is not None
-        return selection
-
-    def _plan(self, selection: Selection) -> KernelPlan:
-        assert selection.backend is not None and selection.status is not None
-        env = dict(self.p._guest_env)
-        env["SMOL_KERNEL_ISOLATION"] = str(selection.status.isolation)
-        env["SMOL_KERNEL_BACKEND"] = selection.backend.name
-        return KernelPlan(
-            backend=selection.backend.name,
-            image=self.p.image,
-            vcpus=self.p.vcpus,
-            memory_mib=self.p.memory_mib,
-            disk_mib=self.p.disk_mib,
-            network=self.p.network or bool(self.p.allow_hosts),
-            dns=tuple(self.p.dns_servers),
-            allow_hosts=tuple(self.p.allow_hosts),
-            private_answers=tuple(self.p.private_answer_ranges),
-            shares=self.p._shares,
-            argv=tuple(self.p._guest_argv),
-            env=tuple(sorted(env.items())),
-            cwd=self.p._cwd,
-            max_processes=self.p.max_processes,
-            debugger=self.p.debugger,
-        )
-
-    def _why_not_pooled(self, plan: KernelPlan, connection: dict) -> str | None:
-        if self.p.pool_size <= 0:
-            return "pool_size is 0"
-        if not plan.two_step:
-            return "the kernelspec argv is not 'python3 -m ipykernel_launcher ...'"
-        return None
 
 
 def guest_connection_of(ci: dict) -> dict:

@@ -41,6 +41,7 @@ from .kernel_control import KernelControl
 from .kernel_vm import KernelPlan
 from .launch import KernelLauncher, guest_connection_of
 from .paths import RuntimeDirError
+from .planning import KernelPlanner
 from .pool import warm_pool
 from .relay import KernelRelay
 from .settings import KernelSettings
@@ -83,7 +84,8 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
         self.vm_backend: VmBackend | None = None  # what runs the kernel's VM, once launched
         self.timeline = Timeline(self)  # its checkpoints, rewinds and forks
-        self.launcher = KernelLauncher(self)  # plans its VM and starts it
+        self.planner = KernelPlanner(self)  # plans its VM
+        self.launcher = KernelLauncher(self)  # starts it
         self._restore_from: Checkpoint | None = None  # a fork's source, for its first launch
         self._launches = 0
         self._crashed: str | None = None  # why the kernel died, when it was not asked to
@@ -107,10 +109,10 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         if self._launches == 0:  # a restart of a fork is an ordinary restart
             self._restore_from = kwargs.pop("restore_from", None)
         kwargs.pop("restore_from", None)
-        self._guest_env, self._kernel_env = self.launcher.split_env(kwargs.get("env") or {})
+        self._guest_env, self._kernel_env = self.planner.split_env(kwargs.get("env") or {})
         self._guest_argv = list(self.kernel_spec.argv) + extra
-        self._shares, self._cwd = self.launcher.resolve_shares(kwargs.get("cwd"))
-        self.launcher.check_allow_hosts()
+        self._shares, self._cwd = self.planner.resolve_shares(kwargs.get("cwd"))
+        self.planner.check_allow_hosts()
         return kwargs
 
     async def warm_up(self, cwd: str | None = None) -> str:
@@ -118,10 +120,10 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         starts (the server extension calls this). Returns what it did, for the log."""
         if self.pool_size <= 0:
             return "pool_size is 0: no pool"
-        self._guest_env, self._kernel_env = self.launcher.split_env(dict(os.environ))
+        self._guest_env, self._kernel_env = self.planner.split_env(dict(os.environ))
         self._guest_argv = list(self.kernel_spec.argv)
-        self._shares, self._cwd = self.launcher.resolve_shares(cwd)
-        self.launcher.check_allow_hosts()
+        self._shares, self._cwd = self.planner.resolve_shares(cwd)
+        self.planner.check_allow_hosts()
         return await on_io_loop(self.launcher.warm_up())
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:

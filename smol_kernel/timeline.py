@@ -106,7 +106,7 @@ class Timeline:
 
     def _quota(self, extra_mib: int) -> None:
         """Checkpoints count against the memory cap, at their size on disk."""
-        limits = self.p.launcher.limits()
+        limits = self.p.planner.limits()
         if not limits.max_total_memory_mib:
             return
         held = store.total_mib()

@@ -68,7 +68,7 @@ async def main() -> None:
         t0 = time.monotonic()
         sandbox = await AsyncSandbox.create(pool_size=1)
         add("create (warm)", time.monotonic() - t0)
-        assert sandbox._km.provisioner.start_kind == "pooled"
+        assert sandbox.provisioner.start_kind == "pooled"
         await sandbox.kill()
         await on_io_loop(warm_pool().close())
 

@@ -95,7 +95,7 @@ async def test_restore_on_crash_brings_a_kernel_killed_by_oom_back_at_its_checkp
         assert ex.status == "kernel_died", ex
         back = await sb.run_code("print(kept)", timeout=120)
         assert out(back).strip() == "from the checkpoint", back
-        assert sb._km.provisioner.start_kind == "restored"
+        assert sb.provisioner.start_kind == "restored"
     # The restored kernel told its clients (the sandbox's client takes that line while it
     # waits for the kernel to be ready; a rewind test reads such a line from iopub).
     told = [r.getMessage() for r in caplog.records if "told its clients" in r.getMessage()]

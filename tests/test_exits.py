@@ -183,7 +183,7 @@ def test_a_script_that_never_kills_its_blocking_sandbox():
     code = (
         "from smol_kernel.sandbox import Sandbox\n"
         "sb = Sandbox(pool_size=0)\n"
-        "print('VM', sb._async._km.provisioner.vm.runtime_dir, sb.run_code('1+1').text == '2'"
+        "print('VM', sb.provisioner.vm.runtime_dir, sb.run_code('1+1').text == '2'"
         " and 'ok', flush=True)\n"
     )
     proc = run_client(code, timeout=240)

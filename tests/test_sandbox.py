@@ -36,7 +36,7 @@ async def sb():
 
 
 def vm_dir(sandbox: AsyncSandbox):
-    return sandbox._km.provisioner.vm.runtime_dir
+    return sandbox.provisioner.vm.runtime_dir
 
 
 # ------------------------------------------------------------------ settings (no VM)
@@ -208,7 +208,7 @@ async def test_a_flood_between_calls_stays_within_the_output_cap(sb):
     grew = peak - before
     print(f"sandbox process RSS: {before:.0f} MiB before, +{grew:.0f} MiB at the peak")
     assert grew < 256 + 64 + 160, f"the host held {grew:.0f} MiB of a flood nobody read"
-    gate = sb._km.provisioner.relay.gate
+    gate = sb.provisioner.relay.gate
     assert gate.dropped_messages > 0
     # The note comes once the client caught up: in the next call, or the one after.
     notes = ""
@@ -322,7 +322,7 @@ def test_blocking_sandbox_interrupt_from_another_thread_and_kill():
         assert ex.status == "interrupted" and ex.logs.stdout == ["waiting\n"]
         sb.files.write("x.txt", "blocking")
         assert sb.commands.run("cat x.txt").stdout == "blocking"
-        vm = sb._async._km.provisioner.vm.runtime_dir
+        vm = sb.provisioner.vm.runtime_dir
     assert not sb.is_running()
     with pytest.raises(SandboxError, match="killed"):
         sb.run_code("1")

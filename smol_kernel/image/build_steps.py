@@ -27,6 +27,7 @@ from ..guest import protocol as P
 from .debian import Apt, unpack_deb
 from .initramfs import GUEST_MODULES, OPTIONAL_MODULES, build_initramfs, resolve_modules
 from .oci_root import GuestPython
+from .store import file_sha256
 
 # Host package files copied into the guest's GUEST_AGENT_DIR (their hashes are inputs).
 GUEST_FILES = tuple(
@@ -72,7 +73,7 @@ Stage = tuple[str, Callable[[Build], None]]
 
 def guest_file_hashes() -> dict[str, str]:
     """The hashes of what we put into every guest: an image's inputs."""
-    hashes = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in GUEST_FILES}
+    hashes = {f.name: file_sha256(f) for f in GUEST_FILES}
     hashes["init.sh"] = hashlib.sha256(init_script()).hexdigest()
     return hashes
 

@@ -20,37 +20,29 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from queue import Empty
 from typing import Any
 
-import zmq
-import zmq.asyncio
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpec
 
 from .. import checkpoint as checkpoint_store
 from .. import kernelspec
 from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
 from ..guest import protocol as P
-from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
-from ..provisioner import CLIENT_RCVHWM, SmolVMProvisioner
+from ..provisioner import SmolVMProvisioner
 from ..shown import escaped
 from ..vm.allowlist import AllowList
 from ..vm.base import VmError
 from ..vm.egress import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
+from .session import KernelSession, SandboxError
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_FORKS = 16
 # What a fork copies of its parent (the rest is its own kernel and connection).
 _SETTINGS = ("_config", "_spec", "max_output_chars", "max_file_bytes", "interrupt_grace",
              "startup_timeout")  # fmt: skip
-
-
-class SandboxError(RuntimeError):
-    """The sandbox cannot do what was asked (killed, failed to start, agent refused)."""
 
 
 @dataclass
@@ -76,17 +68,6 @@ def _valid_name(name: str) -> bool:
     if name in ("", ".", "..") or "/" in name:
         return False
     return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name)
-
-
-class _OneKernelSpec(KernelSpecManager):
-    """Serves the sandbox's in-memory kernelspec under any name; nothing on disk."""
-
-    def __init__(self, spec: KernelSpec, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._spec = spec
-
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        return self._spec
 
 
 def provisioner_settings(**settings: Any) -> dict[str, Any]:
@@ -162,15 +143,15 @@ class AsyncSandbox:
         self.max_file_bytes = max_file_bytes
         self.interrupt_grace = interrupt_grace
         self.startup_timeout = startup_timeout
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """The state of a sandbox not started yet (a new one, or a fork)."""
         self.files = AsyncFiles(self)
         self.commands = AsyncCommands(self)
-        self._km: AsyncKernelManager | None = None
-        self._kc = None
-        self._zmq: zmq.asyncio.Context | None = None
+        self._session = KernelSession(self._spec, self.startup_timeout)
         self._run_lock = asyncio.Lock()
-        self._replacing: asyncio.Future | None = None
         self._interrupt_requested = False
-        self._killed = False
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -180,8 +161,7 @@ class AsyncSandbox:
         return sandbox
 
     async def __aenter__(self) -> AsyncSandbox:
-        if self._km is None:
-            await self.start()
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -191,55 +171,22 @@ class AsyncSandbox:
         """Boot the VM and wait until its kernel answers. Raises SandboxError (with the
         provisioner's reason) if it cannot; nothing is left running then. ``restore_from``:
         start as a fork of that checkpoint (``fork`` does this)."""
-        if self._killed:
-            raise SandboxError("this sandbox was killed; create a new one")
-        if self._km is not None:
-            return
-        km = AsyncKernelManager(
-            kernel_name="smolvm-sandbox", kernel_spec_manager=_OneKernelSpec(self._spec)
-        )
-        try:
-            await km.start_kernel(**({"restore_from": restore_from} if restore_from else {}))
-            self._km = km
-            await self._connect()
-        except BaseException as e:
-            self._km = None
-            if km.has_kernel:
-                await km.shutdown_kernel(now=True)
-            if isinstance(e, Exception):
-                raise SandboxError(f"the sandbox did not start: {e}") from e
-            raise
+        await self._session.start(restore_from)
 
-    async def _connect(self) -> None:
-        assert self._km is not None
-        if self._zmq is None:
-            self._zmq = zmq.asyncio.Context()
-            self._zmq.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # default for its sockets
-            # Between calls nothing reads iopub: the relay holds (and drops) the backlog.
-            self._zmq.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
-        kc = self._km.client(context=self._zmq)
-        kc.start_channels()
-        try:
-            await kc.wait_for_ready(timeout=self.startup_timeout)
-        except BaseException:
-            kc.stop_channels()
-            raise
-        self._kc = kc
-
-    def _disconnect(self) -> None:
-        if self._kc is not None:
-            self._kc.stop_channels()
-            self._kc = None
+    @property
+    def provisioner(self) -> SmolVMProvisioner | None:
+        """The kernel's provisioner (its VM, isolation, egress log), for tools that need
+        more than this API; None before the start and after ``kill``."""
+        return self._session.provisioner
 
     @property
     def isolation(self) -> str | None:
         """``kvm``, ``hvf`` or ``tcg`` (emulation: not a security boundary)."""
-        prov = self._km.provisioner if self._km else None
-        return getattr(prov, "isolation", None)
+        return getattr(self.provisioner, "isolation", None)
 
     @property
     def kernel_id(self) -> str | None:
-        return self._km.kernel_id if self._km else None
+        return self._session.km.kernel_id if self._session.km else None
 
     @property
     def busy(self) -> bool:
@@ -247,59 +194,25 @@ class AsyncSandbox:
         return self._run_lock.locked()
 
     async def is_running(self) -> bool:
-        if self._killed or self._km is None:
-            return False
-        if self._replacing is not None and not self._replacing.done():
-            return True  # a fresh kernel is on its way
-        return await self._km.is_alive()
+        return await self._session.is_running()
 
     async def kill(self) -> None:
         """Stop the kernel and destroy its VM at once. Idempotent; the sandbox is done."""
-        self._killed = True
-        if self._replacing is not None:  # let it finish: a boot cut short could leave a VM
-            await asyncio.gather(self._replacing, return_exceptions=True)
-        self._disconnect()
-        km, self._km = self._km, None
-        if km is not None and km.has_kernel:
-            await km.shutdown_kernel(now=True)
-        if self._zmq is not None:
-            self._zmq.destroy(linger=0)
-            self._zmq = None
+        await self._session.kill()
 
     async def restart(self) -> None:
         """A fresh kernel in a fresh VM (waits for a running ``run_code`` to return:
         ``interrupt()`` first to cut it short)."""
         async with self._run_lock:
-            await self._ready()
-            await self._replace()
+            await self._session.ready()
+            await self._session.replace()
 
     async def interrupt(self) -> None:
         """SIGINT the kernel (a running ``run_code`` then returns ``interrupted``)."""
-        await self._ready()
+        await self._session.ready()
         self._interrupt_requested = True
-        assert self._km is not None
-        await self._km.interrupt_kernel()
-
-    async def _replace(self) -> None:
-        assert self._km is not None
-        self._disconnect()
-        await self._km.restart_kernel(now=True)
-        await self._connect()
-
-    def _replace_soon(self) -> None:
-        self._replacing = asyncio.ensure_future(self._replace())
-
-    async def _ready(self) -> None:
-        if self._killed:
-            raise SandboxError("this sandbox was killed; create a new one")
-        if self._km is None:
-            await self.start()
-        if self._replacing is not None:
-            replacing, self._replacing = self._replacing, None
-            try:
-                await replacing
-            except Exception as e:
-                raise SandboxError(f"the sandbox's replacement kernel did not start: {e}") from e
+        assert self._session.km is not None
+        await self._session.km.interrupt_kernel()
 
     # ------------------------------------------------------------------ checkpoints
     async def checkpoint(self, name: str | None = None, keep: bool = False) -> Checkpoint:
@@ -307,9 +220,9 @@ class AsyncSandbox:
         (``cp1``, ``cp2``, ... by default); waits for a running ``run_code``. ``keep``: the
         checkpoint outlives the sandbox. Raises SandboxError with the reason it cannot."""
         async with self._run_lock:
-            await self._ready()
+            await self._session.ready()
             try:
-                return await self._km.provisioner.checkpoint(name, keep)  # type: ignore[union-attr]
+                return await self._prov().checkpoint(name, keep)
             except (CheckpointError, VmError) as e:
                 raise SandboxError(str(e)) from None
 
@@ -318,16 +231,16 @@ class AsyncSandbox:
         kernel, its state and files as they were. Waits for a running ``run_code``."""
         name = checkpoint.name if isinstance(checkpoint, Checkpoint) else str(checkpoint)
         async with self._run_lock:
-            await self._ready()
+            await self._session.ready()
             try:
-                await self._km.provisioner.rewind(name)  # type: ignore[union-attr]
+                await self._prov().rewind(name)
             except (CheckpointError, VmError) as e:
                 raise SandboxError(str(e)) from None
 
     async def checkpoints(self) -> list[Checkpoint]:
         """This sandbox's checkpoints, oldest first."""
-        await self._ready()
-        return await self._km.provisioner.checkpoints()  # type: ignore[union-attr]
+        await self._session.ready()
+        return await self._prov().checkpoints()
 
     async def fork(self, n: int = 1, checkpoint: Checkpoint | str | None = None
                    ) -> list[AsyncSandbox]:  # fmt: skip
@@ -338,8 +251,8 @@ class AsyncSandbox:
             raise ValueError(f"n must be 1 to {MAX_FORKS}")
         name = checkpoint.name if isinstance(checkpoint, Checkpoint) else checkpoint
         async with self._run_lock:
-            await self._ready()
-            prov = self._km.provisioner  # type: ignore[union-attr]
+            await self._session.ready()
+            prov = self._prov()
             try:
                 source, temporary = await prov.fork_source(name)
             except (CheckpointError, VmError) as e:
@@ -361,11 +274,14 @@ class AsyncSandbox:
         """A sandbox with this one's settings (not started)."""
         twin = AsyncSandbox.__new__(AsyncSandbox)
         twin.__dict__.update({k: v for k, v in self.__dict__.items() if k in _SETTINGS})
-        twin.files, twin.commands = AsyncFiles(twin), AsyncCommands(twin)
-        twin._km, twin._kc, twin._zmq = None, None, None
-        twin._run_lock, twin._replacing = asyncio.Lock(), None
-        twin._interrupt_requested = twin._killed = False
+        twin._fresh()
         return twin
+
+    def _prov(self) -> SmolVMProvisioner:
+        """The provisioner of a started sandbox (after ``self._session.ready()``)."""
+        prov = self._session.provisioner
+        assert prov is not None
+        return prov
 
     # ------------------------------------------------------------------ code
     async def run_code(
@@ -380,34 +296,35 @@ class AsyncSandbox:
         """Run ``code`` in the kernel; see the module docstring for the timeout contract.
         Callbacks run in order of the output, with what the Execution keeps."""
         async with self._run_lock:
-            await self._ready()
+            await self._session.ready()
             collector = OutputCollector(
                 self.max_output_chars, on_stdout, on_stderr, on_result, on_error
             )
             ex = collector.execution
             t0 = time.monotonic()
             self._interrupt_requested = False
-            kc = self._kc
+            session = self._session
             blocked_before = await self._blocked()
-            msg_id = kc.execute(code, allow_stdin=False, stop_on_error=False)
-            state = await self._pump(msg_id, collector, t0 + timeout)
+            msg_id = session.kc.execute(code, allow_stdin=False, stop_on_error=False)
+            state = await session.pump(msg_id, collector, t0 + timeout)
             if state == "timeout":
-                assert self._km is not None
-                await self._km.interrupt_kernel()
-                state = await self._pump(msg_id, collector, time.monotonic() + self.interrupt_grace)
+                assert session.km is not None
+                await session.km.interrupt_kernel()
+                state = await session.pump(msg_id, collector,
+                                           time.monotonic() + self.interrupt_grace)  # fmt: skip
                 ex.status = "timeout"
                 if state == "timeout":  # the code ignores SIGINT
                     ex.kernel_restarted = True
-                    self._replace_soon()
+                    session.replace_soon()
             elif state == "idle":
-                reply = await self._reply(msg_id)
+                reply = await session.reply(msg_id)
                 ex.execution_count = reply.get("execution_count")
                 if reply.get("status") == "error" or ex.error is not None:
                     by_us = ex.error is not None and ex.error.name == "KeyboardInterrupt"
                     ex.status = "interrupted" if by_us and self._interrupt_requested else "error"
             if state == "died":
                 ex.status = "kernel_died"
-                self._replace_soon()
+                session.replace_soon()
             ex.duration_s = time.monotonic() - t0
             blocked_after = await self._blocked(settled=True)
             ex.blocked = [dest for dest, n in blocked_after.items()
@@ -418,50 +335,21 @@ class AsyncSandbox:
         """Blocked destinations in the kernel VM's egress log, with their counts.
         ``settled``: if the guard wrote the log less than its interval ago (a refusal it
         saw since may not be written yet), wait for its next write first."""
-        prov = self._km.provisioner if self._km is not None else None
-        log = prov.egress_log() if isinstance(prov, SmolVMProvisioner) else None
+        prov = self._session.provisioner
+        log = prov.egress_log() if prov is not None else None
         age = time.time() - float((log or {}).get("written", 0))
-        if settled and log is not None and 0 <= age < EGRESS_LOG_INTERVAL:
+        if settled and prov is not None and log is not None and 0 <= age < EGRESS_LOG_INTERVAL:
             await asyncio.sleep(EGRESS_LOG_INTERVAL - age + 0.05)
-            log = prov.egress_log() if isinstance(prov, SmolVMProvisioner) else None
+            log = prov.egress_log()
         entries = (log or {}).get("entries", [])
         return {describe_destination(e): int(e.get("count", 0))
                 for e in entries if e.get("verdict") == "blocked"}  # fmt: skip
 
-    async def _pump(self, msg_id: str, collector: OutputCollector, until: float) -> str:
-        """Feed this execution's IOPub messages to ``collector`` until the kernel is idle
-        again (``idle``), ``until`` passes (``timeout``) or the kernel dies (``died``)."""
-        assert self._km is not None
-        while (left := until - time.monotonic()) > 0:
-            try:
-                msg = await self._kc.get_iopub_msg(timeout=min(left, 1.0))
-            except Empty:
-                if not await self._km.is_alive():
-                    return "died"
-                continue
-            ours = msg["parent_header"].get("msg_id") == msg_id
-            relay_note = msg["header"].get("session") == RELAY_SESSION  # dropped output
-            if (ours or relay_note) and collector.feed(msg):
-                return "idle"
-        return "died" if not await self._km.is_alive() else "timeout"
-
-    async def _reply(self, msg_id: str) -> dict:
-        deadline = time.monotonic() + 10
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await self._kc.get_shell_msg(timeout=left)
-            except Empty:
-                break
-            if msg["parent_header"].get("msg_id") == msg_id:
-                return msg["content"]
-        return {}
-
     # ------------------------------------------------------------------ agent
     async def _agent(self, op: str, timeout: float = 30.0, **fields: Any) -> dict:
-        await self._ready()
-        assert self._km is not None
+        await self._session.ready()
         try:
-            return await self._km.provisioner.guest_request(op, timeout, **fields)
+            return await self._prov().guest_request(op, timeout, **fields)
         except AgentError as e:
             if e.errno:
                 raise OSError(e.errno, f"{os.strerror(e.errno)} (in the sandbox)",

@@ -87,6 +87,11 @@ class Sandbox:
     def kernel_id(self) -> str | None:
         return self._async.kernel_id
 
+    @property
+    def provisioner(self) -> Any:
+        """See ``AsyncSandbox.provisioner`` (its attributes belong to the sandbox's loop)."""
+        return self._async.provisioner
+
     def run_code(
         self,
         code: str,

@@ -65,6 +65,14 @@ DNS = "10.0.2.3"
 GUEST_MAC = "52:54:00:12:34:56"  # the VM NIC's (QEMU and libkrun are given it)
 GUEST_MAC_BYTES = bytes.fromhex(GUEST_MAC.replace(":", ""))
 
+
+def guest_net_config(dns: tuple[str, ...] = ()) -> str:
+    """What the guest's /init reads from ``SMOL_NET``: ``ADDR/PREFIX,GATEWAY,DNS[,DNS...]``.
+    Without ``dns`` the guest asks passt's DNS address, forwarded to the host's resolver;
+    given servers are asked directly (like any other outside address, so never the host)."""
+    return ",".join((f"{GUEST_ADDR}/{PREFIX}", GATEWAY, *(dns or (DNS,))))
+
+
 ETH_ARP = 0x0806
 ETH_IPV4 = 0x0800
 ALWAYS_BLOCKED = tuple(

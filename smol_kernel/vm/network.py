@@ -46,13 +46,6 @@ def find_passt() -> str | None:
     return find_program("passt", "SMOL_KERNEL_PASST")
 
 
-def guest_net_config(dns: tuple[str, ...] = ()) -> str:
-    """What the guest's /init reads from ``SMOL_NET``: ``ADDR/PREFIX,GATEWAY,DNS[,DNS...]``.
-    Without ``dns`` the guest asks passt's DNS address, forwarded to the host's resolver;
-    given servers are asked directly (like any other outside address, so never the host)."""
-    return ",".join((f"{GUEST_ADDR}/{PREFIX}", GATEWAY, *(dns or (DNS,))))
-
-
 def passt_argv(passt: str, fd: int) -> list[str]:
     return [
         passt, "--foreground", "--quiet", "--stderr", "--fd", str(fd),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .allowlist import AllowList, AllowListError
+from .netfilter import guest_net_config
 from .share import Share, ShareError, check_shares
 
 
@@ -112,8 +113,6 @@ class VmSpec:
     def boot_env(self) -> dict[str, str]:
         """Settings the guest's /init reads from its environment (kernel command line under
         QEMU, the exec environment under libkrun): network addressing and share mounts."""
-        from .network import guest_net_config
-
         env = {}
         if self.network:
             env["SMOL_NET"] = guest_net_config(self.dns)

@@ -75,7 +75,7 @@ class GuestAgent:
                     await agent.close()
                     raise VmError(
                         f"VM {vm.id}: its guest agent speaks protocol "
-                        f"{escaped(str(agent.hello.get('protocol')))[:20]}, this smol-kernel "
+                        f"{escaped(str(agent.hello.get('protocol'))[:20])}, this smol-kernel "
                         f"speaks {P.PROTOCOL_VERSION}: the image {vm.spec.image!r} was built "
                         "by another version. Rebuild it with the 'smol-kernel image build' "
                         "command that made it."

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .agent_client import GuestAgent
 from .errors import KernelStartError
 from .guest import protocol as P
+from .shown import escaped
 from .vm.base import Vm, VmBackend, VmError
 from .vm.share import Share
 from .vm.spec import VmSpec
@@ -147,7 +148,8 @@ async def restore_and_connect(
             on_vm(vm)
         agent = await GuestAgent.connect(vm, max(1.0, deadline - time.monotonic()))
         if not is_ready(agent):
-            raise VmError(f"VM {vm.id} ({what}): its kernel is {agent.hello.get('kernel')!r}")
+            kernel = escaped(str(agent.hello.get("kernel"))[:40])  # the guest's word
+            raise VmError(f"VM {vm.id} ({what}): its kernel is {kernel!r}")
     except BaseException:
         await _discard(vm, agent)
         raise

@@ -4,7 +4,8 @@ Built on the official ``mcp`` SDK (v2, ``MCPServer``). Each named session is one
 ``AsyncSandbox`` (one VM, one kernel), created on first use and killed by ``close_session``
 or when the server exits; the provisioner's parent-death signal takes the VMs down even if
 the server is killed. Transports: stdio (default) or streamable HTTP (``--http HOST:PORT``),
-which requires ``Authorization: Bearer TOKEN`` on every request.
+which requires ``Authorization: Bearer TOKEN`` on every request to ``/mcp`` (the only
+path it serves).
 
 What the model sees is capped (``max_output_chars`` per call), and every PNG or JPEG a cell
 displays comes back as an image content block. Long runs send progress notifications (with
@@ -153,14 +154,14 @@ def build_server(
     sessions: Sessions, network: bool = False, allow_hosts: list[str] | tuple[str, ...] = (),
     http: tuple[str, int] | None = None, token: str | None = None,
 ) -> MCPServer:  # fmt: skip
-    """The server and its tools; with ``http``, every request to it needs ``token``."""
+    """The server and its tools; with ``http``, every request to ``/mcp`` needs ``token``."""
     auth = {}
     if http is not None:
         # A resource server with no authorization server: the issuer is never advertised
-        # (no resource_server_url, so no metadata routes); it is only required by the SDK.
-        url = f"http://{http[0]}:{http[1]}"
-        auth = {"token_verifier": StaticToken(token or ""),
-                "auth": AuthSettings(issuer_url=url, resource_server_url=None)}  # fmt: skip
+        # (no resource_server_url, so no metadata routes); it is only required by the SDK,
+        # so it names no real host (an IPv6 address would not even parse as one).
+        settings = AuthSettings(issuer_url="http://localhost", resource_server_url=None)
+        auth = {"token_verifier": StaticToken(token or ""), "auth": settings}
     server = MCPServer(
         name="smol-kernel",
         instructions=INSTRUCTIONS.format(network=network_sentence(network, allow_hosts)),
@@ -326,7 +327,13 @@ class StaticToken:
         self._token = token.encode()
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        if not hmac.compare_digest(token.encode(), self._token):
+        # Starlette decoded the header as latin-1: encoding it back gives the bytes sent
+        # (a UTF-8 token arrives as its UTF-8 bytes).
+        try:
+            sent = token.encode("latin-1")
+        except UnicodeEncodeError:
+            return None
+        if not hmac.compare_digest(sent, self._token):
             return None
         return AccessToken(token=token, client_id="smol-kernel-token", scopes=[])
 

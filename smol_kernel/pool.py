@@ -33,6 +33,7 @@ from .kernel_vm import KernelPlan
 from .quota import Limits
 from .template import prepared_vm
 from .vm.base import Vm, VmBackend
+from .vm.process import reap_orphans
 
 log = logging.getLogger("smol_kernel.pool")
 
@@ -300,6 +301,7 @@ class WarmPool:
     async def _fill(self, fill: _Fill, want: _Want) -> None:
         plan = fill.plan
         try:
+            await asyncio.to_thread(reap_orphans)  # a crashed owner's VMs, before ours
             vm, agent, _ = await prepared_vm(
                 plan, want.backend, time.monotonic() + want.boot_timeout, on_vm=fill.on_vm,
                 logger=want.log,

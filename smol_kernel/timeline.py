@@ -91,9 +91,6 @@ class Timeline:
             return "the kernel is not running"
         if (why := self.why_not_for(plan)) is not None:
             return why
-        if int(agent.hello.get("protocol") or 0) < 4:
-            return ("its guest image was built before checkpoints: rebuild it "
-                    "(smol-kernel image build; --preset NAME for a preset)")  # fmt: skip
         return None
 
     def plan_key(self) -> str:

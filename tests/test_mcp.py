@@ -149,3 +149,19 @@ def test_http_without_token_prints_a_generated_one():
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+async def test_the_http_token_check_takes_any_address_and_the_token_as_sent():
+    """The SDK's auth needs an issuer URL: an IPv6 listen address must not break it; a
+    token that is not ASCII matches as the bytes a client sends (UTF-8)."""
+    from smol_kernel.mcp_server import Sessions, StaticToken, build_server
+
+    for host in ("::1", "127.0.0.1", "0.0.0.0"):
+        build_server(Sessions({}, 1), http=(host, 8765), token="t")
+    verifier = StaticToken("pässwört")
+    sent = "pässwört".encode().decode("latin-1")  # what Starlette hands the verifier
+    assert await verifier.verify_token(sent) is not None
+    for wrong in ("pässwört", "pässwört ", "x", "", "\u2603"):
+        assert await verifier.verify_token(wrong) is None
+    with pytest.raises(ValueError, match="needs a bearer token"):
+        StaticToken("")

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..image.store import GuestImage, ImageNotFound
 from .spec import Isolation, VmSpec
 
 
@@ -117,32 +118,45 @@ def read_tail(path: Path, max_bytes: int) -> str:
         return f.read(max_bytes).decode("utf-8", "replace")
 
 
+def image_stamp(image: str) -> str:
+    """Which build of ``image`` is there now ("" if none can be read)."""
+    try:
+        manifest = GuestImage.load(image).manifest
+    except (ImageNotFound, ValueError):
+        return ""
+    return f"{manifest.get('input_hash')}@{manifest.get('created')}"
+
+
 class VmBackend(abc.ABC):
     """Starts VMs of one kind (QEMU, libkrun)."""
 
     name: str = ""
 
     def __init__(self) -> None:
-        self._checked: dict[str, BackendStatus] = {}
+        self._checked: dict[str, tuple[str, BackendStatus]] = {}
 
     @abc.abstractmethod
     def check(self, image: str = "default") -> BackendStatus:
         """Can this backend run VMs here, and with which isolation? Must not raise."""
 
     def remember(self, image: str, status: BackendStatus) -> None:
-        """Keep a successful check (the one that chose this backend) for its starts."""
-        if status.available and status.isolation is not None:
-            self._checked[image] = status
+        """Keep a successful check (the one that chose this backend) for its starts, as
+        long as the image is the one it checked (a rebuilt image is checked again)."""
+        stamp = image_stamp(image)
+        if status.available and status.isolation is not None and stamp:
+            self._checked[image] = (stamp, status)
 
     async def status_for(self, image: str) -> BackendStatus:
         """The isolation a VM of ``image`` gets here, checked once per backend object and
-        image; BackendUnavailable if there is none."""
-        status = self._checked.get(image)
-        if status is None:
-            status = await asyncio.to_thread(self.check, image)
-            if not status.available or status.isolation is None:
-                raise BackendUnavailable(self.name, status.reason, status.fix)
-            self.remember(image, status)
+        build of the image; BackendUnavailable if there is none."""
+        held, stamp = self._checked.get(image), image_stamp(image)
+        if held is not None and held[0] == stamp:
+            return held[1]
+        status = await asyncio.to_thread(self.check, image)
+        if not status.available or status.isolation is None:
+            raise BackendUnavailable(self.name, status.reason, status.fix)
+        if stamp:
+            self._checked[image] = (stamp, status)
         return status
 
     @abc.abstractmethod

@@ -3,17 +3,19 @@ launcher): what every start does, in one place.
 
 ``ProcessBackend.start`` guarantees, for every backend built on it:
 
-* the spec is valid and the backend can run it (checked once per backend object and
-  image: the check that chose the backend is not repeated for each VM it starts);
+* the spec is valid and the backend can run it (checked once per backend object and build
+  of the image: the check that chose the backend is not repeated for each VM it starts);
 * shared folders are opened and checked again just before the VMM gets them as
   descriptors, so no rename or symlink since planning can redirect a share;
 * the network, when asked for, is the guarded passt link (``network.py``);
-* on any failure, cancellation included, nothing is left: the VMM and helpers are stopped,
-  the runtime dir is removed, every descriptor is closed.
+* on any failure nothing is left: the VMM and helpers are stopped, the runtime dir is
+  removed, every descriptor is closed. (A cancellation while a process is being spawned
+  in a worker thread can lose that process: callers shield starts, see ``pool.py``.)
 
 A backend supplies ``_spawn``: lay out its files, start the VMM, return its ``ProcessVm``
 once the VMM has really started. Reaping a crashed owner's VMs is
-the caller's job (``reap_orphans``, once per kernel start), not each VM's.
+the caller's job (``reap_orphans``: once per kernel start and per warm-pool refill), not
+each VM's.
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ launcher): what every start does, in one place.
   in a worker thread can lose that process: callers shield starts, see ``pool.py``.)
 
 A backend supplies ``_spawn``: lay out its files, start the VMM, return its ``ProcessVm``
-once the VMM has really started. Reaping a crashed owner's VMs is
-the caller's job (``reap_orphans``: once per kernel start and per warm-pool refill), not
-each VM's.
+once the VMM has really started. Reaping a crashed owner's VMs is the caller's job
+(``reap_orphans``: once per kernel start and per warm-pool refill), not each VM's.
 """
 
 from __future__ import annotations

@@ -79,6 +79,11 @@ class GuestImage:
         return str(release) if release is not None else "?"
 
     @property
+    def build_id(self) -> str:
+        """Which build of the image this is (a rebuild in place gets another)."""
+        return f"{self.manifest.get('input_hash')}@{self.manifest.get('created')}"
+
+    @property
     def inputs(self) -> dict:
         """What the image was built from ({} for a manifest without them)."""
         inputs = self.manifest.get("inputs")

@@ -118,15 +118,6 @@ def read_tail(path: Path, max_bytes: int) -> str:
         return f.read(max_bytes).decode("utf-8", "replace")
 
 
-def image_stamp(image: str) -> str:
-    """Which build of ``image`` is there now ("" if none can be read)."""
-    try:
-        manifest = GuestImage.load(image).manifest
-    except (ImageNotFound, ValueError):
-        return ""
-    return f"{manifest.get('input_hash')}@{manifest.get('created')}"
-
-
 class VmBackend(abc.ABC):
     """Starts VMs of one kind (QEMU, libkrun)."""
 
@@ -141,22 +132,24 @@ class VmBackend(abc.ABC):
 
     def remember(self, image: str, status: BackendStatus) -> None:
         """Keep a successful check (the one that chose this backend) for its starts, as
-        long as the image is the one it checked (a rebuilt image is checked again)."""
-        stamp = image_stamp(image)
-        if status.available and status.isolation is not None and stamp:
-            self._checked[image] = (stamp, status)
+        long as the image is the build it checked (a rebuilt image is checked again)."""
+        try:
+            build = GuestImage.load(image).build_id
+        except (ImageNotFound, ValueError):
+            return
+        if status.available and status.isolation is not None:
+            self._checked[image] = (build, status)
 
-    async def status_for(self, image: str) -> BackendStatus:
-        """The isolation a VM of ``image`` gets here, checked once per backend object and
-        build of the image; BackendUnavailable if there is none."""
-        held, stamp = self._checked.get(image), image_stamp(image)
-        if held is not None and held[0] == stamp:
+    async def status_for(self, image: GuestImage) -> BackendStatus:
+        """The isolation a VM of ``image`` (as loaded for this start) gets here, checked
+        once per backend object and build of the image; BackendUnavailable if none."""
+        held = self._checked.get(image.name)
+        if held is not None and held[0] == image.build_id:
             return held[1]
-        status = await asyncio.to_thread(self.check, image)
+        status = await asyncio.to_thread(self.check, image.name)
         if not status.available or status.isolation is None:
             raise BackendUnavailable(self.name, status.reason, status.fix)
-        if stamp:
-            self._checked[image] = (stamp, status)
+        self._checked[image.name] = (image.build_id, status)
         return status
 
     @abc.abstractmethod

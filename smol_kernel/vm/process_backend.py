@@ -64,7 +64,7 @@ class ProcessBackend(VmBackend):
         a snapshot to restore). Returns once the VMM runs (see ``_spawn``)."""
         spec.validate()
         image = GuestImage.load(spec.image)
-        status = await self.status_for(spec.image)
+        status = await self.status_for(image)
         assert status.isolation is not None
         self._validate(spec, **options)
         boot = Boot(spec, image, status.isolation, RuntimeDir.create())

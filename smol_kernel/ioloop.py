@@ -23,9 +23,13 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An asyncio loop running in a daemon thread named ``name`` until ``stop()``."""
+    """An asyncio loop running in a daemon thread named ``name`` until ``stop()``;
+    ``reentry`` is the error a blocking call from that thread gets."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, reentry: str = "a blocking call on a loop's own thread would never return"
+    ) -> None:
+        self.reentry = reentry
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -49,7 +53,7 @@ class LoopThread:
         """Run ``coro`` on the loop; block this (other) thread until it is done."""
         if self.in_thread():
             coro.close()
-            raise RuntimeError("a blocking call on a loop's own thread would never return")
+            raise RuntimeError(self.reentry)
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def call_async(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -27,18 +27,26 @@ def test_calls_run_on_the_loop_thread_and_errors_come_back():
         with pytest.raises(ValueError, match="from the loop"):
             lt.call(fail())
 
-        async def nested():
-            coro = _where()
-            try:
-                lt.call(coro)
-            finally:
-                coro.close()
-
         with pytest.raises(RuntimeError, match="own thread would never return"):
-            lt.call(nested())
+            lt.call(_call_from_inside(lt))
     finally:
         lt.stop()
     assert not lt.running and lt.loop.is_closed()
+    sandbox_like = LoopThread("test-loop-2", reentry="not from a callback")
+    try:
+        with pytest.raises(RuntimeError, match="not from a callback"):
+            sandbox_like.call(_call_from_inside(sandbox_like))
+    finally:
+        sandbox_like.stop()
+
+
+async def _call_from_inside(lt: LoopThread) -> None:
+    """A blocking call on ``lt`` made from its own thread."""
+    coro = _where()
+    try:
+        lt.call(coro)
+    finally:
+        coro.close()
 
 
 async def test_on_io_loop_from_another_loop_and_from_itself():

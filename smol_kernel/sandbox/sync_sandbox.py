@@ -23,7 +23,9 @@ class _Loop:
 
     def __init__(self) -> None:
         self.users = 1
-        self.thread = LoopThread("smol-sandbox")
+        self.thread = LoopThread(
+            "smol-sandbox", reentry="a Sandbox method cannot be called from one of its callbacks"
+        )
 
     @property
     def closed(self) -> bool:
@@ -33,9 +35,6 @@ class _Loop:
         if self.closed:
             coro.close()
             raise SandboxError("this sandbox was killed; create a new one")
-        if self.thread.in_thread():
-            coro.close()
-            raise RuntimeError("a Sandbox method cannot be called from one of its callbacks")
         return self.thread.call(coro)
 
     def stop(self) -> None:

@@ -30,7 +30,6 @@ from .message_pump import FrameInput, Progress
 
 MAX_KEPT_MESSAGE = 16 << 20  # a client message larger than this is streamed, not kept
 MAX_KEPT_BYTES = 64 << 20  # unanswered requests kept per link
-MAX_COMMAND = 64 << 10  # a ZMTP command from a client (READY, SUBSCRIBE, PING)
 
 
 class Link:
@@ -57,11 +56,9 @@ class Link:
         self.down = Progress()  # the guest-to-client pump's
         self.down_task: asyncio.Future | None = None
 
-    def answered(self, parent: bytes) -> None:
-        """A shell message from the kernel; its parent is a request now answered."""
-        msg_id = _msg_id(parent)
-        if msg_id is not None:
-            self.forget(msg_id)
+    def answered(self, msg_id: str) -> None:
+        """A shell message from the kernel answered the request ``msg_id``."""
+        self.forget(msg_id)
 
     def forget(self, msg_id: str) -> None:
         self.sent.discard(msg_id)
@@ -138,7 +135,7 @@ async def pump_client(link: Link) -> None:
     while True:
         header = await inp.header()
         if header.command:
-            if header.size > MAX_COMMAND:
+            if header.size > zmtp.MAX_COMMAND:
                 raise zmtp.ZmtpError("a ZMTP command over 64 KiB from a client")
             data = header.raw + await inp.exactly(header.size)
             body = data[len(header.raw) :]
@@ -192,12 +189,3 @@ async def _stream(
             raise zmtp.ZmtpError("a command inside a multipart message")
         writer.write(header.raw)
         await inp.copy(writer, header.size)
-
-
-def _msg_id(header: bytes) -> str | None:
-    try:
-        value = json.loads(header)
-    except (ValueError, RecursionError):
-        return None
-    msg_id = value.get("msg_id") if isinstance(value, dict) else None
-    return msg_id if isinstance(msg_id, str) else None

@@ -8,7 +8,7 @@ try:
 except ImportError:  # pragma: no cover - jupyter_server depends on it
     prom = None
 
-_starts = _start_seconds = _refusals = None
+_starts = _start_seconds = _refusals = _rejected = None
 if prom is not None:
     _starts = prom.Counter("smol_kernel_vm_starts", "Kernel VMs started, by kind", ["kind"])
     _start_seconds = prom.Histogram(
@@ -18,12 +18,22 @@ if prom is not None:
         buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
     )
     _refusals = prom.Counter("smol_kernel_quota_refusals", "Kernel starts refused by a quota")
+    _rejected = prom.Counter(
+        "smol_kernel_guest_messages_rejected",
+        "Messages and ZMTP commands from a kernel's VM the host could not parse, dropped",
+        ["channel"],
+    )
 
 
 def kernel_started(kind: str, seconds: float) -> None:
     if _starts is not None and _start_seconds is not None:
         _starts.labels(kind).inc()
         _start_seconds.labels(kind).observe(seconds)
+
+
+def guest_message_rejected(channel: str) -> None:
+    if _rejected is not None:
+        _rejected.labels(channel).inc()
 
 
 def quota_refused() -> None:

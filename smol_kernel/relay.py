@@ -6,12 +6,14 @@ serial port's multiplexer under QEMU, vsock under libkrun) to the agent's port f
 channel, which the agent connects to the kernel's port on guest loopback.
 
 Guarantees:
-* Clients only see what the output policy allows (``output_policy.py``): what the guest
-  sends is parsed as ZMTP (``zmtp.py``), each message that carries a MIME bundle or a URL
-  is rewritten by the policy and signed again with the kernel's key, so clients verify it
-  as usual; everything else, and every client-to-guest byte, passes unchanged (client
-  bytes are framed too, so a connection can move: ``client_pump.py``). Without a policy
-  (``trusted_outputs``) nothing is rewritten.
+* Clients only get what the host parsed and wrote again (``message_pump.py``): what the
+  guest sends is parsed as ZMTP (``zmtp.py``) and as Jupyter messages
+  (``strict_message.py``); what does not parse is dropped and counted, what the output
+  policy filters (``output_policy.py``) is rewritten, and every message is signed again
+  with the kernel's key, so clients verify it as usual. Every client-to-guest byte passes
+  unchanged (client bytes are framed too, so a connection can move: ``client_pump.py``).
+  Without a policy (``trusted_outputs``) nothing is rewritten, but the parsing is the
+  same.
 * Bounded host memory: a direction moves at most one 1 MiB read at a time (a client's
   requests kept for a rewind: ``client_pump.MAX_KEPT_BYTES``) and waits for the other side
   to drain, except towards iopub clients, whose share of output the relay
@@ -207,7 +209,7 @@ class KernelRelay:
         link.down = Progress()
         if link.channel == "hb":
             pump = pump_frames(g_reader, link.c_writer, skip_handshake=replay,
-                               progress=link.down)  # fmt: skip
+                               progress=link.down, gate=self.gate)  # fmt: skip
         else:
             pump = pump_messages(
                 g_reader, link.c_writer, link.channel, self.gate, skip_handshake=replay,

@@ -191,6 +191,20 @@ display(SVG("<svg xmlns='http://www.w3.org/2000/svg' onload=\"%s\"><script>%s</s
             "</svg>" % (mark % "svg-onload", mark % "svg-script")))
 display(Markdown("<img src=x onerror=\"%s\"> **markdown**" % (mark % "markdown")))
 display(HTML("<iframe srcdoc=\"<script>%s</script>\"></iframe>" % (mark % "iframe")))
+# The same output sent with a session username that is not UTF-8: the header's 0xff byte
+# made the relay of old pass it unread (issue 30); then once with a readable header.
+k = get_ipython().kernel
+for name, user in (("undecodable", "\udcff"), ("readable", "ordinary")):
+    saved, k.session.username = k.session.username, user
+    try:
+        k.session.send(k.iopub_socket, "display_data", {"metadata": {}, "transient": {},
+            "data": {"application/javascript": mark % (name + "-javascript"),
+                     "text/html": "<img src=x onerror=\"%s\"><table class='probe-%s'>"
+                                  "<tr><td>%s</td></tr></table>" % (mark % (name + "-img"),
+                                                                     name, name)}},
+            parent=k.get_parent())
+    finally:
+        k.session.username = saved
 print("payloads sent")
 """
 SCIPY_OUTPUTS = r"""
@@ -231,8 +245,9 @@ def _run_notebook(page, url: str, token: str, name: str) -> None:
 @pytest.mark.parametrize("lab", [install_output_kernelspecs], indirect=True)
 def test_kernel_outputs_run_no_script_in_jupyterlab_unless_trusted(lab):
     """Every way a cell's output could run script in the user's page (JavaScript, <script>,
-    onerror, SVG onload/script, Markdown HTML, iframe srcdoc) does nothing with the output
-    policy, while a DataFrame table and a matplotlib plot still render. The same payloads
+    onerror, SVG onload/script, Markdown HTML, iframe srcdoc, a message whose header is not
+    UTF-8) does nothing with the output policy, while a DataFrame table, an HTML table and
+    a matplotlib plot still render. The same payloads
     from a trusted_outputs kernel do run: the probe can see script run (positive control).
     """
     from playwright.sync_api import sync_playwright
@@ -261,12 +276,19 @@ def test_kernel_outputs_run_no_script_in_jupyterlab_unless_trusted(lab):
             assert svg.count() == 1, "the SVG is shown as an image"
             assert output.locator("strong", has_text="markdown").count() == 1
             assert output.filter(has_text="not shown: application/javascript").count() == 1
+            # the readable copy rendered (sanitized), the undecodable one not at all
+            assert output.locator("table.probe-readable").count() == 1
+            assert output.locator("table.probe-undecodable").count() == 0
 
             page.goto("about:blank")
             _run_notebook(page, url, token, "trusted.ipynb")
             shot(page, "outputs-trusted")
             ran = page.evaluate("window.smolPwned || []")
             assert "javascript" in ran and "img-onerror" in ran, ran
+            # the probe runs when its message is readable; trusted or not, one the host
+            # cannot parse never reaches the page
+            assert "readable-javascript" in ran, ran
+            assert not [r for r in ran if r.startswith("undecodable")], ran
         except Exception:
             shot(page, "outputs-failure")
             raise

@@ -201,3 +201,159 @@ def test_frames_are_what_the_wire_format_says():
         M.frame(M.CREDIT, 5, struct.pack(">I", 9))
         == b"\x04\x00\x00\x00\x05\x00\x00\x00\x04\x00\x00\x00\x09"
     )
+
+
+# ------------------------------------------------------------- a guest that floods its port
+class RawGuest:
+    """A hostile guest's end of the port: we write its frames ourselves."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def frame(self) -> tuple[int, int, bytes]:
+        kind, sid, length = M.HEADER.unpack(self._recv(M.HEADER.size))
+        return kind, sid, self._recv(length)
+
+    def answer_reset(self) -> None:
+        kind, _, nonce = self.frame()
+        assert kind == M.RESET
+        self.sock.sendall(M.reset_ok(nonce))
+
+    def accept(self) -> int:
+        """Answer the host's next OPEN; returns the stream id."""
+        kind, sid, _ = self.frame()
+        assert kind == M.OPEN
+        self.sock.sendall(M.frame(M.OPENED, sid))
+        return sid
+
+
+async def raw_pair(tmp_path) -> tuple[HostMux, RawGuest]:
+    host = HostMux(tmp_path / "mux.sock")
+    await host.listen()
+    qemu = socket.socket(socket.AF_UNIX)
+    qemu.connect(str(tmp_path / "mux.sock"))
+    guest = RawGuest(qemu)
+    loop = asyncio.get_running_loop()
+    answered = loop.run_in_executor(None, guest.answer_reset)
+    await host.start(timeout=10)
+    await answered
+    return host, guest
+
+
+async def open_raw(host: HostMux, guest: RawGuest):
+    accepted = asyncio.get_running_loop().run_in_executor(None, guest.accept)
+    reader, writer = await host.open_stream(7)
+    return reader, writer, await accepted
+
+
+async def test_an_empty_data_frame_closes_the_port(tmp_path):
+    """Empty DATA costs the guest nothing against its window and the host a frame's work:
+    it is a protocol error, and the VM's port closes. Control: the same stream carries a
+    byte before it."""
+    host, guest = await raw_pair(tmp_path)
+    try:
+        reader, _, sid = await open_raw(host, guest)
+        guest.sock.sendall(M.frame(M.DATA, sid, b"x"))
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+        assert not host.closed.is_set()
+        guest.sock.sendall(M.frame(M.DATA, sid, b""))
+        await asyncio.wait_for(host.closed.wait(), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        await host.close()
+        guest.sock.close()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_a_flood_of_tiny_frames_costs_bounded_memory_and_no_long_stall(tmp_path):
+    """Issue 30's figures: a window's worth of 1-byte DATA frames (262 144) to a reader that
+    reads nothing, then a million 1-byte frames for a stream that does not exist. Each used
+    to cost a task (~870 bytes) and a CREDIT reply, and the loop stalled for a second. Now
+    host RSS grows by less than 16 MiB and the loop never waits 100 ms; the stream's bytes
+    all arrive once read."""
+    host, guest = await raw_pair(tmp_path)
+    try:
+        reader, _, sid = await open_raw(host, guest)
+        flood = M.frame(M.DATA, sid, b"x") * M.WINDOW + M.frame(M.DATA, 999, b"y") * 1_000_000
+        loop = asyncio.get_running_loop()
+        stalls: list[float] = []
+        ticking = True
+
+        async def ticker() -> None:
+            while ticking:
+                t0 = loop.time()
+                await asyncio.sleep(0.005)
+                stalls.append(loop.time() - t0 - 0.005)
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.05)
+        before = _rss_mib()
+        await loop.run_in_executor(None, guest.sock.sendall, flood)
+        del flood
+        await asyncio.sleep(0.5)  # the last reads
+        grew = _rss_mib() - before
+        ticking = False
+        await tick
+        assert grew < 16, f"host RSS grew {grew:.1f} MiB"
+        assert max(stalls) < 0.1, f"the loop stalled {max(stalls) * 1000:.0f} ms"
+        assert not host.closed.is_set()
+        assert await asyncio.wait_for(reader.readexactly(M.WINDOW), 10) == b"x" * M.WINDOW
+    finally:
+        await host.close()
+        guest.sock.close()
+
+
+async def test_credit_comes_back_in_one_frame_per_drain_not_one_per_data(tmp_path):
+    """A thousand 1-byte frames read at once are given back as a few CREDIT frames whose
+    counts add up to what was sent (the guest may send on)."""
+    host, guest = await raw_pair(tmp_path)
+    try:
+        reader, _, sid = await open_raw(host, guest)
+        guest.sock.sendall(M.frame(M.DATA, sid, b"z") * 1000)
+        assert await asyncio.wait_for(reader.readexactly(1000), 5) == b"z" * 1000
+        credits = []
+        guest.sock.settimeout(2)
+        with contextlib.suppress(TimeoutError, socket.timeout):
+            while sum(credits) < 1000:
+                kind, got_sid, payload = guest.frame()
+                assert (kind, got_sid) == (M.CREDIT, sid)
+                credits.append(struct.unpack(">I", payload)[0])
+        assert sum(credits) == 1000 and len(credits) <= 10, credits
+    finally:
+        await host.close()
+        guest.sock.close()
+
+
+async def test_a_guest_that_stops_reading_its_port_has_it_closed(tmp_path, monkeypatch):
+    """What the host queues towards the guest is capped: a guest that reads nothing while
+    streams write to it gets its port closed (cap lowered here to 256 KiB; 4 MiB in use)."""
+    from smol_kernel.transport import serial_mux
+
+    monkeypatch.setattr(serial_mux, "MAX_TO_GUEST", 256 << 10)
+    host, guest = await raw_pair(tmp_path)
+    try:
+        writers = [(await open_raw(host, guest))[1] for _ in range(16)]
+        for writer in writers:
+            writer.write(bytes(M.WINDOW))
+        # the guest reads nothing more: the socket's buffer fills, then the host's queue
+        await asyncio.wait_for(host.closed.wait(), 20)
+        assert host._writer is not None and host._writer.is_closing()
+    finally:
+        await host.close()
+        guest.sock.close()

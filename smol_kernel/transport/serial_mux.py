@@ -6,9 +6,20 @@ connect gave: an asyncio (reader, writer) pair for a byte stream to guest ``port
 stream is a local socketpair whose far end this module pumps to and from the port, so the
 relay and the agent client use ordinary asyncio streams.
 
-The guest writes every byte that comes in: frame sizes are capped, a stream that sends past
-the credit we gave it is closed, and what we hold per stream is bounded by the window (we
-return credit only as the local reader takes the data).
+The guest writes every byte that comes in, and this end charges it for what its frames
+cost, not only for their bytes:
+
+* frames are parsed out of large reads, a fixed amount of work each; the loop yields every
+  ``YIELD_EVERY`` frames, so a flood of tiny frames never stalls the other kernels of the
+  process for long;
+* a frame over ``MAX_PAYLOAD``, an empty DATA, or a kind the guest never sends is a
+  protocol error: the VM's port is closed (every stream of the VM ends);
+* per stream, DATA is charged against the window we gave and written to the local socket
+  once per read; one give-back task per stream returns credit (one CREDIT for what the
+  local reader took), so a frame costs no task and no reply of its own; a stream that
+  sends past its credit is closed;
+* what we queue towards the guest is capped (``MAX_TO_GUEST``): a guest that stops reading
+  its port has it closed rather than making us buffer for it.
 """
 
 from __future__ import annotations
@@ -21,6 +32,11 @@ import struct
 from pathlib import Path
 
 from ..guest import mux as M
+
+READ_BYTES = 256 << 10  # read from the port at a time
+YIELD_EVERY = 1024  # frames handled between two yields to the loop
+MAX_TO_GUEST = 4 << 20  # bytes queued towards the guest before its port is closed
+_FROM_GUEST = frozenset({M.OPENED, M.DATA, M.CREDIT, M.CLOSE})
 
 
 class MuxClosed(ConnectionError):
@@ -35,8 +51,10 @@ class _HostStream:
         self.credit_event = asyncio.Event()
         self.credit_event.set()
         self.received = 0  # bytes from the guest not yet given back as credit
+        self.unwritten: list[bytes] = []  # data of this read, written at its end
         self.writer: asyncio.StreamWriter | None = None  # our end of the local socketpair
-        self.tasks: list[asyncio.Task] = []
+        self.to_guest: asyncio.Task | None = None
+        self.give_back: asyncio.Task | None = None
         self.closed = False
 
 
@@ -98,36 +116,51 @@ class HostMux:
                 self._pending = seen[at + len(marker) :]
                 return
 
-    async def _exactly(self, n: int) -> bytes:
-        assert self._reader is not None
-        if self._pending:
-            take, self._pending = self._pending[:n], self._pending[n:]
-            if len(take) == n:
-                return take
-            return take + await self._reader.readexactly(n - len(take))
-        return await self._reader.readexactly(n)
-
     async def _read_loop(self) -> None:
         assert self._reader is not None
+        buf = bytearray(self._pending)
+        self._pending = b""
         try:
             while True:
-                head = await self._exactly(M.HEADER.size)
-                kind, sid, length = M.HEADER.unpack(head)
-                if length > M.MAX_PAYLOAD:
-                    raise M.MuxError(f"a frame of {length} bytes from the guest")
-                payload = await self._exactly(length) if length else b""
-                self._dispatch(kind, sid, payload)
-        except (asyncio.IncompleteReadError, OSError, M.MuxError, struct.error):
+                data = await self._reader.read(READ_BYTES)
+                if not data:
+                    return
+                buf += data
+                at = await self._frames(buf)
+                del buf[:at]
+        except (OSError, M.MuxError, MuxClosed):
             pass
         finally:
-            self.closed.set()
-            for stream in list(self._streams.values()):
-                self._drop(stream)
+            self._fail()
 
-    def _dispatch(self, kind: int, sid: int, payload: bytes) -> None:
+    async def _frames(self, buf: bytearray) -> int:
+        """Handle every whole frame in ``buf``; returns how many bytes they took."""
+        at, count, size = 0, 0, M.HEADER.size
+        touched: set[_HostStream] = set()
+        while len(buf) - at >= size:
+            kind, sid, length = M.HEADER.unpack_from(buf, at)
+            if length > M.MAX_PAYLOAD or kind not in _FROM_GUEST:
+                raise M.MuxError(f"a frame of kind {kind} and {length} bytes from the guest")
+            if kind == M.DATA and not length:
+                raise M.MuxError("an empty DATA frame from the guest")
+            if len(buf) - at - size < length:
+                break
+            payload = bytes(buf[at + size : at + size + length])
+            at += size + length
+            if (stream := self._dispatch(kind, sid, payload)) is not None:
+                touched.add(stream)
+            count += 1
+            if count % YIELD_EVERY == 0:
+                self._flush(touched)
+                await asyncio.sleep(0)
+        self._flush(touched)
+        return at
+
+    def _dispatch(self, kind: int, sid: int, payload: bytes) -> _HostStream | None:
+        """One frame; returns the stream that got data to write."""
         stream = self._streams.get(sid)
         if stream is None:
-            return  # a stream we closed, or one the guest made up
+            return None  # a stream we closed, or one the guest made up
         if kind == M.OPENED and not stream.opened.done():
             stream.opened.set_result(True)
         elif kind == M.CLOSE:
@@ -138,27 +171,56 @@ class HostMux:
             stream.received += len(payload)
             if stream.received > M.WINDOW:  # past the credit we gave: a broken guest
                 self._close(stream)
-                return
-            stream.writer.write(payload)
-            stream.tasks.append(asyncio.ensure_future(self._give_back(stream, len(payload))))
+                return None
+            stream.unwritten.append(payload)
+            return stream
         elif kind == M.CREDIT and len(payload) == 4:
-            stream.credit += struct.unpack(">I", payload)[0]
+            stream.credit = min(M.WINDOW, stream.credit + struct.unpack(">I", payload)[0])
             stream.credit_event.set()
+        return None
 
-    async def _give_back(self, stream: _HostStream, n: int) -> None:
-        """Credit the guest once our local reader has taken the data."""
+    def _flush(self, touched: set[_HostStream]) -> None:
+        """Write what each stream got in this read, and have its credit given back."""
+        for stream in touched:
+            if stream.closed or stream.writer is None or not stream.unwritten:
+                continue
+            stream.writer.write(b"".join(stream.unwritten))
+            stream.unwritten.clear()
+            if stream.give_back is None:
+                stream.give_back = asyncio.ensure_future(self._give_back(stream))
+        touched.clear()
+
+    async def _give_back(self, stream: _HostStream) -> None:
+        """Credit the guest for what our local reader has taken (the writer's buffer is
+        under its limit again), in one CREDIT however many frames brought it."""
         assert stream.writer is not None
-        with contextlib.suppress(OSError, ConnectionError):
-            await stream.writer.drain()
-            stream.received -= n
-            self._send(M.frame(M.CREDIT, stream.sid, struct.pack(">I", n)))
-        with contextlib.suppress(ValueError):
-            stream.tasks.remove(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            with contextlib.suppress(OSError, ConnectionError, MuxClosed):
+                while stream.received and not stream.closed:
+                    # (the writer's limit is 0: this returns once all of it is in the socket,
+                    # and every byte received was written: ``_flush`` runs before any yield)
+                    await stream.writer.drain()
+                    n, stream.received = stream.received, 0
+                    self._send(M.frame(M.CREDIT, stream.sid, struct.pack(">I", n)))
+        finally:
+            stream.give_back = None
 
     def _send(self, data: bytes) -> None:
         if self._writer is None or self._writer.is_closing():
             raise MuxClosed("the VM's port is closed")
+        if self._writer.transport.get_write_buffer_size() + len(data) > MAX_TO_GUEST:
+            self._fail()  # the guest does not read its port
+            raise MuxClosed("the VM stopped reading its port")
         self._writer.write(data)
+
+    def _fail(self) -> None:
+        """The port is done (the guest broke the protocol, stopped reading, or the VM
+        stopped): every stream ends, nothing more is read or written."""
+        self.closed.set()
+        for stream in list(self._streams.values()):
+            self._drop(stream)
+        if self._writer is not None:
+            self._writer.close()
 
     async def open_stream(
         self, port: int, timeout: float = 5.0
@@ -173,6 +235,7 @@ class HostMux:
         # in the same read as its OPENED (a ZMQ server greets as soon as it accepts).
         ours, theirs = socket.socketpair()
         far_reader, stream.writer = await asyncio.open_connection(sock=theirs, limit=M.WINDOW)
+        stream.writer.transport.set_write_buffer_limits(high=0)  # credit what the socket took
         self._streams[sid] = stream
         try:
             self._send(M.frame(M.OPEN, sid, struct.pack(">I", port)))
@@ -184,7 +247,7 @@ class HostMux:
             ours.close()
             self._close(stream)
             raise
-        stream.tasks.append(asyncio.ensure_future(self._to_guest(stream, far_reader)))
+        stream.to_guest = asyncio.ensure_future(self._to_guest(stream, far_reader))
         return reader, writer
 
     async def _to_guest(self, stream: _HostStream, far_reader: asyncio.StreamReader) -> None:
@@ -222,8 +285,8 @@ class HostMux:
         if stream.writer is not None:
             stream.writer.close()
         current = asyncio.current_task()
-        for task in stream.tasks:
-            if task is not current:
+        for task in (stream.to_guest, stream.give_back):
+            if task is not None and task is not current:
                 task.cancel()
 
     async def close(self) -> None:

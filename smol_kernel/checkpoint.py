@@ -1,7 +1,7 @@
 """Checkpoints of live kernels on disk: where they are, what they hold, when they go.
 
-A checkpoint is a folder ``<cache>/checkpoints/<kernel id>/<name>/``: ``state`` (all of the
-VM's memory and device state, streamed by QEMU: variables, imported modules, processes),
+A checkpoint is a folder ``<cache>/checkpoints/u<uid>/<kernel id>/<name>/``: ``state`` (all
+of the VM's memory and device state, streamed by QEMU: variables, imported modules, processes),
 ``overlay.ext4`` (its writable disk as it was), ``vm.json`` (its devices) and
 ``checkpoint.json`` (what it is: the kernel, when, how big, how long the kernel was
 paused, the configuration a VM restoring it must have, and whether it is kept).
@@ -40,9 +40,9 @@ class CheckpointError(Exception):
 
 
 def checkpoints_dir() -> Path:
-    """``$SMOL_KERNEL_CHECKPOINTS_DIR``, else ``<cache>/checkpoints``."""
-    env = os.environ.get("SMOL_KERNEL_CHECKPOINTS_DIR")
-    return Path(env) if env else paths.cache_dir() / "checkpoints"
+    """This user's checkpoints: ``$SMOL_KERNEL_CHECKPOINTS_DIR``, else
+    ``<cache>/checkpoints/u<uid>`` (``paths.user_store``: private, checked on every use)."""
+    return paths.user_store("checkpoints", "SMOL_KERNEL_CHECKPOINTS_DIR")
 
 
 def check_name(name: object) -> str:

@@ -1,7 +1,7 @@
 """Templates: a kernel VM booted and prepared once per configuration, saved, and restored
 as a copy-on-write clone for every kernel start.
 
-A template is a folder ``<cache>/templates/<key>/``: ``ram`` (the guest's memory; clones map
+A template is a folder ``<cache>/templates/u<uid>/<key>/``: ``ram`` (the guest's memory; clones map
 it privately, so idle clones share its pages), ``state`` (QEMU's device state), the
 writable disk as it was at the save, and ``template.json`` (what it was built from, sizes,
 last use). The key is a hash of everything that must match for a clone to be the VM a cold
@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -50,9 +51,9 @@ _building: dict[str, asyncio.Future] = {}  # key -> the build in progress (this 
 
 
 def templates_dir() -> Path:
-    """``$SMOL_KERNEL_TEMPLATES_DIR``, else ``<cache>/templates``."""
-    env = os.environ.get("SMOL_KERNEL_TEMPLATES_DIR")
-    return Path(env) if env else paths.cache_dir() / "templates"
+    """This user's templates: ``$SMOL_KERNEL_TEMPLATES_DIR``, else
+    ``<cache>/templates/u<uid>`` (``paths.user_store``: private, checked on every use)."""
+    return paths.user_store("templates", "SMOL_KERNEL_TEMPLATES_DIR")
 
 
 def why_not_cloneable(plan: KernelPlan, backend: VmBackend) -> str | None:
@@ -130,7 +131,7 @@ class Template:
         except (OSError, ValueError):
             return None
         snapshot = Snapshot(folder)
-        if not all(p.is_file() for p in (snapshot.ram, snapshot.state, snapshot.overlay)):
+        if not all(_own_file(p) for p in (snapshot.ram, snapshot.state, snapshot.overlay)):
             return None
         return cls(key, folder, meta)
 
@@ -141,6 +142,15 @@ class Template:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
+
+
+def _own_file(path: Path) -> bool:
+    """A regular file of this user's, not a symbolic link (QEMU maps ``ram`` by name)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
 
 
 def find(plan: KernelPlan, backend: QemuBackend) -> Template | None:

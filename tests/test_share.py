@@ -170,6 +170,25 @@ def test_every_path_entry_is_protected_from_rw_shares(tmp_path, monkeypatch):
         assert parse_share(f"{folder}:/work:ro").read_only  # reading is fine
 
 
+def test_a_protected_folder_not_made_yet_is_protected(home, tmp_path, monkeypatch):
+    """Issue 30: a rw share of ~/.local/lib was accepted while site-packages was missing;
+    the guest then made it and dropped a .pth file the host's Python would run. The user's
+    site-packages is protected before it exists; a share beside its path is not refused
+    (the control), nor a read-only one."""
+    import site
+
+    future = home / ".local" / "lib" / "python3" / "site-packages"
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(future))
+    (home / ".local" / "lib").mkdir(parents=True)
+    (home / ".local" / "other").mkdir()
+    assert not future.exists()
+    for folder in (home / ".local", home / ".local" / "lib"):
+        with pytest.raises(ShareError, match=r"would contain \(once it is created\)"):
+            parse_share(f"{folder}:/work:rw")
+        assert parse_share(f"{folder}:/work:ro").read_only
+    assert not parse_share(f"{home}/.local/other:/work:rw").read_only
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="a bind mount needs root")
 def test_a_bind_mount_of_a_protected_folder_is_the_same_folder(tmp_path):
     import subprocess

@@ -117,6 +117,17 @@ class KnownFolder:
             os.close(fd)
         return cls(path, chain[0], tuple(chain))
 
+    @classmethod
+    def nearest(cls, path: str) -> KnownFolder | None:
+        """For a folder of ours that does not exist yet: the deepest existing folder it
+        would be made in (whatever holds that will hold it)."""
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and parent != os.path.dirname(parent):
+            if (known := cls.of(parent)) is not None:
+                return known
+            parent = os.path.dirname(parent)
+        return cls.of("/")
+
     def relation(self, chain: list[Ident]) -> str | None:
         """How a folder with ancestor identities ``chain`` (itself first) relates to this
         one: "is", "is inside", "contains", or None."""

@@ -149,23 +149,35 @@ def check_host_folder(
     home = next((KnownFolder.of(f.path) for f in folders if f.home), None)
     if allow_home and share.read_only and home is not None and home.ident == chain[0]:
         return "home"  # the administrator allowed the home folder, and all it holds
+    missing = []
     for folder in folders:
         if not (folder.secret or folder.home or not share.read_only):
             continue
         known = KnownFolder.of(folder.path)
-        if known is None or (relation := known.relation(chain)) is None:
-            continue
-        if folder.home and relation == "is inside":
-            continue  # a folder in the home folder: the other entries decide
-        hint = ("a guest must not see it. Share a folder that holds only your data"
-                if folder.secret or folder.home else
-                "a guest that can write there could run code on the host. Share a folder "
-                "that holds only your data, or this one read-only")  # fmt: skip
-        if folder.home and share.read_only:
-            hint += " (an administrator may allow the home folder: allow_home_share)"
-        raise ShareError(f"share {shown!r}: {share.host} {relation} {folder.path} "
-                         f"({folder.why}); {hint}")  # fmt: skip
+        if known is None:
+            missing.append(folder)
+        elif (relation := known.relation(chain)) is not None:
+            if folder.home and relation == "is inside":
+                continue  # a folder in the home folder: the other entries decide
+            _refuse(share, shown, relation, folder)
+    # Not made yet: a guest that can write where one would be made could make it (a .pth
+    # in a new site-packages, a config file in a new ~/.jupyter).
+    for folder in missing if not share.read_only else ():
+        parent = KnownFolder.nearest(folder.path)
+        if parent is not None and parent.relation(chain) in ("is", "contains"):
+            _refuse(share, shown, "would contain (once it is created)", folder)
     return None
+
+
+def _refuse(share: Share, shown: str, relation: str, folder) -> None:
+    hint = ("a guest must not see it. Share a folder that holds only your data"
+            if folder.secret or folder.home else
+            "a guest that can write there could run code on the host. Share a folder "
+            "that holds only your data, or this one read-only")  # fmt: skip
+    if folder.home and share.read_only:
+        hint += " (an administrator may allow the home folder: allow_home_share)"
+    raise ShareError(f"share {shown!r}: {share.host} {relation} {folder.path} "
+                     f"({folder.why}); {hint}")  # fmt: skip
 
 
 def _guest_path(text: str, guest: str) -> str:

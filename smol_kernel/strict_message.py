@@ -78,7 +78,9 @@ TEXT_TYPES = frozenset({
 })
 _HEX = re.compile(rb"[0-9a-f]+")
 _VERSION = re.compile(r"5\.\d{1,3}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})?")
+# A date as clients and kernels write one (ISO 8601, RFC 3339 with a space, str(datetime)):
+# digits and separators only, so what a client makes of it cannot be markup.
+_DATE = re.compile(r"[0-9]{4}-[0-9TtZz:.+\- ]{1,35}")
 # Per type: field -> (allowed types, required). ``bool`` is not an ``int`` here.
 _CONTENT_RULES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "status": {"execution_state": ((str,), True)},

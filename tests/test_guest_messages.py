@@ -164,6 +164,7 @@ ODD = {
     "status state invented": message("status", {"execution_state": "<img>"}),
     "error traceback of dicts": message("error", {"ename": "E", "evalue": "", "traceback": [{}]}),
     "date not ISO": message(header={"date": "tomorrow"}),
+    "date with markup": message(header={"date": "2026-12-07<img src=x>"}),
     "protocol version 4": message(header={"version": "4.1"}),
     "no protocol version": message(raw={0: b'{"msg_id": "1", "msg_type": "display_data"}'}),
     "control header in a parent": message(parent=b'{"msg_id": "p", "msg_type": 3}'),
@@ -181,6 +182,20 @@ async def test_what_is_not_a_jupyter_message_is_dropped_and_counted(name):
     msgs = messages_in(got)[1:]
     assert [verified(m)["header"]["msg_id"] for m in msgs] == ["after"], name
     assert gate.rejected == 1
+
+
+async def test_dates_as_kernels_and_clients_write_them_pass():
+    """JupyterLab's ``toISOString()``, jupyter_client's isoformat and the ``str(datetime)``
+    a %rewind cell's header comes back with (a space, ``+00:00``) are all dates."""
+    dates = ["2026-12-07T20:33:19.123Z", "2026-12-07T20:33:19.123456+00:00",
+             "2026-12-07 20:33:19.123456+00:00", "2026-12-07T20:33:19"]  # fmt: skip
+    script = GREETING + ready()
+    for i, date in enumerate(dates):
+        parent = json.dumps({"msg_id": f"p{i}", "msg_type": "execute_request", "date": date})
+        script += message("stream", {"name": "stdout", "text": "x"}, header={"msg_id": str(i)},
+                          parent=parent.encode())  # fmt: skip
+    got, gate = await relayed(script)
+    assert len(messages_in(got)) == 1 + len(dates) and gate.rejected == 0
 
 
 async def test_text_messages_keep_their_bytes_and_the_guests_signature():

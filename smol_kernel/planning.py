@@ -119,9 +119,11 @@ class KernelPlanner:
         book.kernels[id(self.p)] = plan.memory_mib
 
     async def select_backend(self) -> Selection:
+        writable = any(not share.read_only for share in self.p._shares)
         selection = await asyncio.to_thread(
-            select_backend, self.p.backend, self.p.image, self.p.require_hardware_isolation
-        )
+            select_backend, self.p.backend, self.p.image, self.p.require_hardware_isolation,
+            writable,
+        )  # fmt: skip
         if selection.backend is None:
             assert selection.error is not None
             raise KernelStartError(

@@ -243,3 +243,17 @@ def test_auto_selection_explains_why_libkrun_was_skipped(image):
     else:
         assert any(s.startswith("libkrun: skipped") for s in sel.steps), sel.steps
         assert sel.backend is not None and sel.backend.name == "qemu"
+
+
+def test_a_rw_share_never_goes_to_libkrun(image):
+    """libkrun's virtio-fs server writes the guest's file modes (setuid, 0777) to host files
+    of a rw share: auto skips it then and says why, and asking for libkrun with a rw share is
+    refused with what to do. Control: without a rw share, libkrun is tried as before."""
+    sel = select_backend("auto", image.name, writable_shares=True)
+    assert any(s.startswith("libkrun: skipped for a rw share") for s in sel.steps), sel.steps
+    assert sel.backend is not None and sel.backend.name == "qemu"
+    sel = select_backend("libkrun", image.name, writable_shares=True)
+    assert sel.backend is None and sel.error is not None
+    assert "setuid" in sel.error.reason and "backend='qemu'" in sel.error.fix
+    plain = select_backend("libkrun", image.name)
+    assert not any("rw share" in s for s in plain.steps), plain.steps

@@ -362,8 +362,11 @@ class QemuBackend(ProcessBackend):
         for i, share in enumerate(spec.shares):
             # Inherited as the same number: QEMU opens the very folder we checked.
             path = f"/proc/self/fd/{share_fds[i]}" if share_fds else share.host
+            # mapped-xattr: the guest's chmod/chown land in user.virtfs.* xattrs, and what
+            # the guest creates is 0600/0700 on the host: no setuid, setgid or
+            # world-writable file reaches the host through a share (``none`` applied them).
             extra += [
-                "-fsdev", f"local,id=fs{i},path={_opt(path)},security_model=none"
+                "-fsdev", f"local,id=fs{i},path={_opt(path)},security_model=mapped-xattr"
                           + (",readonly=on" if share.read_only else ""),
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share_tag(i)}",
             ]  # fmt: skip

@@ -39,16 +39,35 @@ def _candidates(name: str) -> list[VmBackend]:
     return out
 
 
+# libkrun's virtio-fs server (passthrough.rs) applies the guest's chmod and create modes to
+# host files as they are: setuid, setgid and world-write included. QEMU's 9p in mapped-xattr
+# mode keeps them in xattrs.
+KRUN_RW_SHARES = (
+    "its virtio-fs server writes the guest's file modes (setuid, world-writable) to the "
+    "host files of a rw share; QEMU's 9p keeps them apart"
+)
+
+
 def select_backend(
-    name: str = "auto", image: str = "default", require_hardware_isolation: bool = False
-) -> Selection:
-    """Pick a backend; never raises for an unusable host (see ``Selection.error``)."""
+    name: str = "auto", image: str = "default", require_hardware_isolation: bool = False,
+    writable_shares: bool = False,
+) -> Selection:  # fmt: skip
+    """Pick a backend; never raises for an unusable host (see ``Selection.error``).
+    ``writable_shares``: the kernel shares a folder ``rw``, which libkrun cannot do safely."""
     steps: list[str] = []
     last: BackendStatus | None = None
     candidates = _candidates(name)
     if name == "libkrun" and not candidates:
         steps.append("libkrun: backend not available in this installation")
     for backend in candidates:
+        if writable_shares and backend.name == "libkrun":
+            steps.append(f"libkrun: skipped for a rw share: {KRUN_RW_SHARES}")
+            if name == "libkrun":
+                reason = f"libkrun cannot share a folder rw: {KRUN_RW_SHARES}"
+                fix = "use backend='qemu', or share the folder read-only (:ro)"
+                steps.append(f"no backend: {reason}")
+                return Selection(None, None, steps, BackendUnavailable(name, reason, fix))
+            continue
         status = backend.check(image)
         last = status
         steps += [f"{backend.name}: {s}" for s in status.steps or []]

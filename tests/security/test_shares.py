@@ -5,6 +5,7 @@ the guest -- reaches a host file outside the shared folder."""
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -133,8 +134,10 @@ print('found', repr(found))
     assert r.status == "ok", (r.ename, r.evalue)
     assert SECRET not in r.stdout.replace("found ''", ""), r.stdout
     assert "found ''" in r.stdout
-    # The guest's links are plain symlinks on the host, nothing more.
-    assert os.readlink(folders["rw"] / "root-made") == "/"
+    # The guest's links are not even symlinks on the host: with 9p's mapped-xattr model a
+    # link made in the guest is a regular file holding its target.
+    made = folders["rw"] / "root-made"
+    assert not made.is_symlink() and made.read_text() == "/"
     assert (folders["outside"] / "secret.txt").read_text() == SECRET
 
 
@@ -154,12 +157,39 @@ with open('/out/from-guest.txt', 'w') as f:
     assert sorted(p.name for p in folders["notebook"].iterdir()) == ["analysis.ipynb"]
 
 
+async def test_modes_the_guest_sets_never_reach_host_files(shared_kernel, folders):
+    """Issue 30: with 9p's ``security_model=none`` a file the guest made setuid in a rw
+    share was setuid on the host (owned by the Jupyter server's user), and a folder it made
+    0777 was world-writable there. The guest still sees the modes it set (the probe ran);
+    the host files keep 0600/0700 and the host's own files keep their modes."""
+    _, kc = shared_kernel
+    (folders["rw"] / "host-file").write_text("x")
+    os.chmod(folders["rw"] / "host-file", 0o640)
+    r = await run_cell(kc, """
+import os, shutil, stat
+shutil.copy('/bin/true', '/out/suid')
+os.chmod('/out/suid', 0o6755)
+os.mkdir('/out/open-dir'); os.chmod('/out/open-dir', 0o777)
+open('/out/open-dir/f', 'w').close(); os.chmod('/out/open-dir/f', 0o666)
+os.chmod('/out/host-file', 0o4777)
+print(*(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in
+        ('/out/suid', '/out/open-dir', '/out/open-dir/f', '/out/host-file')))
+""")  # fmt: skip
+    assert r.stdout.split() == ["0o6755", "0o777", "0o666", "0o4777"], (r.stdout, r.stderr)
+    modes = {name: stat.S_IMODE(os.stat(folders["rw"] / name).st_mode)
+             for name in ("suid", "open-dir", "open-dir/f", "host-file")}  # fmt: skip
+    assert modes == {"suid": 0o600, "open-dir": 0o700, "open-dir/f": 0o600,
+                     "host-file": 0o640}, {k: oct(v) for k, v in modes.items()}  # fmt: skip
+
+
 async def test_a_guest_cannot_redirect_a_share_with_a_symlink(jupyter_prefix, tmp_path):
     """One kernel shares a project folder rw; another shares its ``data`` subfolder ro.
     The first replaces ``data`` by a symlink to ``..``: the second's next start would have
-    shared the parent (the user's home, here a secret beside the project). Now that start
-    refuses the symlink. (Both shares in one kernel -- share_cwd rw plus a relative share
-    inside it -- are refused up front as nested: tests/test_share.py.)"""
+    shared the parent (the user's home, here a secret beside the project). A link the guest
+    makes is a regular file on the host (9p mapped-xattr), which the next start refuses (a
+    symlink planted on the host is refused as well: tests/test_share.py). (Both shares in
+    one kernel -- share_cwd rw plus a relative share inside it -- are refused up front as
+    nested: tests/test_share.py.)"""
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "data" / "x.txt").write_text("the data")
@@ -179,9 +209,9 @@ async def test_a_guest_cannot_redirect_a_share_with_a_symlink(jupyter_prefix, tm
             assert r.stdout.strip() == "planted"
         finally:
             await stop_kernel(km_a, kc_a)
-        assert (project / "data").is_symlink()
+        assert not (project / "data").is_symlink() and (project / "data").is_file()
         kc.stop_channels()
-        with pytest.raises(Exception, match="data is a symbolic link"):
+        with pytest.raises(Exception, match="data is not a folder"):
             await km.restart_kernel(now=True)
     finally:
         kc.stop_channels()

@@ -74,17 +74,37 @@ def test_what_cannot_be_cloned_says_why(image, tmp_path):
 
 
 # ------------------------------------------------------------------ against real clones
-FRESHNESS = """
-import os, uuid, random, time, numpy
+# Run when the template's kernel starts (before it is prepared and saved): generators a
+# module makes at import, which every clone would share unless each is reseeded.
+MADE_AT_PREPARE = ("import random, tempfile, numpy; made_random = random.Random(); "
+                   "made_rng = numpy.random.default_rng(); made_state = numpy.random."
+                   "RandomState(); tempfile.mktemp()")  # fmt: skip
+# Every generator the interpreter holds, by address (a clone's objects made before the save
+# sit where the template's did), with a draw from a copy of it.
+GENERATORS = """
+import copy, gc, random, numpy
+kinds = (random.Random, numpy.random.RandomState, numpy.random.Generator)
+found = {str(id(o)): float(copy.deepcopy(o).random()) for o in gc.get_objects()
+         if isinstance(o, kinds) and not isinstance(o, random.SystemRandom)}
+"""
+FRESHNESS = (
+    GENERATORS
+    + """
+import os, uuid, random, time, numpy, ssl, tempfile
 print(json.dumps({"urandom": os.urandom(16).hex(), "uuid": str(uuid.uuid4()),
                   "random": random.random(), "numpy": float(numpy.random.random()),
                   "rng": float(numpy.random.default_rng().random()),
+                  "made_random": made_random.random(), "made_rng": made_rng.random(),
+                  "made_state": made_state.random(), "tempname": tempfile.mktemp(),
+                  "ssl": ssl.RAND_bytes(16).hex(), "generators": found,
+                  "ids": [str(id(o)) for o in (made_random, made_rng, made_state)],
                   "session": get_ipython().kernel.session.session, "time": time.time(),
                   "files": sorted(os.listdir("/root")), "sleepers": sum(
                       1 for p in os.listdir("/proc") if p.isdigit() and
                       open(f"/proc/{p}/cmdline", "rb").read() == b"sleep\\x004242\\x00"),
                   "leftover": globals().get("leftover")}))
 """
+)
 
 
 def ram_digest(folder: Path) -> tuple[str, int]:
@@ -110,6 +130,10 @@ async def test_clones_are_fresh_and_the_template_never_changes(jupyter_prefix):
         pytest.fail("the scipy image is not built: smol-kernel image build --preset scipy")
     spec = install_spec(jupyter_prefix, "smolvm-clones", "--image", "scipy",
                         "--memory-mib", "768")  # fmt: skip
+    spec_file = jupyter_prefix / "share" / "jupyter" / "kernels" / spec / "kernel.json"
+    kernel_json = json.loads(spec_file.read_text())
+    kernel_json["argv"].append(f"--IPKernelApp.exec_lines={MADE_AT_PREPARE}")
+    spec_file.write_text(json.dumps(kernel_json))
     t0 = time.monotonic()
     km, kc = await start_kernel(spec)
     first_start = time.monotonic() - t0
@@ -139,8 +163,16 @@ async def test_clones_are_fresh_and_the_template_never_changes(jupyter_prefix):
                 await kc.wait_for_ready(timeout=60)
                 assert km.provisioner.start_kind == "clone"
         a, b = seen
-        for field in ("urandom", "uuid", "random", "numpy", "rng", "session"):
+        for field in ("urandom", "uuid", "random", "numpy", "rng", "session", "made_random",
+                      "made_rng", "made_state", "tempname", "ssl"):  # fmt: skip
             assert a[field] != b[field], f"two clones share {field}: {a[field]}"
+        # Freshness is a property of every generator, not of a list: each one both clones
+        # hold (made before the save) draws differently. The probe finds the generators
+        # made at prepare time in both clones at one address (its control).
+        common = a["generators"].keys() & b["generators"].keys()
+        assert set(a["ids"]) == set(b["ids"]) and set(a["ids"]) <= common, (a["ids"], b["ids"])
+        same = [i for i in common if a["generators"][i] == b["generators"][i]]
+        assert same == [], f"{len(same)} of {len(common)} generators are shared by two clones"
         for s in seen:
             assert "trace.txt" not in s["files"] and s["sleepers"] == 0
             assert s["leftover"] is None

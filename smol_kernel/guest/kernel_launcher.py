@@ -160,6 +160,7 @@ def _claim_when_ready(app, loop, cold: bool, link: HostLink) -> None:
             _warm_up(app)
         except Exception as e:  # slower first requests, nothing worse
             sys.__stderr__.write(f"smol-kernel launcher: warm-up failed: {e}\n")
+        _PREPARED_GENERATORS[:] = _generators()  # what every clone of this VM will share
         _status("prepared")
     lines = _lines(CLAIM_FD)
     claim = next(lines, None)
@@ -185,16 +186,53 @@ def _take_key(app, msg: dict) -> None:
     os.environ.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
 
 
-def _fresh_state(session) -> None:
-    """A kernel prepared in a VM that was saved and cloned shares its interpreter's state
-    with every sibling: reseed what draws from it (the agent reseeded the guest's CRNG
-    first), and take a session id of its own."""
+_PREPARED_GENERATORS: list = []  # every generator alive when the kernel was prepared
+
+
+def _generators() -> list:
+    """Every pseudo-random generator in this interpreter: ``random.Random`` instances (the
+    module's own, tempfile's, any a module made at import; not SystemRandom, which reads
+    the CRNG), numpy's RandomState and Generator. Found by walking the objects the garbage
+    collector tracks, so none is missed for not being on a list."""
+    import gc
     import random
 
-    random.seed()
+    kinds: tuple = (random.Random,)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed(int.from_bytes(os.urandom(4), "big"))
+        kinds += (numpy.random.RandomState, numpy.random.Generator)
+    return [o for o in gc.get_objects()
+            if isinstance(o, kinds) and not isinstance(o, random.SystemRandom)]  # fmt: skip
+
+
+def _reseed(generator) -> None:
+    seed = int.from_bytes(os.urandom(32), "big")
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(generator, numpy.random.Generator):
+        bits = generator.bit_generator
+        bits.state = type(bits)(seed).state
+    elif numpy is not None and isinstance(generator, numpy.random.RandomState):
+        generator.seed(seed % (1 << 32))
+    else:
+        generator.seed(seed)
+
+
+def _fresh_state(session, walk: bool = False) -> None:
+    """A kernel prepared in a VM that was saved and cloned shares its interpreter's state
+    with every sibling: reseed every generator that existed when it was prepared (or, with
+    ``walk``, that exists now: a fork shares what the user's cells made too) from the
+    guest's CRNG (the agent reseeded it first), mix fresh entropy into OpenSSL's generator
+    if ssl is loaded, and take a session id of its own."""
+    import random
+
+    for generator in _generators() if walk else [*_PREPARED_GENERATORS, random._inst]:
+        try:
+            _reseed(generator)
+        except Exception as e:  # a subclass with a seed() of its own: say so, go on
+            sys.__stderr__.write(f"smol-kernel launcher: cannot reseed {type(generator)}: {e}\n")
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        ssl.RAND_add(os.urandom(32), 32.0)
     session.session = str(uuid.uuid4())
 
 
@@ -316,7 +354,7 @@ class HostLink:
                 break
         _take_key(self.app, msg)
         if msg.get("reseed"):
-            _fresh_state(self.app.session)
+            _fresh_state(self.app.session, walk=True)
         _status("resumed")
 
     def _finish_here(self, msg: dict) -> None:

@@ -184,12 +184,14 @@ class KernelLauncher:
             return cp, (f"[smol-kernel: forked from checkpoint {cp.name} of kernel "
                         f"{cp.kernel_id}]")  # fmt: skip
         if self.p._crashed and self.p.restore_on_crash and self.p.kernel_id:
-            saved = store.list_checkpoints(self.p.kernel_id)
+            saved = [cp for cp in store.list_checkpoints(self.p.kernel_id)
+                     if not cp.by_kernel or self.p.restore_guest_checkpoints]  # fmt: skip
             if saved:
                 latest = saved[-1]
                 return latest, (f"[smol-kernel: the kernel died ({self.p._crashed}); restored "
                                 f"from its latest checkpoint, {latest.describe()}]")  # fmt: skip
-            self.p.log.info("kernel %s: died (%s) with no checkpoint to restore",
+            self.p.log.info("kernel %s: died (%s) with no checkpoint the host made to "
+                            "restore (restore_guest_checkpoints)",
                             self.p._shown_id, self.p._crashed)  # fmt: skip
         return None, None
 

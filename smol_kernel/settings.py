@@ -203,3 +203,16 @@ class KernelSettings(HasTraits):
         help="Seconds between two checkpoints the kernel itself asks for (%%checkpoint); "
         "the host refuses the ones in between.",
     )
+    guest_checkpoint_mib_per_s = Float(
+        32.0,
+        config=True,
+        help="Disk bandwidth (MiB/s, on average) the checkpoints the kernel itself asks for "
+        "may use: after one of S MiB the next waits at least S / this many seconds.",
+    )
+    restore_guest_checkpoints = Bool(
+        False,
+        config=True,
+        help="With restore_on_crash, also restore a checkpoint the kernel itself asked for "
+        "(%%checkpoint); by default only ones the host made (API, CLI, REST, a user's click) "
+        "are, so code in the VM cannot choose what a crash brings back.",
+    )

@@ -21,8 +21,10 @@
 Limits: checkpoints count against ``max_total_memory_mib`` at their size on disk; a kernel
 keeps ``max_checkpoints`` (the oldest not kept goes, logged); the guest (a magic) may make
 the host save or restore at most once per ``checkpoint_interval`` seconds (a failed attempt
-counts), one guest request is handled at a time (others are refused), and what the guest
-saves never replaces a checkpoint nor pushes out one the host saved. Not possible: kernels
+counts) and save at ``guest_checkpoint_mib_per_s`` of disk writes on average, one guest
+request is handled at a time (others are refused), and what the guest saves never replaces
+a checkpoint nor pushes out one the host saved, nor is restored by ``restore_on_crash``
+(unless ``restore_guest_checkpoints``). Not possible: kernels
 with shares (QEMU cannot save a mounted 9p folder), libkrun, images from before checkpoints
 (rebuild them).
 """
@@ -63,6 +65,7 @@ class Timeline:
         self._last_guest_op: dict[str, float] = {}  # when the kernel last made the host
         # save ("checkpoints") or restore ("rewinds")
         self._last_refusal_log = float("-inf")
+        self._guest_writes_until = float("-inf")  # the kernel's next save, by bandwidth
         self._guest_task: asyncio.Task | None = None
         # "busy" answers to requests that overlapped one being served, sent one at a time;
         # every request gets an answer (a magic waits for it), at most MAX_BUSY queued.
@@ -149,6 +152,7 @@ class Timeline:
                     "from the kernel never replaces one: pick another name"
                 )
             self._rate_limit("checkpoints")
+            self._bandwidth_limit()
         plan = self.p.plan
         self._quota(plan.memory_mib + plan.disk_mib)
         vm = self.p.vm
@@ -168,6 +172,9 @@ class Timeline:
         finally:
             if not from_guest:
                 self.p.relay.release()
+        if from_guest:  # what it wrote is charged against the guest's disk bandwidth
+            rate = max(self.p.guest_checkpoint_mib_per_s, 1e-3) * (1 << 20)
+            self._guest_writes_until = time.monotonic() + cp.size_bytes / rate
         dropped = await asyncio.to_thread(store.enforce_cap, self.kernel_id,
                                           self.p.max_checkpoints, from_guest)  # fmt: skip
         for old in dropped:
@@ -188,6 +195,17 @@ class Timeline:
                 "(SmolVMProvisioner.checkpoint_interval)"
             )
         self._last_guest_op[what] = time.monotonic()
+
+    def _bandwidth_limit(self) -> None:
+        """The kernel's saves use ``guest_checkpoint_mib_per_s`` of disk bandwidth at most,
+        on average: the next waits until the last one's bytes are paid for."""
+        wait = self._guest_writes_until - time.monotonic()
+        if wait > 0:
+            raise CheckpointError(
+                f"checkpoints from the kernel are limited to "
+                f"{self.p.guest_checkpoint_mib_per_s:g} MiB/s of disk writes: the next one in "
+                f"{wait:.0f}s (SmolVMProvisioner.guest_checkpoint_mib_per_s)"
+            )
 
     def _next_name(self) -> str:
         taken = {c.name for c in self.list()}

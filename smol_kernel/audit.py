@@ -41,7 +41,13 @@ def record(prov: Any, event: str, **fields: Any) -> None:
 def kernel_started(prov: Any, kind: str, seconds: float) -> None:
     _running.add(prov)
     metrics.kernel_started(kind, seconds)
-    record(prov, "kernel_start", start=kind, start_s=round(seconds, 2))
+    # The kernel manager's: the kernelspec that ran, and the name a client asked for when
+    # the server routed it (lockdown.RoutingKernelManager).
+    manager = getattr(prov, "parent", None)
+    names = {"kernelspec": getattr(manager, "kernel_name", None)}
+    if (requested := getattr(manager, "smol_requested_name", None)) is not None:
+        names["requested"] = requested
+    record(prov, "kernel_start", start=kind, start_s=round(seconds, 2), **names)
 
 
 def kernel_ended(prov: Any, reason: str) -> None:

@@ -214,11 +214,17 @@ def cmd_install(args: argparse.Namespace) -> int:
     from importlib import resources
     from pathlib import Path
 
-    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.kernelspec import NATIVE_KERNEL_NAME, KernelSpecManager
 
     from . import kernelspec
     from .image.store import GuestImage
 
+    if args.lockdown and args.user and not (args.prefix or args.sys_prefix):
+        raise ValueError(
+            "--lockdown with --user: a locked-down server never starts a kernelspec from "
+            "your own Jupyter data folder (a page can write there). Install as an "
+            "administrator: --sys-prefix, --prefix, or system-wide (no --user)"
+        )
     template = resources.files("smol_kernel.kernelspec")
     spec = kernelspec.template()
     config = _provisioner_config(args)
@@ -239,11 +245,17 @@ def cmd_install(args: argparse.Namespace) -> int:
             str(src), args.name, user=args.user and not prefix, prefix=prefix
         )
     print(f"installed kernelspec {args.name!r} ({spec['display_name']}) in {dest}")
+    user = args.user and not prefix
     if args.lockdown:
-        conf, default = _lock_down(args.name, args.user and not prefix, prefix)
+        conf, default = _lock_down(args.name, user, prefix)
         print(f"locked down in {conf}: Jupyter servers offer and start only the smolvm "
               f"kernelspecs locked down so far; {default!r} is the default. See "
               "docs/deploy.md for what this does not stop.")  # fmt: skip
+    aliases = [*args.alias, *((NATIVE_KERNEL_NAME,) if args.lockdown else ())]
+    if aliases:
+        conf, routed = _route_aliases(args.name, aliases, user, prefix)
+        print(f"in {conf}: Jupyter servers start {args.name!r} when a client asks for "
+              f"{', '.join(repr(a) for a in routed)}")  # fmt: skip
     if not args.no_server_extension:
         conf = _enable_server_extension(args.user and not prefix, prefix)
         print(f"enabled the smol_kernel server extension (fills the warm pool at server "
@@ -282,6 +294,40 @@ def _enable_server_extension(user: bool, prefix: str | None) -> str:
     return str(conf)
 
 
+def _server_config(user: bool, prefix: str | None):
+    conf = _server_config_dir(user, prefix) / "jupyter_server_config.json"
+    try:
+        return conf, json.loads(conf.read_text())
+    except FileNotFoundError:
+        return conf, {}
+    except ValueError as e:
+        raise ValueError(f"{conf} is not valid JSON ({e}); fix it first") from None
+
+
+def _route_aliases(name: str, aliases: list[str], user: bool,
+                   prefix: str | None) -> tuple[str, list[str]]:  # fmt: skip
+    """Servers start ``name`` when a client asks for one of ``aliases`` (merged into
+    jupyter_server_config.json; an alias routed earlier keeps its kernelspec)."""
+    from .lockdown import KERNEL_MANAGER
+
+    conf, config = _server_config(user, prefix)
+    server = config.setdefault("ServerApp", {})
+    current = server.setdefault("kernel_manager_class", KERNEL_MANAGER)
+    if current != KERNEL_MANAGER:
+        raise ValueError(f"{conf} sets ServerApp.kernel_manager_class to {current!r}; kernel "
+                         f"aliases need {KERNEL_MANAGER} (a subclass of jupyter_server's "
+                         "MappingKernelManager)")  # fmt: skip
+    table = config.setdefault("RoutingKernelManager", {}).setdefault("kernel_aliases", {})
+    routed = []
+    for alias in dict.fromkeys(a.lower() for a in aliases):
+        if alias == name.lower():
+            continue
+        if table.setdefault(alias, name) == name:
+            routed.append(alias)
+    conf.write_text(json.dumps(config, indent=2) + "\n")
+    return str(conf), routed
+
+
 def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     """Only smolvm kernelspecs may start, and new notebooks get ``name``: merged into
     jupyter_server_config.json (the .d folder holds only extension switches). Kernelspecs
@@ -290,13 +336,7 @@ def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     the file already turns them on. Running it again changes nothing."""
     from .lockdown import KERNEL_SPEC_MANAGER
 
-    conf = _server_config_dir(user, prefix) / "jupyter_server_config.json"
-    try:
-        config = json.loads(conf.read_text())
-    except FileNotFoundError:
-        config = {}
-    except ValueError as e:
-        raise ValueError(f"{conf} is not valid JSON ({e}); fix it before --lockdown") from None
+    conf, config = _server_config(user, prefix)
     ksm = config.setdefault("KernelSpecManager", {})
     mkm = config.setdefault("MultiKernelManager", {})
     server = config.setdefault("ServerApp", {})
@@ -781,7 +821,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "e.g. 'Python (smolvm)', 'Python (smolvm-sci, image scipy)')")  # fmt: skip
     inst.add_argument("--lockdown", action="store_true",
                       help="also configure Jupyter servers to offer and start only smolvm "
-                      "kernelspecs, with this one as the default")  # fmt: skip
+                      "kernelspecs, with this one as the default, and to start this one "
+                      "when a client asks for python3 (implies --alias python3)")  # fmt: skip
+    inst.add_argument("--alias", action="append", default=[], metavar="NAME",
+                      help="Jupyter servers start this kernelspec when a client asks for "
+                      "kernel NAME (e.g. python3, which assistants hard-code); "
+                      "repeatable")  # fmt: skip
     inst.add_argument("--no-server-extension", action="store_true",
                       help="do not enable the server extension that fills the warm pool "
                       "when a Jupyter server starts")  # fmt: skip

@@ -1,12 +1,28 @@
-"""Lock-down: a Jupyter server that starts only smolvm kernels.
+"""Lock-down: a Jupyter server that starts only smolvm kernels, and routes the kernel names
+clients hard-code (``python3``) to one.
 
 jupyter_client's ``allowed_kernelspecs`` only filters the *listing*: ``get_kernel_spec`` still
 returns any installed kernelspec by name (a user's own ``~/.local/share/jupyter/kernels``
 included), and ``python3`` falls back to ipykernel's native spec even with
 ``ensure_native_kernel = False``. A page or a client that POSTs ``/api/kernels {"name":
 "python3"}`` would then start a kernel on the host. ``LockedKernelSpecManager`` (set as
-``ServerApp.kernel_spec_manager_class`` by ``smol-kernel install --lockdown``) refuses every
-name that is not allowed, before any process starts, with HTTP 403 and the reason.
+``ServerApp.kernel_spec_manager_class`` by ``smol-kernel install --lockdown``):
+
+* knows only ``allowed_kernelspecs`` (by exact, lower-case name); every other name is
+  refused before any process starts, with HTTP 403 and the reason;
+* takes an allowed kernelspec only from an administrator's folder: not the user's own
+  Jupyter data folder (which a page can write through the contents API), the folder and its
+  ``kernel.json`` owned by one of ``admin_uids`` and writable by no one else; a copy
+  elsewhere that shadows it is skipped, so the admin's runs;
+* takes it only if it names the smolvm provisioner: an allowed name that would start a
+  process on the host is refused.
+
+``RoutingKernelManager`` (``ServerApp.kernel_manager_class``, also set by ``--lockdown``, or
+by ``install --alias NAME`` on a server that is not locked down) starts the kernelspec
+``kernel_aliases`` maps a requested name to instead: ``python3`` -> ``smolvm`` by default,
+so assistants and clients that ask for ``python3`` get a VM. The kernel's name (in
+``/api/kernels``, to the client) is the kernelspec that ran; the server log and the audit
+line say which name was asked for. ``/api/kernelspecs`` lists what can run, no aliases.
 
 Lock-down also turns off terminals (a terminal is a shell on the host) and JupyterLab's
 extension manager's installs (pip on the host) unless the administrator opts back in.
@@ -14,20 +30,32 @@ extension manager's installs (pip on the host) unless the administrator opts bac
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
 from tornado.web import HTTPError
+from traitlets import Dict, List, Unicode
+
+from .kernelspec import PROVISIONER_NAME
 
 KERNEL_SPEC_MANAGER = "smol_kernel.lockdown.LockedKernelSpecManager"
+KERNEL_MANAGER = "smol_kernel.lockdown.RoutingKernelManager"
 
 
 class KernelspecNotAllowed(HTTPError, NoSuchKernel):
     """A kernelspec name this server must not start (HTTP 403; also a NoSuchKernel, which
     the sessions API and other callers already handle)."""
 
-    def __init__(self, name: str, allowed: set[str]) -> None:
-        message = (f"kernelspec {name!r} is not allowed on this server, which is locked down "
-                   f"to {', '.join(sorted(allowed)) or 'no kernelspecs'} "
-                   "(KernelSpecManager.allowed_kernelspecs)")  # fmt: skip
+    def __init__(self, name: str, allowed: set[str], why: str | None = None) -> None:
+        message = why or (
+            f"kernelspec {name!r} is not allowed on this server, which is locked down to "
+            f"{', '.join(sorted(allowed)) or 'no kernelspecs'} "
+            "(KernelSpecManager.allowed_kernelspecs)"
+        )
         HTTPError.__init__(self, 403, message.replace("%", "%%"))
         self.args = (message,)
         self.name, self.message = name, message
@@ -36,34 +64,137 @@ class KernelspecNotAllowed(HTTPError, NoSuchKernel):
         return self.message
 
 
+def _admin_owned(path: str, admin_uids: set[int], folder: bool) -> str | None:
+    """Why ``path`` is not an administrator's (None: it is): not a symlink, of the right
+    kind, owned by one of ``admin_uids``, writable by no one else."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(st.st_mode):
+        return "is not a folder" if folder else "is not a file"
+    if st.st_uid not in admin_uids:
+        return f"belongs to uid {st.st_uid}, not to an administrator ({sorted(admin_uids)})"
+    if st.st_mode & 0o022:
+        return f"has mode {stat.S_IMODE(st.st_mode):o}: others can change it"
+    return None
+
+
+def _names_our_provisioner(spec_json: str) -> bool:
+    try:
+        with open(spec_json, "rb") as f:
+            meta = json.load(f).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    provisioner = meta.get("kernel_provisioner") if isinstance(meta, dict) else None
+    return isinstance(provisioner, dict) and provisioner.get("provisioner_name") == (
+        PROVISIONER_NAME
+    )
+
+
 class LockedKernelSpecManager(KernelSpecManager):
-    """A KernelSpecManager that knows only ``allowed_kernelspecs`` (by exact, lower-case
-    name; no native-kernel fallback). With an empty allow-list it allows nothing."""
+    """A KernelSpecManager that knows only ``allowed_kernelspecs``, each from an
+    administrator's folder and naming the smolvm provisioner (see the module doc). With an
+    empty allow-list it allows nothing."""
+
+    admin_uids = List(
+        [0],
+        config=True,
+        help="Owners whose kernelspec folders a locked-down server trusts (root by default; "
+        "add a service account that installs kernelspecs and that the server does not run as).",
+    )
 
     def _allowed(self) -> set[str]:
         return {name.lower() for name in self.allowed_kernelspecs}
 
+    def _admin_dirs(self) -> list[str]:
+        """The kernel folders an allowed kernelspec may come from, in Jupyter's order:
+        every one but the user's own data folder."""
+        user = os.path.realpath(os.path.join(jupyter_data_dir(), "kernels"))
+        return [d for d in self.kernel_dirs if os.path.realpath(d) != user]
+
+    def _spec_dir(self, kernel_name: str) -> tuple[str | None, list[str]]:
+        """The admin's folder of ``kernel_name`` (or None), and why copies were skipped."""
+        uids = {int(u) for u in self.admin_uids}
+        skipped = []
+        for kernels in self._admin_dirs():
+            try:
+                names = os.listdir(kernels)
+            except OSError:
+                continue
+            for entry in names:
+                if entry.lower() != kernel_name.lower():
+                    continue
+                path = os.path.join(kernels, entry)
+                why = _admin_owned(path, uids, folder=True) or _admin_owned(
+                    os.path.join(path, "kernel.json"), uids, folder=False
+                )
+                if why is None:
+                    return path, skipped
+                skipped.append(f"{path} {why}")
+        return None, skipped
+
     def _find_spec_directory(self, kernel_name: str) -> str | None:
         if kernel_name.lower() not in self._allowed():
             return None
-        path = super()._find_spec_directory(kernel_name)
-        return None if path is not None and path == _native_resources() else path
+        path, skipped = self._spec_dir(kernel_name)
+        for why in skipped:
+            self.log.warning("lock-down: skipping kernelspec folder %s", why)
+        return path
 
     def find_kernel_specs(self) -> dict[str, str]:
-        allowed, native = self._allowed(), _native_resources()
-        specs = super().find_kernel_specs()
-        return {n: d for n, d in specs.items() if n.lower() in allowed and d != native}
+        out = {}
+        for name in sorted(self._allowed()):
+            path, _ = self._spec_dir(name)
+            if path is not None and _names_our_provisioner(os.path.join(path, "kernel.json")):
+                out[name] = path
+        return out
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        allowed = set(self.allowed_kernelspecs)
         if not isinstance(kernel_name, str) or kernel_name.lower() not in self._allowed():
-            raise KernelspecNotAllowed(str(kernel_name), set(self.allowed_kernelspecs))
-        return super().get_kernel_spec(kernel_name)
+            raise KernelspecNotAllowed(str(kernel_name), allowed)
+        path = self._find_spec_directory(kernel_name)
+        if path is None:
+            why = (f"kernelspec {kernel_name!r} is allowed, but no administrator's copy of it "
+                   "is installed (a copy in your own Jupyter data folder, or one others can "
+                   "change, is not used on a locked-down server; see the server log)")  # fmt: skip
+            raise KernelspecNotAllowed(kernel_name, allowed, why)
+        if not _names_our_provisioner(os.path.join(path, "kernel.json")):
+            why = (f"kernelspec {kernel_name!r} in {path} does not name the smolvm "
+                   "provisioner: its kernels would run on the host, which this locked-down "
+                   "server refuses")  # fmt: skip
+            raise KernelspecNotAllowed(kernel_name, allowed, why)
+        return self.kernel_spec_class.from_resource_dir(path)
 
 
-def _native_resources() -> str | None:
-    """The folder of ipykernel's built-in kernelspec (the native fallback), if installed."""
-    try:
-        from ipykernel.kernelspec import RESOURCES
-    except ImportError:
-        return None
-    return RESOURCES
+class RoutingKernelManager(MappingKernelManager):
+    """A MappingKernelManager that starts ``kernel_aliases[name]`` when ``name`` is asked
+    for (see the module doc)."""
+
+    kernel_aliases = Dict(
+        {"python3": "smolvm"},
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="Kernel names a client may ask for and the kernelspec started instead (the "
+        "names clients hard-code, python3 first, to a smolvm kernelspec).",
+    )
+
+    def route(self, kernel_name: str | None) -> str:
+        name = kernel_name or self.default_kernel_name
+        aliases = {k.lower(): v for k, v in self.kernel_aliases.items()}
+        return aliases.get(name.lower(), name)
+
+    def pre_start_kernel(self, kernel_name, kwargs):  # type: ignore[override]
+        requested = kernel_name or self.default_kernel_name
+        target = self.route(requested)
+        km, name, kernel_id = super().pre_start_kernel(target, kwargs)
+        if target != requested:
+            km.smol_requested_name = requested  # the audit line says what was asked for
+            self.log.info("kernel %s: %r was asked for; starting kernelspec %r instead "
+                          "(RoutingKernelManager.kernel_aliases)", kernel_id, requested,
+                          target)  # fmt: skip
+        return km, name, kernel_id

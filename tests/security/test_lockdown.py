@@ -46,16 +46,25 @@ def locked_server(tmp_path_factory, image):
                 "--memory-mib", "768"]) == 0  # fmt: skip
     assert cli(["install", "--prefix", str(prefix), "--lockdown", "--pool-size", "0",
                 "--memory-mib", "768"]) == 0, "--lockdown again changes nothing"  # fmt: skip
-    # A kernelspec that would run on the host, installed where the server finds it.
-    host = prefix / "share" / "jupyter" / "kernels" / "hostpy"
-    host.mkdir(parents=True)
-    (host / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "host python", "language": "python"}))  # fmt: skip
+    # Kernelspecs that would run on the host, installed where the server finds them: one the
+    # admin allowed by mistake (it names no smolvm provisioner), and the user's own copy of
+    # "smolvm" in their Jupyter data folder, which Jupyter searches first (a page can write
+    # it through the contents API).
+    user_data = tmp / "user-data"
+    for folder in (prefix / "share" / "jupyter" / "kernels" / "hostpy",
+                   user_data / "kernels" / "smolvm"):  # fmt: skip
+        folder.mkdir(parents=True)
+        (folder / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "host python", "language": "python"}))  # fmt: skip
+    conf_file = prefix / "etc" / "jupyter" / "jupyter_server_config.json"
+    conf = json.loads(conf_file.read_text())
+    conf["KernelSpecManager"]["allowed_kernelspecs"].append("hostpy")
+    conf_file.write_text(json.dumps(conf))
     runtime = tmp / "jupyter-runtime"
     port = free_port()
     env = {**os.environ, "JUPYTER_PATH": f"{prefix}/share/jupyter",
-           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter",
+           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter", "JUPYTER_DATA_DIR": str(user_data),
            "JUPYTER_RUNTIME_DIR": str(runtime)}  # fmt: skip
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
@@ -88,24 +97,69 @@ def host_kernels(runtime: Path) -> list[int]:
 
 
 def test_lockdown_refuses_every_name_but_the_smolvm_kernelspec(locked_server):
+    """Nothing starts on the host: not a name outside the allow-list, not an allowed name
+    whose kernelspec names no smolvm provisioner, not the user's own copy of "smolvm"
+    (issue 30: it shadowed the admin's and ran on the host; now it is skipped and the
+    admin's runs). Before any process starts, with a 403 that says why."""
     base, api, _, runtime, tmp = locked_server
     conf = json.loads((tmp / "prefix" / "etc" / "jupyter" / "jupyter_server_config.json")
                       .read_text())  # fmt: skip
     assert conf["ServerApp"]["terminals_enabled"] is False
     assert conf["LabApp"]["extension_manager"] == "readonly"
+    assert conf["ServerApp"]["kernel_manager_class"] == "smol_kernel.lockdown.RoutingKernelManager"
+    assert conf["RoutingKernelManager"]["kernel_aliases"] == {"python3": "smolvm"}
     assert set(api.get(f"{base}/api/kernelspecs").json()["kernelspecs"]) == {"smolvm"}
-    for name in ("python3", "Python3", "hostpy", "../kernels/hostpy", "smolvm/../hostpy"):
+    for name in ("mine", "hostpy", "../kernels/hostpy", "smolvm/../hostpy"):
         r = api.post(f"{base}/api/kernels", json={"name": name})
         assert r.status_code == 403, (name, r.status_code, r.text)
-        assert "not allowed" in r.json()["message"], r.text
-    (tmp / "nb.ipynb").write_text("{}")
-    r = api.post(f"{base}/api/sessions", json={"path": "nb.ipynb", "type": "notebook",
-                                               "kernel": {"name": "python3"}})  # fmt: skip
-    assert r.status_code >= 400, r.text
+        assert "not allowed" in r.json()["message"] or "provisioner" in r.json()["message"]
+    assert "does not name the smolvm provisioner" in api.post(
+        f"{base}/api/kernels", json={"name": "hostpy"}).json()["message"]  # fmt: skip
     assert api.post(f"{base}/api/terminals").status_code == 404, "terminals are off"
     time.sleep(2)  # a host kernel, had one started, would be running by now
     assert api.get(f"{base}/api/kernels").json() == []
     assert host_kernels(runtime) == []
+    # The user's shadowing copy of "smolvm" is skipped (and logged): the admin's runs.
+    r = api.post(f"{base}/api/kernels", json={"name": "smolvm"})
+    assert r.status_code == 201, r.text
+    try:
+        assert host_kernels(runtime) == []
+        assert "skipping kernelspec folder" in (tmp / "server.log").read_text()
+    finally:
+        api.delete(f"{base}/api/kernels/{r.json()['id']}")
+
+
+def test_python3_is_routed_to_the_smolvm_kernelspec(locked_server):
+    """Issue 36: a client that asks for python3 (jupyter-kernel-client, and the assistants
+    built on it) gets a smolvm kernel instead of a 403: its name is the kernelspec that ran,
+    the audit line names both. So does a session, and the default kernel."""
+    base, api, _, runtime, tmp = locked_server
+    started, session = [], ""
+    try:
+        for body in ({"name": "python3"}, {"name": "Python3"}, {}):
+            r = api.post(f"{base}/api/kernels", json=body)
+            assert r.status_code == 201, (body, r.text)
+            started.append(r.json()["id"])
+            assert r.json()["name"] == "smolvm", r.json()
+        (tmp / "nb.ipynb").write_text("{}")
+        r = api.post(f"{base}/api/sessions", json={"path": "nb.ipynb", "type": "notebook",
+                                                   "kernel": {"name": "python3"}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        session = r.json()["id"]
+        started.append(r.json()["kernel"]["id"])
+        assert r.json()["kernel"]["name"] == "smolvm"
+        ws_url = f"ws://{base.split('//', 1)[1]}/api/kernels/{started[0]}/channels"
+        out = ws_execute(ws_url, TOKEN, "import os; print(os.environ['SMOL_KERNEL_ISOLATION'])")
+        assert out.strip() in ("kvm", "tcg", "hvf")
+        assert host_kernels(runtime) == []
+        log = (tmp / "server.log").read_text()
+        assert "'python3' was asked for; starting kernelspec 'smolvm' instead" in log
+        assert '"kernelspec": "smolvm", "requested": "python3"' in log
+    finally:
+        for kernel_id in started:
+            api.delete(f"{base}/api/kernels/{kernel_id}")
+        if session:
+            api.delete(f"{base}/api/sessions/{session}")
 
 
 FLOOD = f"""

@@ -331,10 +331,11 @@ def _route_aliases(name: str, aliases: list[str], user: bool,
 def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     """Only smolvm kernelspecs may start, and new notebooks get ``name``: merged into
     jupyter_server_config.json (the .d folder holds only extension switches). Kernelspecs
-    locked down earlier stay allowed; the first one stays the default. Terminals and
-    JupyterLab's extension installs (both run programs on the host) are turned off unless
-    the file already turns them on. Running it again changes nothing."""
-    from .lockdown import KERNEL_SPEC_MANAGER
+    locked down earlier stay allowed; the first one stays the default. Terminals,
+    JupyterLab's extension installs and the server extensions of assistants that run code
+    on the host (``lockdown.HOST_EXECUTING_EXTENSIONS``) are turned off unless the file
+    already turns them on. Running it again changes nothing."""
+    from .lockdown import HOST_EXECUTING_EXTENSIONS, KERNEL_SPEC_MANAGER
 
     conf, config = _server_config(user, prefix)
     ksm = config.setdefault("KernelSpecManager", {})
@@ -344,6 +345,9 @@ def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     ksm["ensure_native_kernel"] = False
     server["kernel_spec_manager_class"] = KERNEL_SPEC_MANAGER
     server.setdefault("terminals_enabled", False)
+    extensions = server.setdefault("jpserver_extensions", {})
+    for extension in HOST_EXECUTING_EXTENSIONS:  # assistants' tools that run on the host
+        extensions.setdefault(extension, False)
     config.setdefault("LabApp", {}).setdefault("extension_manager", "readonly")
     default = mkm.setdefault("default_kernel_name", name)
     conf.write_text(json.dumps(config, indent=2) + "\n")

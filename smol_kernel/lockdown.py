@@ -24,8 +24,10 @@ so assistants and clients that ask for ``python3`` get a VM. The kernel's name (
 ``/api/kernels``, to the client) is the kernelspec that ran; the server log and the audit
 line say which name was asked for. ``/api/kernelspecs`` lists what can run, no aliases.
 
-Lock-down also turns off terminals (a terminal is a shell on the host) and JupyterLab's
-extension manager's installs (pip on the host) unless the administrator opts back in.
+Lock-down also turns off terminals (a terminal is a shell on the host), JupyterLab's
+extension manager's installs (pip on the host) and the server extensions of AI assistants
+that run code on the host rather than in a kernel (``HOST_EXECUTING_EXTENSIONS``), unless
+the administrator opts back in; the server extension names any of those still loaded.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ from .kernelspec import PROVISIONER_NAME
 
 KERNEL_SPEC_MANAGER = "smol_kernel.lockdown.LockedKernelSpecManager"
 KERNEL_MANAGER = "smol_kernel.lockdown.RoutingKernelManager"
+# Server extensions of AI assistants that run programs or code on the host, not in a kernel
+# (docs/ai-assistants.md): --lockdown turns them off, and a locked-down server that still
+# loads one says so loudly at start.
+HOST_EXECUTING_EXTENSIONS = {
+    "jupyter_ai_jupyternaut": "Jupyternaut's bash tool runs commands on the host",
+    "jupyter_ai_persona_manager": "jupyter-ai loads personas from .jupyter/personas/*.py "
+    "into the server process, and starts agent programs (claude-agent-acp, codex-acp, ...)",
+    "jupyter_ai_acp_client": "jupyter-ai's ACP agents run programs and terminals on the host",
+    "jupyter_server_mcp": "jupyter-server-mcp serves tools on localhost outside Jupyter's "
+    "token authentication",
+    "notebook_intelligence": "notebook-intelligence's Claude mode runs Claude Code (Bash, "
+    "Edit) and its command tool runs commands on the host",
+}
 
 
 class KernelspecNotAllowed(HTTPError, NoSuchKernel):
@@ -198,3 +213,10 @@ class RoutingKernelManager(MappingKernelManager):
                           "(RoutingKernelManager.kernel_aliases)", kernel_id, requested,
                           target)  # fmt: skip
         return km, name, kernel_id
+
+
+def host_executing_extensions(serverapp) -> list[str]:
+    """What a locked-down server loads that runs code on the host (each with why)."""
+    enabled = getattr(serverapp, "jpserver_extensions", {}) or {}
+    return [f"{name}: {why}" for name, why in HOST_EXECUTING_EXTENSIONS.items()
+            if enabled.get(name)]  # fmt: skip

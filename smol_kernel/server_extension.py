@@ -151,8 +151,14 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         log.warning("smol-kernel: this kernel manager may not stop after a failed start")
     if not bound_server_output():
         log.warning("smol-kernel: cannot bound the output this server holds for browsers")
+    from .lockdown import LockedKernelSpecManager, host_executing_extensions
     from .rest import handlers
 
+    if isinstance(serverapp.kernel_spec_manager, LockedKernelSpecManager):
+        for what in host_executing_extensions(serverapp):
+            log.error("smol-kernel lock-down: this server loads an extension that runs code "
+                      "ON THE HOST, outside any VM: %s. Disable it: jupyter server extension "
+                      "disable %s", what, what.split(":")[0])  # fmt: skip
     serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url))
     ksm = serverapp.kernel_spec_manager
     for name in smolvm_kernelspecs(ksm):

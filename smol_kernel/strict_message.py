@@ -80,7 +80,7 @@ _HEX = re.compile(rb"[0-9a-f]+")
 _VERSION = re.compile(r"5\.\d{1,3}")
 # A date as clients and kernels write one (ISO 8601, RFC 3339 with a space, str(datetime)):
 # digits and separators only, so what a client makes of it cannot be markup.
-_DATE = re.compile(r"[0-9]{4}-[0-9TtZz:.+\- ]{1,35}")
+_DATE = re.compile(r"([0-9]{4}-[0-9TtZz:.+\- ]{1,35})?")  # ("": clients that send none)
 # Per type: field -> (allowed types, required). ``bool`` is not an ``int`` here.
 _CONTENT_RULES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "status": {"execution_state": ((str,), True)},
@@ -143,24 +143,24 @@ def dumps_compact(obj: Any) -> bytes:
         return dumps(obj)
 
 
-def _check_header(header: dict, what: str, allowed: frozenset[str] | None) -> str:
+def _check_header(header: dict, allowed: frozenset[str]) -> str:
     msg_type = header.get("msg_type")
     if not isinstance(msg_type, str):
-        raise Rejected(f"{what}: no msg_type")
-    if allowed is not None and msg_type not in allowed:
-        raise Rejected(f"{what}: msg_type {msg_type[:40]!r} is not sent on this channel")
+        raise Rejected("header: no msg_type")
+    if msg_type not in allowed:
+        raise Rejected(f"header: msg_type {msg_type[:40]!r} is not sent on this channel")
     if not isinstance(header.get("msg_id"), str):
-        raise Rejected(f"{what}: no msg_id")
+        raise Rejected("header: no msg_id")
     for key in ("session", "username", "version"):
         if key in header and not isinstance(header[key], str):
-            raise Rejected(f"{what}: {key} is not a string")
-    if allowed is not None and not _VERSION.fullmatch(header.get("version") or ""):
+            raise Rejected(f"header: {key} is not a string")
+    if not _VERSION.fullmatch(header.get("version") or ""):
         # jupyter_client adapts a message of another major version (4 without one) to
         # its own: a translation the policy never saw.
-        raise Rejected(f"{what}: not protocol version 5")
+        raise Rejected("header: not protocol version 5")
     date = header.get("date")
     if date is not None and not (isinstance(date, str) and _DATE.fullmatch(date)):
-        raise Rejected(f"{what}: date is not ISO 8601")
+        raise Rejected("header: date is not ISO 8601")
     return msg_type
 
 
@@ -256,10 +256,11 @@ def parse(parts: list[bytes], channel: str) -> GuestMessage:
     if len(parts) < at + 6:
         raise Rejected("frames missing after the delimiter")
     header = _object(parts[at + 2], "header")
-    msg_type = _check_header(header, "header", CHANNEL_TYPES.get(channel, frozenset()))
+    msg_type = _check_header(header, CHANNEL_TYPES.get(channel, frozenset()))
     parent = _object(parts[at + 3], "parent header")
-    if parent:
-        _check_header(parent, "parent header", None)
+    if parent and not isinstance(parent.get("msg_id"), str):
+        # (the rest is the client's request header echoed: re-serialized, inert)
+        raise Rejected("parent header: no msg_id")
     metadata = _object(parts[at + 4], "metadata")
     content = _object(parts[at + 5], "content")
     _check_content(msg_type, content)

@@ -108,6 +108,8 @@ def test_lockdown_refuses_every_name_but_the_smolvm_kernelspec(locked_server):
     assert conf["LabApp"]["extension_manager"] == "readonly"
     assert conf["ServerApp"]["kernel_manager_class"] == "smol_kernel.lockdown.RoutingKernelManager"
     assert conf["RoutingKernelManager"]["kernel_aliases"] == {"python3": "smolvm"}
+    off = conf["ServerApp"]["jpserver_extensions"]
+    assert off["notebook_intelligence"] is off["jupyter_ai_jupyternaut"] is False
     assert set(api.get(f"{base}/api/kernelspecs").json()["kernelspecs"]) == {"smolvm"}
     for name in ("mine", "hostpy", "../kernels/hostpy", "smolvm/../hostpy"):
         r = api.post(f"{base}/api/kernels", json={"name": name})
@@ -236,3 +238,19 @@ def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server)
         assert ws_execute(ws_url, TOKEN, "print(6 * 7)").strip() == "42"
     finally:
         api.delete(f"{base}/api/kernels/{kernel_id}")
+
+
+def test_a_locked_down_server_names_assistant_extensions_that_run_on_the_host():
+    """Where an admin turns one back on, the server extension logs it as an error at start
+    (what it runs on the host, and the command to turn it off); nothing when none is on."""
+    from types import SimpleNamespace
+
+    from smol_kernel.lockdown import host_executing_extensions
+
+    app = SimpleNamespace(jpserver_extensions={"notebook_intelligence": True,
+                                               "jupyter_ai_jupyternaut": False,
+                                               "smol_kernel": True})  # fmt: skip
+    found = host_executing_extensions(app)
+    assert len(found) == 1 and found[0].startswith("notebook_intelligence: ")
+    assert "Claude Code" in found[0]
+    assert host_executing_extensions(SimpleNamespace(jpserver_extensions={})) == []

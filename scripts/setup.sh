@@ -5,7 +5,8 @@
 #   bash scripts/setup.sh --test   all of that, plus the test stack: passt and iproute2
 #                                  (network tests), chromium (browser test), skopeo and
 #                                  fakeroot (OCI images), JupyterHub's proxy (npm), the test
-#                                  extras and the scipy image
+#                                  extras, the assistants extra (.venv-assistants) and the
+#                                  scipy image
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,12 @@ if [ "$TEST" = 1 ]; then
     fi
     echo "setup: installing smol-kernel (pip, editable, with test extras)"
     python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+    # jupyter-mcp-server and jupyter-collaboration (tests/test_assistants.py) in a venv of
+    # their own: collaboration's server extension would load into every Jupyter server the
+    # other tests start
+    echo "setup: installing smol-kernel with the assistants extra in .venv-assistants"
+    [ -x .venv-assistants/bin/pip ] || python3 -m venv .venv-assistants
+    .venv-assistants/bin/pip install -q --disable-pip-version-check -e ".[assistants]"
 else
     echo "setup: installing smol-kernel (pip, editable)"
     python3 -m pip install -q --disable-pip-version-check -e .

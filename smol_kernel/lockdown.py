@@ -190,7 +190,7 @@ class RoutingKernelManager(MappingKernelManager):
     for (see the module doc)."""
 
     kernel_aliases = Dict(
-        {"python3": "smolvm"},
+        default_value={"python3": "smolvm"},
         key_trait=Unicode(),
         value_trait=Unicode(),
         config=True,

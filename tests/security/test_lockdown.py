@@ -47,24 +47,26 @@ def locked_server(tmp_path_factory, image):
     assert cli(["install", "--prefix", str(prefix), "--lockdown", "--pool-size", "0",
                 "--memory-mib", "768"]) == 0, "--lockdown again changes nothing"  # fmt: skip
     # Kernelspecs that would run on the host, installed where the server finds them: one the
-    # admin allowed by mistake (it names no smolvm provisioner), and the user's own copy of
-    # "smolvm" in their Jupyter data folder, which Jupyter searches first (a page can write
-    # it through the contents API).
-    user_data = tmp / "user-data"
+    # admin allowed by mistake (it names no smolvm provisioner), and a copy of "smolvm" that
+    # another user owns in a folder Jupyter searches first (the user's own data folder is
+    # never searched: tests/test_lockdown_specs.py).
+    shadow = tmp / "shadow"
     for folder in (prefix / "share" / "jupyter" / "kernels" / "hostpy",
-                   user_data / "kernels" / "smolvm"):  # fmt: skip
+                   shadow / "kernels" / "smolvm"):  # fmt: skip
         folder.mkdir(parents=True)
         (folder / "kernel.json").write_text(json.dumps({
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "host python", "language": "python"}))  # fmt: skip
+    for path in (shadow, *shadow.rglob("*")):
+        os.chown(path, 4242, 4242)
     conf_file = prefix / "etc" / "jupyter" / "jupyter_server_config.json"
     conf = json.loads(conf_file.read_text())
     conf["KernelSpecManager"]["allowed_kernelspecs"].append("hostpy")
     conf_file.write_text(json.dumps(conf))
     runtime = tmp / "jupyter-runtime"
     port = free_port()
-    env = {**os.environ, "JUPYTER_PATH": f"{prefix}/share/jupyter",
-           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter", "JUPYTER_DATA_DIR": str(user_data),
+    env = {**os.environ, "JUPYTER_PATH": f"{shadow}:{prefix}/share/jupyter",
+           "JUPYTER_CONFIG_PATH": f"{prefix}/etc/jupyter",
            "JUPYTER_RUNTIME_DIR": str(runtime)}  # fmt: skip
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
@@ -121,12 +123,20 @@ def test_lockdown_refuses_every_name_but_the_smolvm_kernelspec(locked_server):
     time.sleep(2)  # a host kernel, had one started, would be running by now
     assert api.get(f"{base}/api/kernels").json() == []
     assert host_kernels(runtime) == []
-    # The user's shadowing copy of "smolvm" is skipped (and logged): the admin's runs.
+    # The other user's copy of "smolvm" is what Jupyter would pick (the control: the
+    # server's own search path, a plain KernelSpecManager), yet the admin's runs.
+    code = ("from jupyter_client.kernelspec import KernelSpecManager as K; "
+            "print(K().find_kernel_specs()['smolvm'])")  # fmt: skip
+    env = {**os.environ, "JUPYTER_PATH": f"{tmp}/shadow:{tmp}/prefix/share/jupyter"}
+    picked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True).stdout.strip()  # fmt: skip
+    assert picked == str(tmp / "shadow" / "kernels" / "smolvm")
     r = api.post(f"{base}/api/kernels", json={"name": "smolvm"})
     assert r.status_code == 201, r.text
     try:
         assert host_kernels(runtime) == []
         assert "skipping kernelspec folder" in (tmp / "server.log").read_text()
+        assert "belongs to uid 4242" in (tmp / "server.log").read_text()
     finally:
         api.delete(f"{base}/api/kernels/{r.json()['id']}")
 

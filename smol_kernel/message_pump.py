@@ -177,17 +177,20 @@ class FrameInput:
         self.pos += len(header.raw)
         return header
 
-    async def exactly(self, size: int) -> bytes:
-        if size > self.pending + READ_BYTES:  # large: gather reads, copy once
-            chunks = [self._consume(self.pending)]
-            need = size - len(chunks[0])
-            while need > 0:
-                data = await self.reader.read(min(need, 1 << 20))
+    async def exactly(self, size: int) -> bytes | bytearray:
+        if size > self.pending + READ_BYTES:  # large: into one buffer as it comes, no join
+            out = bytearray(size)
+            view = memoryview(out)
+            got = self.pending
+            view[:got] = self.buf[self.pos :]
+            self.pos = len(self.buf)
+            while got < size:
+                data = await self.reader.read(min(size - got, READ_BYTES))
                 if not data:
-                    raise asyncio.IncompleteReadError(b"".join(chunks), size)
-                chunks.append(data)
-                need -= len(data)
-            return b"".join(chunks)
+                    raise asyncio.IncompleteReadError(bytes(out[:got]), size)
+                view[got : got + len(data)] = data
+                got += len(data)
+            return out
         while self.pending < size:
             await self.fill()
         return self._consume(size)

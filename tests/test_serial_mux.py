@@ -228,6 +228,12 @@ class RawGuest:
         assert kind == M.RESET
         self.sock.sendall(M.reset_ok(nonce))
 
+    def drain(self) -> None:
+        """Read and drop whatever the host sends, until the port closes."""
+        with contextlib.suppress(OSError):
+            while self.sock.recv(1 << 16):
+                pass
+
     def accept(self) -> int:
         """Answer the host's next OPEN; returns the stream id."""
         kind, sid, _ = self.frame()
@@ -290,6 +296,9 @@ async def test_a_flood_of_tiny_frames_costs_bounded_memory_and_no_long_stall(tmp
     host, guest = await raw_pair(tmp_path)
     try:
         reader, _, sid = await open_raw(host, guest)
+        # (the guest reads what the host sends it, credit included, as a guest does: one
+        # that does not has its port closed, the test below)
+        threading.Thread(target=guest.drain, daemon=True).start()
         flood = M.frame(M.DATA, sid, b"x") * M.WINDOW + M.frame(M.DATA, 999, b"y") * 1_000_000
         loop = asyncio.get_running_loop()
         stalls: list[float] = []

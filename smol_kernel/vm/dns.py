@@ -153,6 +153,24 @@ def chain_addresses(answer: Answer) -> list[tuple[bytes, int, str]]:
     return [(addr, ttl, owner) for owner, addr, ttl in answer.addresses if owner in names]
 
 
+def _reply(query: bytes, parsed: Query, rcode: int, answers: int) -> bytes:
+    flags = 0x8000 | (parsed.flags & 0x7900) | 0x0080 | rcode
+    return struct.pack("!HHHHHH", parsed.qid, flags, 1, answers, 0, 0) + bytes(
+        query[12 : parsed.end]
+    )
+
+
+def empty(query: bytes, parsed: Query) -> bytes:
+    """The answer "this name has no records of that type" (NOERROR, no answers)."""
+    return _reply(query, parsed, 0, 0)
+
+
+def a_answer(query: bytes, parsed: Query, address: bytes, ttl: int) -> bytes:
+    """The answer to an A query: one record, ``address``, for the question's name."""
+    record = struct.pack("!HHHIH4s", 0xC00C, TYPE_A, CLASS_IN, ttl, 4, address)
+    return _reply(query, parsed, 0, 1) + record
+
+
 def nxdomain(query: bytes, parsed: Query) -> bytes:
     """The answer "no such name" to ``query``: its id and question, RD copied, RA set."""
     flags = 0x8000 | (parsed.flags & 0x7900) | 0x0080 | RCODE_NXDOMAIN

@@ -34,6 +34,7 @@ refused destination). Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -99,6 +100,24 @@ class EgressLog:
             # A newly refused destination is on disk before the guest hears of it (a report
             # read right after the code ends names it); repeats wait for the interval.
             self.flush(force=new)
+
+    def load(self) -> None:
+        """Go on from the log already in ``path`` (the kernel's, from before a rewind)."""
+        try:
+            old = json.loads(self.path.read_text()) if self.path is not None else {}
+        except (OSError, ValueError):
+            return
+        if not isinstance(old, dict):
+            return
+        with self.lock:
+            for verdict in ("allowed", "blocked"):
+                with contextlib.suppress(TypeError, ValueError):
+                    self.totals[verdict] += int(old.get(verdict, 0))
+            for e in old.get("entries", [])[:MAX_LOG_ENTRIES]:
+                with contextlib.suppress(TypeError, ValueError, KeyError, AttributeError):
+                    key = (e["name"], str(e["address"]), e["port"], str(e["protocol"]),
+                           str(e["verdict"]))  # fmt: skip
+                    self.entries[key] = [int(e["count"]), float(e["first"]), float(e["last"])]
 
     def snapshot(self) -> dict:
         with self.lock:

@@ -103,6 +103,11 @@ FIB_TRIE = "/proc/net/fib_trie"
 _NONLOCAL_PROBE = "198.51.100.1"  # TEST-NET-2: never a real host address
 
 
+def never_reached(dst: ipaddress.IPv4Address) -> bool:
+    """Loopback, "this network", link-local, multicast and reserved, known endpoints."""
+    return any(dst in net for net in ALWAYS_BLOCKED) or dst in KNOWN_ENDPOINTS
+
+
 class HostAddressesUnknown(RuntimeError):
     """The host's own addresses cannot be read; the guard refuses to run (fail closed)."""
 
@@ -205,7 +210,7 @@ class Policy:
             return False
         dst = ipaddress.IPv4Address(bytes(frame[30:34]))
         proto, l4 = frame[14 + 9], 14 + ihl
-        if any(dst in net for net in ALWAYS_BLOCKED) or dst in KNOWN_ENDPOINTS:
+        if never_reached(dst):
             return self._host_refused(frame, proto, l4)
         if dst in self.guest_net:
             if not (dst == self.dns and proto == socket.IPPROTO_UDP and len(frame) >= l4 + 8):
@@ -223,6 +228,13 @@ class Policy:
         if proto == socket.IPPROTO_ICMP:
             return self._icmp_echo(frame, l4)
         return True
+
+    def destination_ok(self, addr: bytes) -> bool:
+        """May anything of the guest's reach ``addr``? Not loopback, link-local, metadata,
+        multicast, the guest's own subnet or the host (``egress_proxy`` connects only
+        where this says yes)."""
+        dst = ipaddress.IPv4Address(addr)
+        return not (never_reached(dst) or dst in self.guest_net or self.is_host(dst))
 
     def _attempt(
         self, frame: bytes | memoryview, proto: int, l4: int

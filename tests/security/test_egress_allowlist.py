@@ -14,8 +14,6 @@ import logging
 import os
 import sys
 import time
-import urllib.request
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,55 +23,21 @@ from smol_kernel.sandbox import AsyncSandbox
 
 from ..conftest import install_spec
 from ..kernel_helpers import run_cell, start_kernel, stop_kernel
-from .netns import outside_network
+from .egress_world import fetch, outside_world
 
 pytestmark = pytest.mark.vm
 SERVICES = Path(__file__).with_name("egress_services.py")
 FAST = 1.0  # seconds: a refusal must come at once, not after a client's timeout
 
 
-def build_index(root: Path) -> None:
-    """A package index with one tiny wheel, and pip itself as a zip (the image has no pip:
-    ``python pip.zip/pip`` runs it, as pip's own docs do with a wheel)."""
-    import pip
-
-    wheel = root / "smoltiny-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("smoltiny.py", "VALUE = 42\n")
-        z.writestr("smoltiny-1.0.dist-info/METADATA",
-                   "Metadata-Version: 2.1\nName: smoltiny\nVersion: 1.0\n")  # fmt: skip
-        z.writestr("smoltiny-1.0.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                   "Tag: py3-none-any\n")  # fmt: skip
-        z.writestr("smoltiny-1.0.dist-info/RECORD", "")
-    simple = root / "simple" / "smoltiny"
-    simple.mkdir(parents=True)
-    (simple / "index.html").write_text(f'<a href="../../{wheel.name}">{wheel.name}</a>\n')
-    pip_dir = Path(pip.__file__).parent
-    with zipfile.ZipFile(root / "pip.zip", "w", zipfile.ZIP_DEFLATED) as z:
-        for f in pip_dir.rglob("*"):
-            if f.is_file() and "__pycache__" not in f.parts:
-                z.write(f, "pip/" + str(f.relative_to(pip_dir)))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    files = tmp_path_factory.mktemp("egress-index")
-    build_index(files)
-    os.chmod(files, 0o755)
-
-    def services(addrs: list[str]) -> list[str]:
-        names = [f"allowed.test={addrs[0]}", f"blocked.test={addrs[1]}",
-                 f"api.allowed.test={addrs[2]}"]  # fmt: skip
-        return [sys.executable, str(SERVICES), str(files), addrs[0], *names]
-
-    with outside_network("smolegr", 204, 4, services) as addrs:
-        yield {"allowed": addrs[0], "blocked": addrs[1], "api": addrs[2], "cidr": addrs[3]}
+    with outside_world(tmp_path_factory.mktemp("egress-index")) as world:
+        yield world
 
 
 def tls_log(world) -> list[str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return json.loads(opener.open(f"http://{world['allowed']}:8080/tls", timeout=10).read())
+    return fetch(world, "/tls")
 
 
 @pytest.fixture(scope="module")

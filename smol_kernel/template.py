@@ -94,9 +94,11 @@ def template_key(plan: KernelPlan, backend: QemuBackend, isolation: str) -> str:
             **asdict(plan),
             # A share's host folder is the clone's own; the template has the devices only.
             "shares": [(s.guest, s.read_only) for s in plan.shares],
-            # The network guard is the clone's own, started with it; the guest is the same.
+            # The network guard or proxy is the clone's own, started with it; the guest is
+            # the same but for the resolver it is told (the proxy's, with an allow-list).
             "allow_hosts": None,
             "private_answers": None,
+            "dns": () if plan.allow_hosts else plan.dns,
         },
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

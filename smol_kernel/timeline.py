@@ -35,6 +35,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -249,7 +250,8 @@ class Timeline:
         old_vm, old_agent = p.vm, p.agent
         try:
             vm, agent = await restore_vm(cp, p.plan, p.vm_backend, self.kernel_id,
-                                         time.monotonic() + p.startup_timeout)  # fmt: skip
+                                         time.monotonic() + p.startup_timeout,
+                                         replaces=old_vm)  # fmt: skip
         except BaseException:
             relay.release()
             raise
@@ -371,11 +373,15 @@ async def _reply(agent: GuestAgent | None, rid: object, ok: bool, text: str) -> 
 # ---------------------------------------------------------------------- restoring a VM
 async def restore_vm(
     cp: Checkpoint, plan: KernelPlan, backend: QemuBackend, label: str, deadline: float,
-    on_vm=None,
+    on_vm=None, replaces: Vm | None = None,
 ) -> tuple[Vm, GuestAgent]:  # fmt: skip
-    """A VM restored from ``cp``, running, its agent connected (resume it next)."""
+    """A VM restored from ``cp``, running, its agent connected (resume it next);
+    ``replaces``: the kernel's VM it takes over from (its egress log goes on)."""
+    spec = plan.vm_spec(label)
+    if replaces is not None:
+        spec = dataclasses.replace(spec, egress_carry=str(replaces.runtime_dir))
     return await restore_and_connect(
-        backend, plan.vm_spec(label), cp.snapshot, deadline, on_vm,
+        backend, spec, cp.snapshot, deadline, on_vm,
         lambda agent: agent.hello.get("kernel") == "running",
         f"restored from checkpoint {cp.name}, its kernel should be running",
     )  # fmt: skip

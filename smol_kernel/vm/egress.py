@@ -1,45 +1,26 @@
-"""Egress by allow-list, and the egress log: the part of the network guard that knows names.
+"""The egress log, and what the first bytes of a connection say: shared by the network's
+two helpers. With ``allow_hosts`` the egress proxy (``egress_proxy.py``) terminates every
+connection and judges it; with the network simply on, the guard (``netfilter.py``) keeps
+``OpenNetwork`` for passt. Either writes the same log.
 
-``Egress`` sits in ``netfilter.Policy`` after the host checks (which still drop anything
-aimed at the host, loopback, link-local, metadata or multicast, whatever the list says).
-With an allow-list (``allow_hosts``) it guarantees, per VM:
-
-* DNS: a query (opcode QUERY) to the guest's resolvers (``10.0.2.3``, or the
-  ``dns_servers`` it was given) goes out only for a name the list covers, with a fresh
-  random id (so nobody who learns the guest's id can answer for the resolver); any other
-  name gets NXDOMAIN from the guard at once. An answer to a query the guard let out opens
-  the A addresses of the question's name (directly or through its CNAME chain) for the
-  record's TTL, clamped to ``MIN_TTL``..``MAX_TTL``, for the ports that name's entries give,
-  for TCP only -- and only globally routable addresses, unless ``private_answers`` lists
-  the range (an allowed name pointed at a LAN address opens nothing).
-* A new TCP connection, UDP flow or ping to any other destination is refused at once: TCP
-  gets a reset, UDP an ICMP "administratively prohibited". Address and CIDR entries open
-  their ranges for every protocol.
-* A connection to an address opened by a name is read until it shows where it goes: a TLS
-  ClientHello must name an allowed host in its SNI (and not hide one: encrypted client hello
-  is refused), an HTTP request must name allowed hosts in its Host header and any absolute
-  or CONNECT target. Other protocols pass only on a port a name entry lists explicitly
-  (``git.example.com:22``). A refused connection is reset both ways before the segment that
-  completes what was read reaches passt. The guard follows the stream as passt does: frames
-  passt would drop are dropped, segments must continue the stream in order, and the first
-  ``MAX_INSPECT`` bytes can never be sent again with other content (so passt cannot be made
-  to see another stream than the guard read).
-
-Without a list (``network=True``) nothing is refused here; the log is kept either way.
 The log (``EgressLog``): one entry per destination and verdict (name if known, address,
 port, protocol, count, first and last time), at most ``MAX_LOG_ENTRIES``, written as JSON
 to the VM's runtime folder at most every ``LOG_INTERVAL`` seconds (at once for a newly
-refused destination). Standard library only.
+refused destination), and carried to the VM that replaces it at a rewind (``load``).
+
+``classify`` reads a client's first bytes: a TLS ClientHello's one SNI host name (refused
+when an encrypted client hello hides it), an HTTP/1 request head's Host header and any
+absolute or CONNECT target -- strict where servers are lenient (a bare CR or LF, a header
+name that is not a token, a folded line: refused), so no server reads a head otherwise.
+Standard library only: both helpers run as ``python -I``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import re
-import secrets
 import socket
 import struct
 import threading
@@ -47,23 +28,17 @@ import time
 from pathlib import Path
 
 from . import dns
-from .allowlist import AllowList, Ports, normalize_name, ports_ok, valid_name
+from .allowlist import valid_name
 
-MIN_TTL = 30.0
-MAX_TTL = 3600.0
-MAX_OPEN_ADDRESSES = 4096
-MAX_PENDING_QUERIES = 512
-QUERY_TIMEOUT = 30.0
 HIDDEN_NAME_EXTENSIONS = frozenset({0xFE08, 0xFE09, 0xFE0A, 0xFE0B, 0xFE0C, 0xFE0D, 0xFFCE})
 SYN_RESEND_SECONDS = 0.5  # Linux resends a SYN after 1 s
-QUIET_SECONDS = 10.0  # an inspected stream gone from the flow table this long is forgotten
-MAX_AHEAD = 16 << 20  # bytes past passt's position a guest segment may start (its window)
-MAX_INSPECT = 16 * 1024
+OPENING_SECONDS = 30.0  # a connection passt has not answered by then is forgotten
+MAX_OPENING = 256  # connections being opened at once (netfilter.MAX_TCP_FLOWS)
+MAX_NAMED = 4096  # addresses the log has names for
 MAX_LOG_ENTRIES = 1024
 LOG_INTERVAL = 0.2
 LOG_FILE = "egress.json"
 POLICY_FILE = "egress-policy.json"
-MAX_INSPECTED_FLOWS = 256  # the guard's own TCP flow cap (netfilter.MAX_TCP_FLOWS)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 
@@ -152,7 +127,7 @@ class EgressLog:
                 pass  # the runtime folder is going away with its VM
 
 
-# ------------------------------------------------------------------ frames the guard writes
+# ------------------------------------------------------------------ what the guard answers
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -160,36 +135,6 @@ def _checksum(data: bytes) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
-
-
-def _ipv4(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
-    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0,
-                       src, dst)  # fmt: skip
-    return head[:10] + struct.pack("!H", _checksum(head)) + head[12:] + payload
-
-
-def _l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes) -> int:
-    return _checksum(src + dst + struct.pack("!BBH", 0, proto, len(segment)) + segment)
-
-
-def to_guest_frame(frame: bytes, proto: int, l4: bytes) -> bytes:
-    """A frame from the guest frame's destination back to the guest."""
-    guest, remote = bytes(frame[26:30]), bytes(frame[30:34])
-    return bytes(frame[6:12]) + bytes(frame[0:6]) + b"\x08\x00" + _ipv4(remote, guest, proto, l4)
-
-
-def tcp_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
-                flags: int) -> bytes:  # fmt: skip
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 0x50,
-                      flags, 0, 0, 0)  # fmt: skip
-    csum = _l4_checksum(src, dst, socket.IPPROTO_TCP, seg)
-    return seg[:16] + struct.pack("!H", csum) + seg[18:]
-
-
-def udp_datagram(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
-    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    csum = _l4_checksum(src, dst, socket.IPPROTO_UDP, seg) or 0xFFFF
-    return seg[:6] + struct.pack("!H", csum) + seg[8:]
 
 
 def icmp_prohibited(frame: bytes) -> bytes:
@@ -336,384 +281,86 @@ def safe_name(name: str | None) -> str | None:
     return re.sub(r"[^a-z0-9._*-]", "?", name)
 
 
-class _Opening:
-    __slots__ = ("expiry", "names", "ports")
+# ------------------------------------------------------------------ the open network
+class OpenNetwork:
+    """What the guard keeps for a guest whose network is simply on (no allow-list): the
+    log -- every destination tried, named from the DNS answers it passed -- and the TCP
+    connections passt is opening. passt 2023.03 spins on a second SYN or a RST of a
+    connection it is opening, when both are in one of its reads: a resent SYN goes on only
+    ``SYN_RESEND_SECONDS`` after the last (a kernel waits a second), a second SYN after
+    passt answered, and a RST before passt answered, never (passt's SYN-ACK then gets the
+    guest's RST on its own). Frames the guard would refuse here are only dropped: nothing
+    is refused with a network that is on."""
 
-    def __init__(self) -> None:
-        self.expiry = 0.0
-        self.names: list[str] = []
-        self.ports: list[Ports] = []
-
-
-class _Inspect:
-    """A TCP stream to a name-opened address: its first ``MAX_INSPECT`` bytes as passt will
-    see them, and where passt is in it. ``acked``: the stream offset passt has acknowledged
-    (what it took), learnt from its own segments, never from the guest's; ``answered``:
-    passt's SYN-ACK for this very ISN arrived (no data flows before it: a connection passt
-    still holds from an earlier stream on the tuple never sends one)."""
-
-    __slots__ = ("acked", "answered", "buf", "decided", "eth", "guest", "last", "start")
-
-    def __init__(self, start: int, eth: bytes, guest: bytes, now: float) -> None:
-        self.start, self.eth, self.guest, self.last = start, eth, guest, now
-        self.buf, self.decided, self.acked, self.answered = b"", False, 0, False
-
-    def offset(self, seq: int) -> int:
-        """The stream offset of ``seq``, unwrapped around passt's position."""
-        delta = (seq - self.start - self.acked) & 0xFFFFFFFF
-        return self.acked + (delta - (1 << 32) if delta & 0x80000000 else delta)
-
-    def passt_said(self, flags: int, ack: int, now: float) -> None:
-        """A segment passt sent the guest on this stream (the passt -> guest thread)."""
-        self.last = now
-        if flags & TCP_SYN and flags & TCP_ACK:
-            self.answered = self.answered or ack == self.start
-        elif flags & TCP_ACK and self.answered:
-            off = self.offset(ack)
-            if self.acked < off <= self.acked + MAX_AHEAD:
-                self.acked = off
-
-
-# ------------------------------------------------------------------ the policy
-class Egress:
-    """Allow-list decisions and the log for one VM (see the module docstring). Frames the
-    guard must write back are queued on ``to_guest`` / ``to_passt``; a frame to forward
-    changed (a DNS id) is left in ``rewritten`` / ``rewritten_in``."""
-
-    def __init__(
-        self,
-        allow: AllowList | None,
-        resolvers: list[str],
-        log: EgressLog | None = None,
-        clock=time.monotonic,
-        private_answers: list[str] = (),  # type: ignore[assignment]
-    ) -> None:
-        self.allow = allow
-        self.resolvers = {socket.inet_aton(r) for r in resolvers}
-        self.private_answers = [ipaddress.IPv4Network(n, strict=False) for n in private_answers]
+    def __init__(self, log: EgressLog | None = None, clock=time.monotonic) -> None:
         self.log = log or EgressLog(None, None)
         self.clock = clock
-        self.opened: dict[bytes, _Opening] = {}
-        # (guest port, id sent) -> (name, id the guest used, when)
-        self.pending: dict[tuple[int, int], tuple[str, int, float]] = {}
-        self.inspect: dict[tuple[int, bytes, int], _Inspect] = {}
-        self.tcp_flows: dict = {}  # the Policy's, shared: a flow reset here leaves it
-        self.to_guest: list[bytes] = []
-        self.to_passt: list[bytes] = []
-        self.rewritten: bytes | None = None  # guest -> passt thread
-        self.rewritten_in: bytes | None = None  # passt -> guest thread
+        self.names: dict[bytes, str] = {}  # address -> a name an answer gave it (the log's)
+        self.opening: dict[tuple[int, bytes, int], tuple[int, float]] = {}  # -> (seq, sent)
         self.lock = threading.Lock()  # the two directions run on two threads
 
-    # -- names
     def name_of(self, addr: bytes) -> str | None:
-        with self.lock:
-            opening = self.opened.get(addr)
-            return opening.names[0] if opening is not None and opening.names else None
+        return self.names.get(addr)
 
-    def _destination(self, addr: bytes, port: int | None, tcp: bool = True) -> str | None:
-        """ "address" (an entry covers it), "name" (opened by a DNS answer: TCP only), or
-        None."""
-        if self.allow is None:
-            return "address"
-        if self.allow.address_allowed(ipaddress.IPv4Address(addr), port):
-            return "address"
-        if not tcp:
-            return None
-        with self.lock:
-            opening = self.opened.get(addr)
-            if opening and opening.expiry > self.clock() and ports_ok(opening.ports, port):
-                return "name"
-        return None
-
-    def _names_allowed(self, names: Named, port: int) -> bool:
-        """Every name allowed, for its own port (a CONNECT target) or the connection's."""
-        assert self.allow is not None
-        return bool(names) and all(
-            any(e.name_matches(n) and e.port_ok(p or port) for e in self.allow.entries)
-            for n, p in names
-        )
-
-    def _port_listed(self, addr: bytes, port: int) -> bool:
-        """Does a name entry that opened ``addr`` list ``port`` explicitly?"""
-        assert self.allow is not None
-        with self.lock:
-            opening = self.opened.get(addr)
-            names = list(opening.names) if opening is not None else []
-        return any(e.ports is not None and e.port_ok(port) and e.name_matches(n)
-                   for n in names for e in self.allow.entries)  # fmt: skip
-
-    # -- guest -> passt
-    def outbound(
-        self, frame: bytes, proto: int, l4: int, new_flow: bool, known_tcp: bool = False
-    ) -> bool:
-        """Whether a guest frame (already past the host checks) may go to passt.
-        ``new_flow``: it would open a UDP flow to a new peer / is a TCP SYN / an echo;
-        ``known_tcp``: a TCP segment of a connection whose SYN the guard let through.
-        (``rewritten`` is cleared per frame by ``Policy.allow_frame``, which every frame
-        passes, ARP included.)"""
+    def outbound(self, frame: bytes, proto: int, l4: int, new_flow: bool) -> bool:
+        """Whether a guest frame (past the host checks) may go to passt; logs attempts."""
         dst = bytes(frame[30:34])
         if proto == socket.IPPROTO_UDP:
             dport = struct.unpack_from("!H", frame, l4 + 2)[0]
-            if dst in self.resolvers and dport == dns.DNS_PORT:
-                return self._query(frame, l4)
-            return self._udp(frame, dst, dport, new_flow)
+            if dport == dns.DNS_PORT and (query := dns.parse_query(_payload(frame, l4 + 8))):
+                self.log.record(safe_name(query.name), dst, dport, "dns", True)
+            elif new_flow:
+                self.log.record(self.name_of(dst), dst, dport, "udp", True)
+            return True
         if proto == socket.IPPROTO_TCP:
-            return self._tcp(frame, l4, dst, known_tcp)
-        if proto == socket.IPPROTO_ICMP:
-            allowed = self._destination(dst, None, tcp=False) is not None
-            if new_flow or not allowed:
-                self.log.record(self.name_of(dst), dst, None, "icmp", allowed)
-            return allowed
-        return self.allow is None
-
-    def _query(self, frame: bytes, l4: int) -> bool:
-        sport = struct.unpack_from("!H", frame, l4)[0]
-        payload = _payload(frame, l4 + 8)
-        query = dns.parse_query(payload)
-        dst = bytes(frame[30:34])
-        if query is None:
-            self.log.record(None, dst, dns.DNS_PORT, "dns", self.allow is None)
-            return self.allow is None
-        name = safe_name(query.name)
-        allowed = self.allow is None or (query.opcode == 0 and self.allow.name_allowed(query.name))
-        self.log.record(name, dst, dns.DNS_PORT, "dns", allowed)
-        if not allowed:
-            reply = udp_datagram(dst, bytes(frame[26:30]), dns.DNS_PORT, sport,
-                                 dns.nxdomain(payload, query))  # fmt: skip
-            self.to_guest.append(to_guest_frame(frame, socket.IPPROTO_UDP, reply))
-            return False
-        sent_id = query.qid
-        if self.allow is not None:
-            # A fresh id the guest never sees: only the resolver can answer (the UDP
-            # checksum is left out -- zero means none in IPv4 -- as the payload changed).
-            sent_id = secrets.randbelow(1 << 16)
-            start = l4 + 8
-            self.rewritten = (bytes(frame[: l4 + 6]) + b"\0\0" + struct.pack("!H", sent_id)
-                              + bytes(frame[start + 2 :]))  # fmt: skip
-        now = self.clock()
-        with self.lock:
-            if len(self.pending) >= MAX_PENDING_QUERIES:
-                for key in [k for k, v in self.pending.items() if now - v[2] > QUERY_TIMEOUT]:
-                    del self.pending[key]
-            if len(self.pending) >= MAX_PENDING_QUERIES:
-                self.pending.pop(next(iter(self.pending)))
-            self.pending[(sport, sent_id)] = (query.name, query.qid, now)
+            return self._tcp(frame, l4, dst)
+        if proto == socket.IPPROTO_ICMP and new_flow:
+            self.log.record(self.name_of(dst), dst, None, "icmp", True)
         return True
 
-    def _udp(self, frame: bytes, dst: bytes, dport: int, new_flow: bool) -> bool:
-        allowed = self._destination(dst, dport, tcp=False) is not None
-        if new_flow or not allowed:
-            self.log.record(self.name_of(dst), dst, dport, "udp", allowed)
-        if not allowed:
-            self.to_guest.append(to_guest_frame(frame, socket.IPPROTO_ICMP, icmp_prohibited(frame)))
-        return allowed
-
-    def _tcp(self, frame: bytes, l4: int, dst: bytes, known: bool) -> bool:
-        sport, dport, seq, ack = struct.unpack_from("!HHII", frame, l4)
-        flags, doff = frame[l4 + 13], (frame[l4 + 12] >> 4) * 4
-        if doff < 20 or l4 + doff > len(frame):
-            return False  # passt would not read it as this guard does
+    def _tcp(self, frame: bytes, l4: int, dst: bytes) -> bool:
+        sport, dport, seq = struct.unpack_from("!HHI", frame, l4)
+        flags = frame[l4 + 13]
         key = (sport, dst, dport)
-        state = self.inspect.get(key)
-        if flags & TCP_SYN and l4 + doff < len(frame) and self.allow is not None:
-            return False  # data on a SYN (TCP Fast Open, which passt never offers) is unread
-        if flags & TCP_SYN and not flags & TCP_ACK:
-            return self._syn(frame, key, seq, state)
-        if state is None:
-            # Streams to name-opened addresses keep their state for their whole life; a
-            # segment with none belongs to an address entry's flow, or to nothing passt
-            # should see.
-            return self._destination(dst, dport) == "address"
-        if flags & TCP_SYN:
-            return False
-        state.last = self.clock()
-        if not state.answered:
-            return False  # nothing but its SYN before passt answered it
-        payload = bytes(frame[l4 + doff :])
-        if flags & TCP_RST:
-            if payload:
-                return False  # data on a reset: nothing a stream should carry; state stays
-            self._forget(key, state, reset_passt=False)
-            return True
-        verdict = self._stream(state, seq, payload, dport, dst)
-        if verdict is None:
-            return True
-        if verdict == "drop":
-            return False
-        self._refuse(frame, key, seq, ack, dport, dst, verdict)
-        return False
-
-    def _syn(self, frame: bytes, key, seq: int, state: _Inspect | None) -> bool:
-        sport, dst, dport = key
-        if state is not None:
-            if state.start == (seq + 1) & 0xFFFFFFFF and not state.buf:
-                # The same SYN again: passt (2023.03) loops on two frames of a connection it
-                # is opening in one read, so resends are spaced as a kernel spaces them.
-                now = self.clock()
-                if state.answered or now - state.last < SYN_RESEND_SECONDS:
-                    return False
-                state.last = now
-                return True
-            if key in self.tcp_flows:
-                return False  # a second SYN on a live stream
-            # The tuple again, after its stream closed: forget the old one (passt ignores a
-            # SYN on a connection it still holds, and then never answers this ISN).
-            self._forget(key, state, reset_passt=True)
-        kind = self._destination(dst, dport)
-        if kind == "name" and not self._room_to_inspect():
-            kind = None
-        self.log.record(self.name_of(dst), dst, dport, "tcp", kind is not None)
-        if kind is None:
-            self.to_guest.append(self._rst_to_guest(frame, sport, dport, 0, seq + 1))
-            return False
-        if kind == "name":
-            self.inspect[key] = _Inspect((seq + 1) & 0xFFFFFFFF, bytes(frame[:14]),
-                                         bytes(frame[26:30]), self.clock())  # fmt: skip
-        return True
-
-    def _room_to_inspect(self) -> bool:
-        """Room for one more inspected stream: streams the guard's flow table no longer has
-        and that have been quiet for ``QUIET_SECONDS`` (a half-closed download still moves)
-        are forgotten, and reset on both sides. None such: the new stream is refused."""
-        if len(self.inspect) >= MAX_INSPECTED_FLOWS:
-            now = self.clock()
-            for key, state in list(self.inspect.items()):
-                if key not in self.tcp_flows and now - state.last >= QUIET_SECONDS:
-                    self._forget(key, state, reset_passt=True)
-        return len(self.inspect) < MAX_INSPECTED_FLOWS
-
-    def _forget(self, key, state: _Inspect, reset_passt: bool) -> None:
-        self.inspect.pop(key, None)
-        self.tcp_flows.pop(key, None)
-        if reset_passt:
-            sport, dst, dport = key
-            seq = (state.start + state.acked) & 0xFFFFFFFF
-            rst = tcp_segment(state.guest, dst, sport, dport, seq, 0, TCP_RST)
-            self.to_passt.append(state.eth + _ipv4(state.guest, dst, socket.IPPROTO_TCP, rst))
-            back = tcp_segment(dst, state.guest, dport, sport, 0, seq, TCP_RST | TCP_ACK)
-            eth = state.eth[6:12] + state.eth[0:6] + state.eth[12:14]
-            self.to_guest.append(eth + _ipv4(dst, state.guest, socket.IPPROTO_TCP, back))
-
-    def passt_segment(self, frame: bytes, l4: int) -> None:
-        """A TCP segment passt sent the guest: how far passt is in an inspected stream."""
-        (dport,) = struct.unpack_from("!H", frame, l4 + 2)
-        key = (dport, bytes(frame[26:30]), struct.unpack_from("!H", frame, l4)[0])
-        state = self.inspect.get(key)
-        if state is not None:
-            state.passt_said(frame[l4 + 13], struct.unpack_from("!I", frame, l4 + 8)[0],
-                             self.clock())  # fmt: skip
-
-    def _stream(self, state: _Inspect, seq: int, payload: bytes, port: int, dst: bytes):
-        """None: pass; "drop": not this segment (the guest resends); else the protocol of
-        a refusal (the connection is reset)."""
-        if not payload:
-            return None
-        if not state.answered:
-            return "drop"  # no data before passt answered this stream's own SYN
-        off = state.offset(seq)
-        if off < 0 or off > state.acked + MAX_AHEAD:
-            return "drop"  # before the stream, or beyond any window passt offers
-        if off > len(state.buf) and (not state.decided or len(state.buf) < MAX_INSPECT):
-            return "drop"  # a gap in what the guard must read: the guest resends
-        overlap = state.buf[off : off + len(payload)] if off < len(state.buf) else b""
-        if payload[: len(overlap)] != overlap:
-            return "drop"  # other bytes where the guard already read some
-        new = payload[len(overlap) :] if off <= len(state.buf) else b""
-        if state.decided:
-            state.buf += new[: max(0, MAX_INSPECT - len(state.buf))]
-            return None
-        state.buf += new
-        verdict, proto, names = classify(state.buf)
-        if verdict == "more" and len(state.buf) <= MAX_INSPECT:
-            return None
-        assert self.allow is not None
-        if verdict == "done":
-            ok = self._names_allowed(names, port)
-        else:
-            ok = verdict == "other" and self._port_listed(dst, port)
-        shown = safe_name(names[0][0]) if names else self.name_of(dst)
-        self.log.record(shown, dst, port, proto, ok)
-        state.buf = state.buf[:MAX_INSPECT]
-        if ok:
-            state.decided = True
-            return None
-        return proto
-
-    def _refuse(self, frame: bytes, key, seq: int, ack: int, dport: int, dst: bytes,
-                proto: str) -> None:  # fmt: skip
-        sport = key[0]
-        state = self.inspect.get(key)
-        if state is not None:
-            self._forget(key, state, reset_passt=False)
-        self.to_guest.append(self._rst_to_guest(frame, sport, dport, ack, 0, ack_flag=False))
-        guest = bytes(frame[26:30])
-        rst = tcp_segment(guest, dst, sport, dport, seq, 0, TCP_RST)
-        self.to_passt.append(bytes(frame[:14]) + _ipv4(guest, dst, socket.IPPROTO_TCP, rst))
-
-    def _rst_to_guest(self, frame: bytes, sport: int, dport: int, seq: int, ack: int,
-                      ack_flag: bool = True) -> bytes:  # fmt: skip
-        flags = TCP_RST | (TCP_ACK if ack_flag else 0)
-        seg = tcp_segment(bytes(frame[30:34]), bytes(frame[26:30]), dport, sport, seq, ack, flags)
-        return to_guest_frame(frame, socket.IPPROTO_TCP, seg)
-
-    # -- passt -> guest
-    def inbound_dns(self, frame: bytes, l4: int) -> bool:
-        """A resolver's answer: open the addresses of a name the guard let out. False: not
-        an answer to a query it let out (with an allow-list: not for the guest)."""
-        self.rewritten_in = None
-        dport = struct.unpack_from("!H", frame, l4 + 2)[0]
-        answer = dns.parse_response(_payload(frame, l4 + 8))
-        if answer is None:
-            return self.allow is None
-        with self.lock:
-            asked = self.pending.get((dport, answer.qid))
-            if asked is not None and normalize_name(asked[0]) == answer.name:
-                del self.pending[(dport, answer.qid)]
-            else:
-                asked = None
-        if asked is None:
-            return self.allow is None
-        if self.allow is None:
-            ports: list[Ports] = [None]
-        else:
-            ports = self.allow.name_ports(answer.name)
-            start = l4 + 8  # the guest gets back the id it used
-            self.rewritten_in = (bytes(frame[: l4 + 6]) + b"\0\0" + struct.pack("!H", asked[1])
-                                 + bytes(frame[start + 2 :]))  # fmt: skip
         now = self.clock()
-        name = safe_name(answer.name) or "?"
-        for addr, ttl, _owner in dns.chain_addresses(answer):
-            if self.allow is not None and not self._answer_may_open(addr):
-                self.log.record(name, addr, None, "dns-answer", False)
-                continue
-            with self.lock:
-                self._open(addr, now + min(max(float(ttl), MIN_TTL), MAX_TTL), name, ports, now)
+        with self.lock:
+            opening = self.opening.get(key)
+            if not (flags & TCP_SYN and not flags & TCP_ACK):
+                # a RST or another SYN of a connection passt has not answered: not now
+                return opening is None or not flags & (TCP_RST | TCP_SYN)
+            if opening is not None and now - opening[1] < SYN_RESEND_SECONDS:
+                return False  # a SYN again, too soon after the last
+            if opening is None and len(self.opening) >= MAX_OPENING:
+                for k in [k for k, v in self.opening.items() if now - v[1] > OPENING_SECONDS]:
+                    del self.opening[k]
+                if len(self.opening) >= MAX_OPENING:
+                    return False
+            self.opening[key] = (seq, now)
+        if opening is None:
+            self.log.record(self.name_of(dst), dst, dport, "tcp", True)
         return True
 
-    def _answer_may_open(self, addr: bytes) -> bool:
-        ip = ipaddress.IPv4Address(addr)
-        return ip.is_global or any(ip in net for net in self.private_answers)
-
-    def _open(self, addr: bytes, expiry: float, name: str, ports: list[Ports], now: float):
-        opening = self.opened.get(addr)
-        if opening is None:
-            if len(self.opened) >= MAX_OPEN_ADDRESSES:
-                for a in [a for a, o in self.opened.items() if o.expiry <= now]:
-                    del self.opened[a]
-            if len(self.opened) >= MAX_OPEN_ADDRESSES:
+    def inbound(self, frame: bytes, l4: int) -> None:
+        """A frame passt sent the guest: a SYN-ACK ends an opening, a DNS answer names the
+        addresses it gives (for the log)."""
+        proto = frame[23]
+        if proto == socket.IPPROTO_TCP and len(frame) >= l4 + 14:
+            sport, dport = struct.unpack_from("!HH", frame, l4)
+            if frame[l4 + 13] & (TCP_SYN | TCP_RST):  # answered (or refused)
+                with self.lock:
+                    self.opening.pop((dport, bytes(frame[26:30]), sport), None)
+        elif proto == socket.IPPROTO_UDP and len(frame) >= l4 + 8:
+            if struct.unpack_from("!H", frame, l4)[0] != dns.DNS_PORT:
                 return
-            opening = self.opened[addr] = _Opening()
-        if opening.expiry <= now:
-            opening.names, opening.ports = [], []
-        opening.expiry = max(opening.expiry, expiry)
-        if name not in opening.names and len(opening.names) < 8:
-            opening.names = [*opening.names, name]
-        for p in ports:
-            if p not in opening.ports and len(opening.ports) < 64:
-                opening.ports = [*opening.ports, p]
-
-    def is_resolver(self, addr: bytes) -> bool:
-        return addr in self.resolvers
+            answer = dns.parse_response(_payload(frame, l4 + 8))
+            if answer is None:
+                return
+            name = safe_name(answer.name) or "?"
+            with self.lock:
+                for addr, _ttl, _owner in dns.chain_addresses(answer):
+                    if len(self.names) >= MAX_NAMED:
+                        self.names.clear()
+                    self.names[addr] = name
 
 
 def _payload(frame: bytes, start: int) -> bytes:
@@ -721,11 +368,6 @@ def _payload(frame: bytes, start: int) -> bytes:
     return bytes(frame[start : 14 + total])
 
 
-def load(runtime: Path, clock=time.monotonic) -> Egress:
-    """The egress policy ``network.start_network`` wrote for this VM, logging next to it."""
-    config = json.loads((runtime / POLICY_FILE).read_text())
-    allow = config.get("allow_hosts")
-    rules = AllowList.parse(allow) if allow else None
-    log = EgressLog(runtime / LOG_FILE, allow or None)
-    return Egress(rules, list(config["resolvers"]), log, clock,
-                  list(config.get("private_answers", [])))  # fmt: skip
+def open_network(runtime: Path | None, clock=time.monotonic) -> OpenNetwork:
+    """The guard's log and openings, logging to ``runtime`` (None: no log file)."""
+    return OpenNetwork(EgressLog(runtime / LOG_FILE if runtime else None, None), clock)

@@ -27,7 +27,11 @@ Guest -> passt (``Policy.allow_frame``): ARP passes; IPv4 passes unless
   stream where one frame spans two of its reads.
 
 Everything else (IPv6 included: passt runs IPv4-only) is dropped, and guest frames are
-paced to ``FRAME_RATE`` per second so a flooding guest cannot hold a host core.
+paced to ``FRAME_RATE`` per second so a flooding guest cannot hold a host core. A second
+SYN, or a RST, of a TCP connection passt has not answered yet is held back
+(``egress.OpenNetwork``): passt 2023.03 spins on one when it shares a read with the SYN.
+Every destination tried goes to the egress log. (A kernel with ``allow_hosts`` has no
+passt and no guard: ``egress_proxy.py``.)
 
 passt -> guest (``Policy.allow_inbound``): UDP reaches the guest only from an address and
 port the guest sent to from that port (passt's UDP sockets are bound to 0.0.0.0, so
@@ -157,11 +161,9 @@ class Policy:
         host_nets: set[ipaddress.IPv4Network] | None = None,
         probe: bool = True,
         clock=time.monotonic,
-        egress: egress_policy.Egress | None = None,
+        egress: egress_policy.OpenNetwork | None = None,
     ) -> None:
         self.egress = egress
-        self.rewritten: bytes | None = None  # what to forward instead (guest -> passt)
-        self.rewritten_in: bytes | None = None  # (passt -> guest)
         self._read_nets = host_nets is None
         self.host_nets = local_networks() if host_nets is None else set(host_nets)
         self._nets_read = clock()
@@ -175,20 +177,13 @@ class Policy:
         self.udp_peers: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
         self.icmp_ids: dict[int, float] = {}
         self.tcp_flows: dict[tuple[int, bytes, int], float] = {}  # (sport, dst, dport)
-        if egress is not None:
-            egress.tcp_flows = self.tcp_flows
         self.dropped = 0
 
     # ---------------------------------------------------------------- guest -> passt
     def allow_frame(self, frame: bytes | memoryview) -> bool:
-        """Whether ``frame`` may go to passt (as ``rewritten`` if that is set)."""
-        self.rewritten = None
-        if self.egress is not None:
-            self.egress.rewritten = None  # set anew by this frame's DNS query, if it is one
+        """Whether ``frame`` may go to passt."""
         ok = self._allow(frame)
         self.dropped += not ok
-        if ok and self.egress is not None:
-            self.rewritten = self.egress.rewritten
         return ok
 
     def _allow(self, frame: bytes | memoryview) -> bool:
@@ -268,11 +263,7 @@ class Policy:
         elif proto == socket.IPPROTO_ICMP and len(frame) < l4 + 8:
             return False
         new = self._attempt(frame, proto, l4) is not None
-        known = proto == socket.IPPROTO_TCP and (
-            struct.unpack_from("!H", frame, l4)[0], bytes(frame[30:34]),
-            struct.unpack_from("!H", frame, l4 + 2)[0],
-        ) in self.tcp_flows  # fmt: skip
-        return self.egress.outbound(bytes(frame), proto, l4, new, known)
+        return self.egress.outbound(bytes(frame), proto, l4, new)
 
     def _tcp_flow(self, frame: bytes | memoryview, l4: int) -> bool:
         """A SYN opens a flow (passt connects a host socket for it); FIN or RST from the
@@ -337,9 +328,7 @@ class Policy:
 
     # ---------------------------------------------------------------- passt -> guest
     def allow_inbound(self, frame: bytes | memoryview) -> bool:
-        """UDP only from where the guest sent to, and refreshes that flow (a DNS answer
-        may come back as ``rewritten_in``)."""
-        self.rewritten_in = None
+        """UDP only from where the guest sent to, and refreshes that flow."""
         if (why := _not_a_passt_frame(frame)) is not None:
             # passt writes a frame's length and body in two sends, so a guest that stops
             # reading can make the stream lose its framing; read on and the next "frame"
@@ -353,7 +342,7 @@ class Policy:
                 sport, dport = struct.unpack_from("!HH", frame, l4)
                 self.tcp_flows.pop((dport, bytes(frame[26:30]), sport), None)
             if self.egress is not None:
-                self.egress.passt_segment(bytes(frame), l4)
+                self.egress.inbound(bytes(frame), l4)
             return True
         if frame[14 + 9] != socket.IPPROTO_UDP:
             return True
@@ -366,11 +355,8 @@ class Policy:
             return False
         now = self.clock()
         self.udp_peers[key] = self.udp_flows[dport] = now
-        if self.egress is not None and sport == DNS_PORT and self.egress.is_resolver(key[1]):
-            if not self.egress.inbound_dns(bytes(frame), l4):
-                self.dropped += 1
-                return False
-            self.rewritten_in = self.egress.rewritten_in
+        if self.egress is not None and sport == DNS_PORT:
+            self.egress.inbound(bytes(frame), l4)  # names for the log
         return True
 
 
@@ -456,7 +442,6 @@ def guard(
     pacer = pacer or Pacer()
     passt.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PASST_SNDBUF)
     done = threading.Event()
-    vm_lock = threading.Lock()  # the guard's own answers go to the guest from this thread too
     egress = policy.egress
 
     # passt writes some frames (ARP, ICMP) as a length and a body in two non-blocking sends:
@@ -472,7 +457,7 @@ def guard(
             for frame in _frames(passt):
                 if policy.allow_inbound(frame):
                     try:
-                        to_vm.put_nowait(policy.rewritten_in or frame)
+                        to_vm.put_nowait(frame)
                     except queue.Full:
                         policy.dropped += 1
         except OSError:
@@ -493,8 +478,7 @@ def guard(
                     if passt_ended.is_set():
                         break
                     continue
-                with vm_lock:
-                    vm.sendall(struct.pack("!I", len(out)) + out)
+                vm.sendall(struct.pack("!I", len(out)) + out)
         except OSError:
             pass
         done.set()
@@ -513,22 +497,8 @@ def guard(
             if done.is_set():
                 break
             pacer.wait()
-            allowed = policy.allow_frame(frame)
-            # The guard's own resets first: one for an old stream must not follow the SYN
-            # that reuses its address and ports (passt 2023.03 loops on [SYN, RST]).
-            if egress is not None and egress.to_passt:
-                for answer in egress.to_passt:
-                    passt.sendall(struct.pack("!I", len(answer)) + answer)
-                egress.to_passt.clear()
-            if allowed:
-                out = policy.rewritten or frame  # its own length: never another frame's
-                passt.sendall(struct.pack("!I", len(out)) + out)
-            if egress is not None and egress.to_guest:
-                with vm_lock:
-                    for answer in egress.to_guest:
-                        vm.sendall(struct.pack("!I", len(answer)) + answer)
-                egress.to_guest.clear()
-                egress.to_passt.clear()
+            if policy.allow_frame(frame):  # (its own length: never another frame's)
+                passt.sendall(struct.pack("!I", len(frame)) + frame)
     except OSError:
         pass
     except Exception:
@@ -558,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     vm = socket.socket(fileno=int(argv[0]))
     passt = socket.socket(fileno=int(argv[1]))
     try:
-        egress = egress_policy.load(Path(argv[3])) if len(argv) == 4 else None
+        egress = egress_policy.open_network(Path(argv[3])) if len(argv) == 4 else None
         policy = Policy(egress=egress)
     except (HostAddressesUnknown, OSError, ValueError, KeyError) as e:
         print(f"smol-kernel network guard: {e}; refusing to start the network", file=sys.stderr)

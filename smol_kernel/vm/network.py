@@ -1,8 +1,8 @@
-"""Opt-in guest network: one ``passt`` user-space proxy per VM.
+"""Opt-in guest network: passt for a network that is on, the egress proxy for an allow-list.
 
-passt turns the guest's Ethernet frames into ordinary host sockets, so the guest gets
-outbound TCP, UDP and ICMP echo with the host user's rights and no privileges or bridges.
-How it is configured, and why:
+``network=True``: one ``passt`` user-space proxy per VM turns the guest's Ethernet frames
+into ordinary host sockets, so the guest gets outbound TCP, UDP and ICMP echo with the host
+user's rights and no privileges or bridges. How it is configured, and why:
 
 * fixed guest addressing (slirp's 10.0.2.0/24), set up by the guest's /init from
   ``SMOL_NET`` -- no DHCP round trip during boot;
@@ -14,12 +14,15 @@ How it is configured, and why:
 * ``-t none -u none``: nothing on the host forwards *into* the guest;
 * ``-4``: IPv4 only, one address family to reason about;
 * no direct line to the VMM: guest frames pass ``netfilter`` first, which drops anything
-  aimed at the host (passt alone forwards raw frames for 127.0.0.1 to the host's loopback);
-* ``allow_hosts`` (``egress.py``): with a list, the guard lets the guest reach only those
-  names and addresses; with or without one it logs every destination tried to
+  aimed at the host (passt alone forwards raw frames for 127.0.0.1 to the host's loopback)
+  and keeps from passt the frames it spins on; it logs every destination tried to
   ``egress.json`` in the VM's runtime folder (``read_egress_log``);
 * passt and the guard are helpers of their VM, killed when the VMM exits and with the
   owner (parent-death signal); passt also exits when its link closes.
+
+``allow_hosts``: no passt. The VM's link goes to the egress proxy (``egress_proxy.py``),
+which answers the guest's DNS and terminates each connection, connecting on the host only
+after its verdict; same log, carried across rewinds (``carry_from``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import select
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +39,7 @@ from pathlib import Path
 from ..trusted import find_program, python_argv
 from .base import VmError
 from .egress import LOG_FILE, POLICY_FILE
+from .egress_names import NAMES_FILE
 from .netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from .process import stop_processes
 
@@ -101,17 +106,23 @@ def start_network(
     allow_hosts: tuple[str, ...] = (),
     dns: tuple[str, ...] = (),
     private_answers: tuple[str, ...] = (),
+    carry_from: Path | None = None,
 ) -> tuple[list[subprocess.Popen], socket.socket]:
-    """Start passt and its guard (``netfilter``) for one VM; ``spawn`` is process.spawn.
-    ``allow_hosts``: the only destinations (empty: any the host checks allow); ``dns``: the
-    resolvers the guest was given (empty: passt's forwarder); ``private_answers``: the
-    non-global ranges a DNS answer may open.
+    """Start one VM's network; ``spawn`` is process.spawn. With ``allow_hosts`` (the only
+    destinations) that is the egress proxy (``egress_proxy.py``: it terminates every
+    connection and asks ``dns``, else the host's resolvers, for the names); without, passt
+    and its guard (``netfilter``; ``dns``: the resolvers the guest asks, empty: passt's
+    forwarder). ``private_answers``: the non-global ranges a DNS answer may open.
+    ``carry_from``: the runtime folder of the VM this one replaces (a rewind), whose egress
+    log and names go on here: one log per kernel.
 
-    Returns both processes and the VMM's end of the guarded link, a connected unix stream
-    socket the VMM must inherit (close it here once it has). Socket pairs rather than
-    ``passt --socket PATH``: passt started as root drops to ``nobody`` before binding, and
-    nobody must not be able to enter the VM's runtime dir.
+    Returns the processes and the VMM's end of the link, a connected unix stream socket
+    the VMM must inherit (close it here once it has). Socket pairs rather than ``passt
+    --socket PATH``: passt started as root drops to ``nobody`` before binding, and nobody
+    must not be able to enter the VM's runtime dir.
     """
+    if allow_hosts:
+        return _start_proxy(spawn, rt_path, allow_hosts, dns, private_answers, carry_from)
     passt = find_passt()
     if not passt:
         raise VmError(f"network=True needs passt, which is not installed; {INSTALL_HINT}")
@@ -120,9 +131,6 @@ def start_network(
     ready_r, ready_w = os.pipe()
     procs: list[subprocess.Popen] = []
     try:
-        policy = {"allow_hosts": list(allow_hosts), "resolvers": list(dns or (DNS,)),
-                  "private_answers": list(private_answers)}  # fmt: skip
-        (rt_path / POLICY_FILE).write_text(json.dumps(policy))
         fd = passt_end.fileno()
         procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))
         fds = (guard_vm.fileno(), guard_passt.fileno(), ready_w)
@@ -146,6 +154,49 @@ def start_network(
     finally:
         for s in (guard_vm, guard_passt, passt_end):
             s.close()
+        for end in (ready_r, ready_w):
+            if end >= 0:
+                os.close(end)
+    return procs, vmm_end
+
+
+def _carry(carry_from: Path | None, rt_path: Path) -> None:
+    """Copy the replaced VM's egress log and names (regular files of ours, no link)."""
+    for name in (LOG_FILE, NAMES_FILE):
+        try:
+            fd = os.open(carry_from / name, os.O_RDONLY | os.O_NOFOLLOW)  # type: ignore[operator]
+        except (OSError, TypeError):
+            continue
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                (rt_path / name).write_bytes(f.read(MAX_LOG_BYTES))
+
+
+def _start_proxy(spawn, rt_path: Path, allow_hosts, dns, private_answers, carry_from):
+    vmm_end, proxy_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready_r, ready_w = os.pipe()
+    procs: list[subprocess.Popen] = []
+    try:
+        policy = {"allow_hosts": list(allow_hosts), "resolvers": list(dns),
+                  "private_answers": list(private_answers)}  # fmt: skip
+        (rt_path / POLICY_FILE).write_text(json.dumps(policy))
+        _carry(carry_from, rt_path)
+        fds = (proxy_vm.fileno(), ready_w)
+        argv = python_argv("smol_kernel.vm.egress_proxy", *map(str, fds), str(rt_path))
+        procs.append(spawn(argv, rt_path / "egress-proxy.log", pass_fds=fds))
+        os.close(ready_w)
+        ready_w = -1
+        ready = select.select([ready_r], [], [], GUARD_READY_TIMEOUT)[0]
+        if not ready or os.read(ready_r, 2) != b"ok":
+            text = (rt_path / "egress-proxy.log").read_text(errors="replace").strip()
+            raise VmError(f"the guest's egress proxy did not start: {text[-500:] or 'no answer'}")
+    except BaseException:
+        vmm_end.close()
+        stop_processes(procs)
+        raise
+    finally:
+        proxy_vm.close()
         for end in (ready_r, ready_w):
             if end >= 0:
                 os.close(end)

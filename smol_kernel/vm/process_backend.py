@@ -26,6 +26,7 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..image.store import GuestImage
 from .base import VmBackend
@@ -74,7 +75,7 @@ class ProcessBackend(VmBackend):
             if spec.network:
                 boot.net_procs, boot.net_sock = await asyncio.to_thread(
                     start_network, spawn, boot.rt.path, spec.allow_hosts, spec.dns,
-                    spec.private_answers,
+                    spec.private_answers, Path(spec.egress_carry) if spec.egress_carry else None,
                 )  # fmt: skip
             return await self._spawn(boot, **options)
         except BaseException:

@@ -49,9 +49,11 @@ class VmSpec:
     label:      free text shown by ``smol-kernel ps`` (the kernel id, for kernels)
     network:    give the guest outbound network through a per-VM passt (default: loopback only)
     dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
-                through passt
-    allow_hosts: with network, the only destinations (``allowlist.py`` entries); empty:
-                any the network guard allows
+                through passt. With ``allow_hosts`` the egress proxy asks them instead
+    allow_hosts: with network, the only destinations (``allowlist.py`` entries), reached
+                through the egress proxy; empty: any the network guard allows
+    egress_carry: the runtime folder of the VM this one replaces (a rewind): its egress
+                log and names go on in this one
     private_answers: non-global IPv4 ranges a DNS answer for an allowed name may open
     shares:     host folders visible in the guest (see ``share.py``)
     shares_at_claim: mount the shares when the kernel is claimed, not at boot (a VM that
@@ -69,6 +71,7 @@ class VmSpec:
     private_answers: tuple[str, ...] = ()
     shares: tuple[Share, ...] = ()
     shares_at_claim: bool = False
+    egress_carry: str = ""
 
     def validate(self) -> None:
         if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 64:
@@ -114,8 +117,8 @@ class VmSpec:
         """Settings the guest's /init reads from its environment (kernel command line under
         QEMU, the exec environment under libkrun): network addressing and share mounts."""
         env = {}
-        if self.network:
-            env["SMOL_NET"] = guest_net_config(self.dns)
+        if self.network:  # (an allow-listed guest asks the egress proxy, 10.0.2.3)
+            env["SMOL_NET"] = guest_net_config(() if self.allow_hosts else self.dns)
         if self.shares and self.shares_at_claim:
             env["SMOL_9P"] = "1"  # load 9p, mount nothing: the claim says what
         elif self.shares:

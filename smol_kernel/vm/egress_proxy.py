@@ -236,9 +236,16 @@ class EgressProxy:
         if not conn.judged and conn.state != "closed":
             self.block(conn)
 
-    def block(self, conn: Conn) -> None:
-        self.log.record(conn.name, conn.dst, conn.dport, conn.protocol, False)
+    def block(self, conn: Conn, named=()) -> None:
+        """Refuse ``conn`` (reset it), logged under the first host its client named, if
+        any: where the guest tried to go."""
+        shown = safe_name(named[0][0]) if named else conn.name
+        self.log.record(shown, conn.dst, conn.dport, conn.protocol, False)
         conn.reset()
+
+    def allowed(self, conn: Conn) -> None:
+        """Logged with the address the host connected to."""
+        self.log.record(conn.name, conn.remote_addr or conn.dst, conn.dport, conn.protocol, True)
 
     def forward(self, conn: Conn) -> None:
         """Judge what the guest sent (once), then hand judged bytes to the remote."""
@@ -262,13 +269,13 @@ class EgressProxy:
                 if state == "more" and len(data) < MAX_INSPECT:
                     return
                 if state != "done" or not self.names_ok(conn, named):
-                    self.block(conn)
+                    self.block(conn, named)
                     return
             conn.judged = True
             if protocol == "http":
                 conn.http = HttpRequests()
             if conn.remote is not None:
-                self.log.record(conn.name, conn.dst, conn.dport, conn.protocol, True)
+                self.allowed(conn)
             if conn.remote is None:
                 conn.start(self.connect(conn, answer_syn=False))
                 return
@@ -297,7 +304,7 @@ class EgressProxy:
             for head in heads:
                 state, _, named = classify(head)
                 if state != "done" or not self.names_ok(conn, named):
-                    self.block(conn)  # a later request names another host
+                    self.block(conn, named)  # a later request names another host
                     return
         if data:
             conn.remote[1].write(data)
@@ -323,6 +330,7 @@ class EgressProxy:
                     self.connect_to(socket.inet_ntoa(addr), conn.dport, limit=WINDOW),
                     CONNECT_SECONDS,
                 )  # fmt: skip
+                conn.remote_addr = addr
                 break
             except (OSError, TimeoutError, asyncio.TimeoutError):
                 continue
@@ -330,7 +338,7 @@ class EgressProxy:
             self.block(conn)
             return
         if conn.judged:  # (a connection judged later is logged then, with its protocol)
-            self.log.record(conn.name, conn.dst, conn.dport, conn.protocol, True)
+            self.allowed(conn)
         sock = conn.remote[1].get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -123,6 +123,7 @@ class Conn:
         self.http: HttpRequests | None = None
         self.protocol = "tcp"
         self.remote: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.remote_addr: bytes | None = None  # the address the host connected to
         self.remote_eof = self.guest_fin = self.fin_sent = self.remote_shut = False
         self.born = self.progress = time.monotonic()
         self.space = asyncio.Event()

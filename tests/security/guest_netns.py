@@ -61,7 +61,7 @@ def _bridge(tap: int, sock: socket.socket, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def tap_guest(prefix: str = "smolg") -> Iterator[GuestNs]:
+def tap_guest(prefix: str = "smolg", resolver: str = "10.0.2.3") -> Iterator[GuestNs]:
     if os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"):
         import pytest
 
@@ -82,7 +82,7 @@ def tap_guest(prefix: str = "smolg") -> Iterator[GuestNs]:
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "route", "add", "default", "via", "10.0.2.2")
         resolv.parent.mkdir(parents=True, exist_ok=True)
-        resolv.write_text("nameserver 10.0.2.3\n")
+        resolv.write_text(f"nameserver {resolver}\n")
         _bridge(tap, ours, stop)
         yield GuestNs(ns, theirs)
     finally:

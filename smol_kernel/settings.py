@@ -121,7 +121,8 @@ class KernelSettings(HasTraits):
         config=True,
         help="With network on: IPv4 DNS servers the guest asks directly (they must not be "
         "host addresses, which the guest cannot reach). Empty: the host's resolver, "
-        "forwarded by passt.",
+        "forwarded by passt. With allow_hosts: the servers the host asks for allowed names "
+        "(empty: the host's /etc/resolv.conf); the guest only asks the egress proxy.",
     )
     allow_hosts = List(
         Unicode(),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import struct
@@ -574,3 +575,63 @@ def test_the_guard_holds_back_what_passt_spins_on(tmp_path):
     log = json.loads((tmp_path / "egress.json").read_text())
     assert [(e["address"], e["port"], e["protocol"]) for e in log["entries"]] == [
         (ALLOWED, 443, "tcp")]  # fmt: skip
+
+
+# ------------------------------------------------------------------ starting the proxy
+def _spawned(record: list):
+    from smol_kernel.vm.process import spawn
+
+    def recording_spawn(*args, **kwargs):
+        proc = spawn(*args, **kwargs)
+        record.append(proc)
+        return proc
+
+    return recording_spawn
+
+
+def test_a_proxy_that_cannot_load_its_policy_stops_the_network_and_leaves_nothing(tmp_path):
+    from smol_kernel.vm.base import VmError
+    from smol_kernel.vm.network import start_network
+
+    procs: list = []
+    with pytest.raises(VmError, match=r"egress proxy did not start.*not an IPv4 CIDR"):
+        start_network(_spawned(procs), tmp_path, ("allowed.test",), (), ("not-a-cidr",))
+    assert procs and all(p.poll() is not None for p in procs), "the proxy is gone"
+
+
+def test_a_rewind_carries_the_kernels_log_and_names_and_nothing_else(tmp_path):
+    """The replaced VM's log and names go on; a link or a file another user owns in its
+    folder is not followed or read (the new log starts empty instead)."""
+    from smol_kernel.vm.egress import LOG_FILE
+    from smol_kernel.vm.egress_names import NAMES_FILE
+    from smol_kernel.vm.network import start_network
+    from smol_kernel.vm.process import stop_processes
+
+    old_log = {"allowed": 1, "blocked": 2, "entries": []}
+    cases = {"ours": None, "link": "link", "other-owner": "chown"}
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"blocked": 99, "entries": []}))
+    for case, how in cases.items():
+        old, new = tmp_path / case / "old", tmp_path / case / "new"
+        old.mkdir(parents=True)
+        new.mkdir()
+        if how == "link":
+            (old / LOG_FILE).symlink_to(secret)
+        else:
+            (old / LOG_FILE).write_text(json.dumps(old_log))
+            (old / NAMES_FILE).write_text(json.dumps({"allowed.test": "198.18.0.7"}))
+            if how == "chown":
+                os.chown(old / LOG_FILE, 4242, 4242)
+        procs: list = []
+        _, vmm_end = start_network(_spawned(procs), new, ("allowed.test",), ("192.0.2.53",),
+                                   carry_from=old)  # fmt: skip
+        try:
+            carried = (new / LOG_FILE).read_text() if (new / LOG_FILE).exists() else None
+        finally:
+            vmm_end.close()
+            stop_processes(procs)
+        if how is None:
+            assert json.loads(carried) == old_log
+            assert (new / NAMES_FILE).read_text() == (old / NAMES_FILE).read_text()
+        else:
+            assert carried is None, (case, carried)

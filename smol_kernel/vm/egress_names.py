@@ -94,7 +94,7 @@ class Resolver:
                 data = await loop.sock_recv(sock, 4096)
                 if len(data) < 12 or struct.unpack_from("!H", data)[0] != qid:
                     continue
-                if not data.startswith(question, 12) and data[12 : 12 + len(question)] != question:
+                if data[12 : 12 + len(question)] != question:
                     continue
                 answer = dns.parse_response(data)
                 if answer is None:

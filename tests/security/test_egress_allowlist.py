@@ -143,6 +143,38 @@ async def test_only_the_allowed_destinations_are_reached_and_the_rest_fail_fast(
     assert "allow-list: allowed.test:8080" in text and "evil.test (" in text
 
 
+async def test_a_rewind_keeps_the_kernels_egress_log_and_its_names(allow_kernel, world, capsys):
+    """A rewind replaces the VM and its proxy: the log is the kernel's, not the VM's (what
+    was refused before is still there), and a name keeps its synthetic address (a
+    connection the guest opens to an address it learnt before still works)."""
+    km, kc = allow_kernel
+    before_rewind = """
+import socket, urllib.request
+addr = socket.gethostbyname("allowed.test")
+try:
+    socket.gethostbyname("before-rewind.blocked.test")
+except OSError:
+    pass
+"""
+    r = await run_cell(kc, before_rewind + "%checkpoint egress", timeout=180)
+    assert r.status == "ok", (r.ename, r.evalue, r.stderr)
+    r = await run_cell(kc, "%rewind egress", timeout=180)
+    assert r.status == "ok", (r.ename, r.evalue, r.stderr)
+    after = """
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
+cached = urllib.request.Request(f"http://{addr}:8080/marker", headers={"Host": "allowed.test"})
+print(urllib.request.urlopen(cached, timeout=20).read().decode(),
+      socket.gethostbyname("allowed.test") == addr)
+"""
+    r = await run_cell(kc, after, timeout=180)
+    assert r.status == "ok", (r.ename, r.evalue, r.stderr)
+    assert r.stdout.split() == ["marker", f"{world['allowed']}:8080", "True"], r.stdout
+    capsys.readouterr()
+    assert cli_main(["logs", "--network", "--json", km.kernel_id]) == 0
+    names = {(e["name"], e["verdict"]) for e in json.loads(capsys.readouterr().out)["entries"]}
+    assert ("before-rewind.blocked.test", "blocked") in names, sorted(names, key=str)
+
+
 async def test_positive_control_the_same_probes_get_through_with_network_on(
     jupyter_prefix, world, caplog
 ):

@@ -9,12 +9,16 @@ Needs root, iproute2 and passt.
 
 Figures (median of --runs), per path:
 * download   MB/s of a 50 MB HTTP download from an allowed name
-* refuse     seconds until a connection to an address not allowed is refused
+* refuse     seconds until a connection to an address not allowed is refused (with the
+             network simply on nothing is refused: the connection is made)
 * first byte seconds from connect() to the first byte of a small HTTP answer
 * CPU/MB     host CPU seconds (the helper processes: proxy, or passt and its guard) per MB
              downloaded
 
-Usage: sudo python benchmarks/egress.py [--runs 3] [--old-tree PATH]
+With ``--vm`` the same figures from a kernel's VM as well (the proxy and plain passt of this
+tree; under TCG the guest's own speed weighs on them).
+
+Usage: sudo python benchmarks/egress.py [--runs 3] [--old-tree PATH] [--vm]
 """
 
 from __future__ import annotations
@@ -124,10 +128,41 @@ def one_path(tree: Path, world: dict, allow: list[str], guest_dns: str) -> dict:
             "first_byte": figures["first_byte"], "cpu_per_mb": used / (SIZE / 1e6)}  # fmt: skip
 
 
+def helper_pids(runtime_dir: Path) -> list[int]:
+    """The VM's network helpers: passt and its guard, or the egress proxy."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(runtime_dir) in cmd and any(
+            h in cmd for h in ("passt", "netfilter", "egress_proxy")
+        ):
+            out.append(int(pid))
+    return out
+
+
+def vm_path(world: dict, settings: dict) -> dict:
+    """The figures from a kernel's VM (TCG here: the guest's own speed dominates)."""
+    from smol_kernel.sandbox import Sandbox
+
+    with Sandbox(pool_size=0, memory_mib=768, dns_servers=[world["allowed"]],
+                 private_answer_ranges=["10.204.0.0/16"], **settings) as sb:  # fmt: skip
+        pids = helper_pids(sb.provisioner.vm.runtime_dir)
+        before = cpu_seconds(pids)
+        ex = sb.run_code(GUEST_CODE % {"size": SIZE, "blocked": world["blocked"]}, timeout=900)
+        used = cpu_seconds(pids) - before
+    figures = json.loads("".join(ex.logs.stdout).strip().splitlines()[-1])
+    return {"download": SIZE / figures["download"] / 1e6, "refuse": figures["refuse"],
+            "first_byte": figures["first_byte"], "cpu_per_mb": used / (SIZE / 1e6)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--old-tree", type=Path, help="a checkout with the passt-based allow-list")
+    ap.add_argument("--vm", action="store_true", help="also from a kernel's VM (this tree)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as files, outside_world(Path(files)) as world:
         paths = {"proxy (allow_hosts)": (ROOT, ["allowed.test:8080"], "10.0.2.3"),
@@ -136,9 +171,14 @@ def main() -> None:
             paths["old guard (allow_hosts)"] = (args.old_tree, ["allowed.test:8080"],
                                                 world["allowed"])  # fmt: skip
         figures: dict[str, list[dict]] = {name: [] for name in paths}
+        vm_paths = {"VM: proxy (allow_hosts)": {"allow_hosts": ["allowed.test:8080"]},
+                    "VM: passt (network on)": {"network": True}} if args.vm else {}  # fmt: skip
+        figures.update({name: [] for name in vm_paths})
         for run in range(args.runs):
             for name, (tree, allow, guest_dns) in paths.items():
                 figures[name].append(one_path(tree, world, allow, guest_dns))
+            for name, settings in vm_paths.items():
+                figures[name].append(vm_path(world, settings))
             print(f"run {run + 1}/{args.runs} done", flush=True)
     print(f"\n{'path':<26} {'download MB/s':>14} {'refuse s':>9} {'first byte s':>13} "
           f"{'CPU s/MB':>9}")  # fmt: skip

@@ -130,9 +130,10 @@ class KernelSettings(HasTraits):
         config=True,
         help="The only destinations the kernel may reach, which turns the network on for "
         "them: host names (pypi.org), subdomains (*.example.com), IPv4 addresses and CIDR "
-        "ranges, each optionally with :PORT or :PORT-PORT. A name's addresses open when the "
-        "guest resolves it; other names get NXDOMAIN and other addresses a refusal. The host "
-        "and local ranges stay blocked. Empty: network decides (all or nothing).",
+        "ranges, each optionally with :PORT or :PORT-PORT (a name without one: TLS and HTTP "
+        "on 80 and 443). Every connection ends at a host-side proxy that judges it before "
+        "connecting; other names get NXDOMAIN and other addresses a refusal. The host and "
+        "local ranges stay blocked. Empty: network decides (all or nothing).",
     )
     private_answer_ranges = List(
         Unicode(),

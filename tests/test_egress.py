@@ -254,10 +254,14 @@ class Remote:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
         self.far: list[socket.socket] = []
+        self.buffer: int | None = None  # small socket buffers: a remote that pushes back
 
     async def __call__(self, host: str, port: int, limit: int):
         self.calls.append((host, port))
         ours, theirs = socket.socketpair()
+        if self.buffer:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.buffer)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer)
         theirs.setblocking(False)
         self.far.append(theirs)
         return await asyncio.open_connection(sock=ours, limit=limit)
@@ -459,12 +463,150 @@ async def test_every_request_on_a_connection_is_judged():
     assert guest.remote.received() == first + body + chunks
 
 
+async def test_a_connection_leaves_http_only_when_the_server_says_so():
+    """Review of issue 31: an Upgrade (or CONNECT) header switched the proxy to passing
+    bytes unread, whether or not the server switched: a request to another host could
+    follow it on the same connection. Now what follows is held for the server's status
+    line; a 101 (or a 2xx to CONNECT) passes it, any other answer has it judged."""
+    up = b"GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\n\r\n"
+    evil = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    for answer, passes in ((b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+                           (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", True)):  # fmt: skip
+        guest = Guest(["allowed.test"])
+        addr = await named(guest)
+        await guest.open(addr, 80, 45100)
+        assert await guest.send(addr, 80, 45100, up + evil)
+        assert guest.remote.received() == up, "held until the server answers"
+        guest.remote.far[0].send(answer)
+        await guest.settle()
+        resets = [o for o in guest.frames.take() if check_ipv4(o)[1][13] & 0x04]
+        assert guest.remote.received() == (evil if passes else b""), answer
+        assert bool(resets) is not passes, answer
+    for first, ok in ((b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test\r\n\r\n", True),
+                      (b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n" + up, False)):  # fmt: skip
+        guest = Guest(["allowed.test"])
+        addr = await named(guest)
+        await guest.open(addr, 443, 45200)
+        assert await guest.send(addr, 443, 45200, first) is ok, "only a first request leaves HTTP"
+
+
+async def test_near_http_on_a_listed_port_is_refused():
+    """A listed port passes other protocols, but not a head a lenient server would read as
+    HTTP that we did not judge (two spaces, a bare LF, HTTP/2's preface)."""
+    for n, head in enumerate((b"GET  / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+                              b"GET / HTTP/1.1\nHost: evil.test\n\n",
+                              b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")):  # fmt: skip
+        guest = Guest(["allowed.test:8080"])
+        addr = await named(guest)
+        assert await guest.open(addr, 8080, 45300 + n) == [0x12]
+        assert not await guest.send(addr, 8080, 45300 + n, head), head
+        assert guest.remote.received() == b"", head
+    guest = Guest(["allowed.test:8080"])  # control: the same port passes a line protocol
+    addr = await named(guest)
+    await guest.open(addr, 8080, 45310)
+    assert await guest.send(addr, 8080, 45310, b"SET key value\r\n")
+
+
+async def test_a_name_without_a_port_opens_the_web_ports():
+    guest = Guest(["allowed.test", "other.test:8080"], {"allowed.test": [ALLOWED_ADDR],
+                                                        "other.test": [ALLOWED_ADDR]})  # fmt: skip
+    addr = await named(guest)
+    assert [await guest.open(addr, port, 45400 + port) for port in (80, 443, 8080, 22)] == [
+        [0x12], [0x12], [0x14], [0x14]]  # fmt: skip
+
+
+async def test_what_the_guest_costs_the_proxy_per_write_is_bounded():
+    """Review of issue 31: each write to a remote that does not read started a task that
+    waited for it to drain (one per guest segment, ~1 KB each). Now one per connection."""
+    guest = Guest(["allowed.test"])
+    guest.remote.buffer = 4096
+    addr = await named(guest)
+    await guest.open(addr, 80, 45600)
+    assert await guest.send(
+        addr,
+        80,
+        45600,
+        b"POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 99999999\r\n\r\n",
+    )
+    (conn,) = guest.proxy.conns.values()
+    for _ in range(300):
+        await guest.send(addr, 80, 45600, b"x" * 400)
+    assert conn.remote[1].transport.get_write_buffer_size() > 64 << 10, "the remote pushed back"
+    assert len(conn.tasks) <= 3, len(conn.tasks)
+
+
+async def test_a_remote_that_went_away_resets_the_connection():
+    """Review of issue 31: the guest kept writing to a remote that had reset, and asyncio
+    logged a line for every write. Now the first write after the loss resets the guest."""
+    guest = Guest(["allowed.test"])
+    addr = await named(guest)
+    await guest.open(addr, 80, 45700)
+    head = b"POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 99999999\r\n\r\n"
+    assert await guest.send(addr, 80, 45700, head)
+    far = guest.remote.far[0]
+    far.shutdown(socket.SHUT_WR)  # the remote's end of the stream first (read: EOF)
+    await guest.settle()
+    far.close()  # then gone: writes to it fail
+    alive = [await guest.send(addr, 80, 45700, b"x" * 100) for _ in range(10)]
+    assert False in alive[:3], alive
+    assert not guest.proxy.conns
+
+
+async def test_data_after_a_fin_is_not_taken_and_costs_only_an_ack():
+    guest = Guest(["allowed.test"])
+    addr = await named(guest)
+    await guest.open(addr, 80, 45800)
+    head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    seq, ack = guest.seq[45800], guest.ack[45800]
+    guest.proxy.frame(tcp(addr, 80, 0x19, seq, ack, head, sport=45800))  # data + FIN
+    await guest.settle()
+    evil = b"GET /2 HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+    guest.proxy.frame(tcp(addr, 80, 0x18, seq + len(head) + 1, ack, evil, sport=45800))
+    await guest.settle()
+    assert guest.remote.received() == head and evil not in guest.remote.received()
+
+
+async def test_sequence_numbers_are_not_pythons_random():
+    """Review of issue 31: the SYN-ACK's sequence number came from random, whose state a
+    guest can learn from 624 of them (and so the host's DNS ids and case)."""
+    import random
+
+    seqs = []
+    for n in range(2):
+        guest = Guest(["allowed.test"])
+        addr = await named(guest)
+        random.seed(1)
+        guest.proxy.frame(tcp(addr, 80, 0x02, 1000, sport=45900 + n))
+        await guest.settle()
+        seqs.append(struct.unpack_from("!I", check_ipv4(guest.frames.take()[0])[1], 4)[0])
+    assert seqs[0] != seqs[1]
+
+
+async def test_guest_queries_in_flight_are_bounded():
+    """Review of issue 31: every query frame started a task and a host query."""
+    from smol_kernel.vm.egress_proxy import MAX_DNS_WAITING
+
+    class Hanging(FakeResolver):
+        async def resolve(self, name: str) -> list[bytes]:
+            await asyncio.Event().wait()
+            return []
+
+    guest = Guest(["*.allowed.test"])
+    guest.proxy.resolver = Hanging({})
+    for n in range(MAX_DNS_WAITING + 200):
+        guest.proxy.frame(udp(RESOLVER, 53, query(f"n{n}.allowed.test", n)))
+    await guest.settle()
+    assert guest.proxy.dns_waiting == MAX_DNS_WAITING
+    assert len(guest.proxy.background) == MAX_DNS_WAITING
+
+
 async def test_a_line_protocol_passes_only_on_a_listed_port():
     table = {"api.allowed.test": [ALLOWED_ADDR], "db.allowed.test": [ALLOWED_ADDR]}
     guest = Guest(["*.allowed.test", "db.allowed.test:6379"], table)
     api, db = await named(guest, "api.allowed.test"), await named(guest, "db.allowed.test")
-    await guest.open(api, 6379, 46000)
-    assert not await guest.send(api, 6379, 46000, b"SET key value\r\n")
+    assert await guest.open(api, 6379, 46000) == [0x14], "a name without a port: 80 and 443"
+    await guest.open(api, 443, 46002)
+    assert not await guest.send(api, 443, 46002, b"SET key value\r\n"), "not TLS, not HTTP"
     assert guest.remote.calls == [], "refused before the host connected"
     assert await guest.open(db, 6379, 46001) == [0x12], "listed: the host connects first"
     assert await guest.send(db, 6379, 46001, b"SET key value\r\n")
@@ -476,9 +618,23 @@ def test_http_framing_the_host_cannot_follow_ends_the_connection():
                  b"GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
                  b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):  # fmt: skip
         assert HttpRequests().feed(head) is None, head
+    chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    smuggled = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    for bent in (chunked + b"29;\n" + b"a" * 39 + b"\r\n\r\n0\r\n\r\n" + smuggled,  # bare LF
+                 chunked + b"5;ext=1\r\nhello\r\n0\r\n\r\n",  # any extension
+                 chunked + b"0\r\nX: y\n\n" + smuggled + b"\r\n",  # a trailer
+                 chunked + b" 5\r\nhello\r\n0\r\n\r\n",
+                 chunked.replace(b": chunked", b": \x0bchunked") + b"0\r\n\r\n",
+                 chunked.replace(b"1.1", b"1.0") + b"0\r\n\r\n"):  # fmt: skip
+        assert HttpRequests().feed(bent) is None, bent
+    out, heads = HttpRequests().feed(chunked + b"5\r\nhello\r\n0\r\n\r\n" + smuggled)
+    assert len(heads) == 2 and heads[1] == smuggled, "a whole chunked body, then a request"
     requests = HttpRequests()
-    out, heads = requests.feed(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x81\x05hello")
-    assert len(heads) == 1 and out.endswith(b"hello"), "after an upgrade: not HTTP"
+    upgrade = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"
+    assert requests.feed(upgrade + b"\x81\x05hello") == (upgrade, [upgrade]), "held"
+    assert requests.response(b"HTTP/1.1 101 Switching") is None, "not a whole status line"
+    assert requests.response(b" Protocols\r\n\r\n") is True
+    assert requests.feed(b"") == (b"\x81\x05hello", []), "after a 101: not HTTP"
     requests = HttpRequests()
     assert requests.feed(b"GET / HTTP/1.1\r\nHo") == (b"", [])
     out, heads = requests.feed(b"st: a\r\n\r\n")
@@ -491,6 +647,9 @@ def test_what_protocol_a_connection_speaks():
     assert protocol_of(b"SET key value\r\n") == "tcp" and protocol_of(b"SSH-2.0-x\r\n") == "tcp"
     assert protocol_of(b"\x16\x03\x01") == "tls" and protocol_of(b"\x00\x01") == "tcp"
     assert classify(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01")[0] == "bad", "a server hello"
+    for near_http in (b"GET  / HTTP/1.1\r\n", b"GET / HTTP/1.1 \r\n", b"PRI * HTTP/2.0\r\n",
+                      b"GET / HTTP/1.1\nHost: x\n\n", b"GET / http/1.1\r\n"):  # fmt: skip
+        assert protocol_of(near_http) == "bad", near_http
 
 
 async def test_the_resolver_takes_only_the_answer_to_its_own_question():
@@ -522,6 +681,34 @@ async def test_the_resolver_takes_only_the_answer_to_its_own_question():
     srv.close()
 
 
+async def test_the_resolver_asks_once_per_name_and_remembers_silence(monkeypatch):
+    """A name asked many times at once is one query; a name that got no answer is not
+    asked again for a while; at most MAX_RESOLVING names are in flight."""
+    from smol_kernel.vm import egress_names
+
+    monkeypatch.setattr(egress_names, "RESOLVE_SECONDS", 0.3)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    resolver = Resolver(["127.0.0.1"], port=srv.getsockname()[1])
+
+    async def ask(name):
+        return await resolver.resolve(name)
+
+    got = await asyncio.gather(*(ask("silent.test") for _ in range(50)))
+    again = await ask("silent.test")
+    queries = 0
+    with contextlib.suppress(BlockingIOError):
+        while srv.recv(512):
+            queries += 1
+    assert got == [[]] * 50 and again == [] and queries == 1, queries
+    waiting = [asyncio.ensure_future(ask(f"n{n}.test")) for n in range(40)]
+    await asyncio.sleep(0.05)
+    assert len(resolver.resolving) == egress_names.MAX_RESOLVING
+    await asyncio.gather(*waiting)
+    srv.close()
+
+
 async def _timeout(coro, seconds: float):
     with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
         return await asyncio.wait_for(coro, seconds)
@@ -537,6 +724,11 @@ def test_names_given_to_the_guest_outlive_the_proxy(tmp_path):
     planted = Names(tmp_path / "names.json")
     assert planted.name(socket.inet_aton("127.0.0.1")) is None
     assert planted.name(socket.inet_aton("198.18.9.9")) == "ok.test"
+    (tmp_path / "names.json").write_text('{"a.test": "198.18.0.2"}')  # a gap before it
+    gapped = Names(tmp_path / "names.json")
+    fresh = gapped.address("b.test")
+    assert fresh != socket.inet_aton("198.18.0.2") and gapped.name(fresh) == "b.test"
+    assert gapped.name(socket.inet_aton("198.18.0.2")) == "a.test", "never given twice"
 
 
 # ------------------------------------------------------------------ the open network

@@ -130,6 +130,16 @@ class AllowList:
                    for e in self.entries)  # fmt: skip
 
 
+WEB_PORTS = (80, 443)  # what a name entry without a port opens (to TLS and HTTP only)
+
+
+def name_port_ok(ranges, port: int | None) -> bool:
+    """Whether ``port`` is open for a name whose entries give ``ranges``: a listed range,
+    or a web port for an entry without one."""
+    return any(port in WEB_PORTS if r is None else port is not None and r[0] <= port <= r[1]
+               for r in ranges)  # fmt: skip
+
+
 def ports_ok(ranges, port: int | None) -> bool:
     """Whether ``port`` is inside one of ``ranges`` (None in ranges: every port)."""
     for r in ranges:

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import socket
 import struct
@@ -53,7 +54,7 @@ import time
 from pathlib import Path
 
 from . import dns
-from .allowlist import AllowList, check_cidr, normalize_name, ports_ok, valid_name
+from .allowlist import AllowList, check_cidr, name_port_ok, normalize_name, valid_name
 from .egress import LOG_FILE, POLICY_FILE, EgressLog, classify, icmp_prohibited, safe_name
 from .egress_names import NAMES_FILE, SYNTH_NET, Names, Resolver, host_resolvers
 from .guest_tcp import (
@@ -88,6 +89,7 @@ VERDICT_SECONDS = 10.0
 CONNECT_SECONDS = 10.0
 IDLE_SECONDS = 3600.0
 DNS_TTL = 30  # what the guest is told; the host's own answers are cached for their TTL
+MAX_DNS_WAITING = 256  # guest queries being answered at once; more are dropped (it asks again)
 _DNS = socket.inet_aton(DNS)
 
 
@@ -104,6 +106,8 @@ class EgressProxy:
         self.conns: dict[tuple, Conn] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.background: set[asyncio.Task] = set()
+        self.dns_waiting = 0
+        self.errors = 0  # frames whose handling failed (their connection was reset)
 
     def start(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -138,7 +142,9 @@ class EgressProxy:
         elif proto == socket.IPPROTO_UDP and len(body) >= 8:
             sport, dport = struct.unpack_from("!HH", body)
             if dst == _DNS and dport == dns.DNS_PORT:
-                self.start(self.dns(sport, body[8:]))
+                if self.dns_waiting < MAX_DNS_WAITING:
+                    self.dns_waiting += 1
+                    self.start(self.dns(sport, body[8:]))
             else:
                 self.refuse(frame, dst, dport, "udp")  # QUIC and the rest: TCP instead
         elif proto == socket.IPPROTO_ICMP:
@@ -150,6 +156,12 @@ class EgressProxy:
 
     # -- DNS
     async def dns(self, sport: int, query: bytes) -> None:
+        try:
+            await self._dns(sport, query)
+        finally:
+            self.dns_waiting -= 1
+
+    async def _dns(self, sport: int, query: bytes) -> None:
         parsed = dns.parse_query(query)
         if parsed is None or parsed.opcode != 0:
             return
@@ -188,7 +200,14 @@ class EgressProxy:
         key = (sport, dst, dport)
         payload = body[hl:]
         if (conn := self.conns.get(key)) is not None:
-            conn.segment(flags, seq, ack, window, payload)
+            try:
+                conn.segment(flags, seq, ack, window, payload)
+            except Exception as e:  # a bug of ours must cost this connection, not the network
+                self.errors += 1
+                if self.errors <= 10:
+                    print(f"egress proxy: {type(e).__name__}: {e}; connection reset",
+                          file=sys.stderr)  # fmt: skip
+                conn.reset()
             return
         if flags & RST:
             return
@@ -214,7 +233,7 @@ class EgressProxy:
         name = self.names.name(dst)
         if name is not None:
             ranges = self.rules.name_ports(name)
-            if not ports_ok(ranges, port):
+            if not name_port_ok(ranges, port):
                 return None
             listed = any(r is not None and r[0] <= port <= r[1] for r in ranges)
             return "connect" if listed else "inspect"
@@ -258,6 +277,11 @@ class EgressProxy:
                 if len(data) >= MAX_INSPECT:
                     self.block(conn)
                 return
+            if protocol == "bad":
+                self.block(conn)
+                return
+            if not _whole(protocol, data, conn):
+                return  # the hello or head is not complete: judged when it is
             conn.protocol = protocol
             listed = self.judge_syn(conn.dst, conn.dport) == "connect"
             if protocol == "tcp":
@@ -286,16 +310,21 @@ class EgressProxy:
         the name's entries allow)."""
         ranges = self.rules.name_ports(conn.name or "")
         return bool(named) and all(
-            normalize_name(host) == conn.name and (port is None or ports_ok(ranges, port))
+            normalize_name(host) == conn.name and (port is None or name_port_ok(ranges, port))
             for host, port in named
         )
 
     def flush_inbound(self, conn: Conn) -> None:
         if conn.remote is None or conn.state == "closed":
             return
+        if conn.remote[1].is_closing():  # the remote is gone: nothing more can go there
+            conn.reset()
+            return
+        if conn.http is not None and conn.http.awaiting:
+            return  # held (and the guest's window with it) until the server answers
         data = bytes(conn.inbound)
         conn.inbound.clear()
-        if conn.http is not None and data:
+        if conn.http is not None and (data or conn.http.pending):
             fed = conn.http.feed(data)
             if fed is None:
                 self.block(conn)  # framing the host cannot follow
@@ -308,7 +337,9 @@ class EgressProxy:
                     return
         if data:
             conn.remote[1].write(data)
-            conn.start(self.drained(conn))
+            if not conn.draining:
+                conn.draining = True
+                conn.start(self.drained(conn))
         if conn.guest_fin and not conn.remote_shut and not (conn.http and conn.http.pending):
             conn.remote_shut = True
             with contextlib.suppress(OSError):
@@ -316,8 +347,11 @@ class EgressProxy:
 
     async def drained(self, conn: Conn) -> None:
         assert conn.remote is not None
-        with contextlib.suppress(OSError, ConnectionError):
-            await conn.remote[1].drain()
+        try:
+            with contextlib.suppress(OSError, ConnectionError):
+                await conn.remote[1].drain()
+        finally:
+            conn.draining = False
         if conn.state == "open":
             conn.send(ACK)  # our window opened again
 
@@ -364,8 +398,11 @@ class EgressProxy:
                 data = await reader.read(WINDOW - len(conn.outbound))
                 if not data:
                     break
+                answered = conn.http is not None and conn.http.awaiting
                 conn.outbound += data
                 conn.push()
+                if answered and conn.http.response(data) is not None:  # type: ignore[union-attr]
+                    self.flush_inbound(conn)  # what was held: passed, or judged
         except (OSError, ConnectionError):
             conn.reset()
             return
@@ -389,6 +426,20 @@ class EgressProxy:
                 elif now - conn.progress > IDLE_SECONDS:
                     conn.reset()
             self.log.flush()
+
+
+def _whole(protocol: str, data: bytes, conn: Conn) -> bool:
+    """Whether a TLS record or HTTP head the guest is sending is complete (or can grow no
+    more), so it is read once, not again for every segment of it."""
+    if len(data) >= MAX_INSPECT:
+        return True
+    if protocol == "tls":
+        return len(data) < 5 or len(data) >= 5 + struct.unpack_from("!H", data, 3)[0]
+    if protocol == "http":
+        found = b"\r\n\r\n" in data[max(0, conn.scanned - 3) :]
+        conn.scanned = len(data)
+        return found
+    return True
 
 
 # ------------------------------------------------------------------ the process
@@ -451,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: egress_proxy VM_FD READY_FD STATE_DIR", file=sys.stderr)
         return 2
     vm = socket.socket(fileno=int(argv[0]))
+    # asyncio warns on every write to a lost connection: the guest must not fill our log.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         proxy = load(Path(argv[2]))
     except (OSError, ValueError, KeyError) as e:

@@ -13,7 +13,7 @@ remote's unsent bytes counted). Standard library only.
 from __future__ import annotations
 
 import asyncio
-import random
+import secrets
 import socket
 import struct
 import time
@@ -110,7 +110,7 @@ class Conn:
         self.proxy, self.key = proxy, key
         self.dst, self.dport, self.gport = dst, dport, gport
         self.rcv_nxt = (guest_seq + 1) & 0xFFFFFFFF
-        self.iss = random.getrandbits(32)
+        self.iss = secrets.randbits(32)  # not the guest's to predict (random's state is)
         self.snd_una = self.snd_nxt = (self.iss + 1) & 0xFFFFFFFF
         self.mss = min(mss, MSS)
         self.wscale = wscale  # None: the guest offered none, so neither side scales
@@ -125,6 +125,8 @@ class Conn:
         self.remote: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.remote_addr: bytes | None = None  # the address the host connected to
         self.remote_eof = self.guest_fin = self.fin_sent = self.remote_shut = False
+        self.draining = False  # one wait for the remote's buffer to drain, not one per write
+        self.scanned = 0  # how much of ``inbound`` was looked at for a head's end
         self.born = self.progress = time.monotonic()
         self.space = asyncio.Event()
         self.space.set()
@@ -230,6 +232,9 @@ class Conn:
         self.push()
 
     def _take(self, seq: int, payload: bytes, fin: bool) -> None:
+        if self.guest_fin:  # nothing comes after a FIN
+            self.send(ACK)
+            return
         behind = (self.rcv_nxt - seq) & 0xFFFFFFFF
         if behind >= 1 << 31 or behind > len(payload):
             self.send(ACK)  # ahead of us (cannot be on this link), or all old: say where

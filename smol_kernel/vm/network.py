@@ -164,7 +164,8 @@ def _carry(carry_from: Path | None, rt_path: Path) -> None:
     """Copy the replaced VM's egress log and names (regular files of ours, no link)."""
     for name in (LOG_FILE, NAMES_FILE):
         try:
-            fd = os.open(carry_from / name, os.O_RDONLY | os.O_NOFOLLOW)  # type: ignore[operator]
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # (a FIFO must not block us)
+            fd = os.open(carry_from / name, flags)  # type: ignore[operator]
         except (OSError, TypeError):
             continue
         with os.fdopen(fd, "rb") as f:

@@ -3,7 +3,7 @@
 Usage: python egress_services.py FILES_DIR DNS_ADDR NAME=ADDR...
 
 * DNS on DNS_ADDR:53: A records for each NAME (NXDOMAIN for any other name);
-* HTTP on every address, ports 8080 and 8081: GET /marker answers ``marker <address>:<port>``
+* HTTP on every address, ports 80, 8080 and 8081: GET /marker answers ``marker <address>:<port>``
   (so a test sees which host it reached), GET /files/... serves FILES_DIR (a package index),
   GET /tls lists what the TLS port received;
 * TCP port 443 on every address: records the first bytes a client sends (a ClientHello),
@@ -152,7 +152,7 @@ def main() -> None:
         threading.Thread(target=serve_recorder, args=(port,), daemon=True).start()
     threading.Thread(target=serve_banner, args=(2222,), daemon=True).start()
     handler = partial(Handler, directory=files)
-    servers = [ThreadingHTTPServer(("0.0.0.0", port), handler) for port in (8080, 8081)]
+    servers = [ThreadingHTTPServer(("0.0.0.0", port), handler) for port in (8080, 8081, 80)]
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print("ready", flush=True)

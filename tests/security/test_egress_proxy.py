@@ -91,7 +91,8 @@ def test_allowed_names_addresses_and_ports_and_nothing_else(tmp_path, world):
         got = probe(
             guest,
             allowed="get('http://allowed.test:8080/marker')",
-            wildcard="get('http://api.allowed.test:8081/marker')",
+            wildcard="get('http://api.allowed.test/marker')",
+            wildcard_other_port="get('http://api.allowed.test:8081/marker')",
             cidr=f"get('http://{world['cidr']}:8080/marker')",
             resolved="socket.gethostbyname('allowed.test')",
             blocked_name="socket.gethostbyname('blocked.test')",
@@ -101,18 +102,19 @@ def test_allowed_names_addresses_and_ports_and_nothing_else(tmp_path, world):
         )
         log = json.loads((state / LOG_FILE).read_text())
     assert got["allowed"]["result"] == f"marker {world['allowed']}:8080", got
-    assert got["wildcard"]["result"] == f"marker {world['api']}:8081", got
+    assert got["wildcard"]["result"] == f"marker {world['api']}:80", "no port: 80 and 443"
     assert got["cidr"]["result"] == f"marker {world['cidr']}:8080", got
     assert got["banner"]["result"] == repr(b"SSH-2.0-smol-test\r\n"), "a server speaking first"
     assert got["resolved"]["result"].startswith("198.18."), "the guest gets no real address"
     for refused, says in [("blocked_name", "gaierror"), ("blocked_ip", "Connection refused"),
-                          ("other_port", "Connection refused")]:  # fmt: skip
+                          ("other_port", "Connection refused"),
+                          ("wildcard_other_port", "Connection refused")]:  # fmt: skip
         assert not got[refused]["ok"] and says in got[refused]["result"], (refused, got)
         assert got[refused]["s"] < FAST, (refused, got[refused])
     verdicts = {(e["name"], e["port"], e["protocol"], e["verdict"]) for e in log["entries"]}
     assert ("allowed.test", 8080, "http", "allowed") in verdicts, verdicts
     assert ("blocked.test", 53, "dns", "blocked") in verdicts, verdicts
-    assert ("api.allowed.test", 8081, "http", "allowed") in verdicts, verdicts
+    assert ("api.allowed.test", 80, "http", "allowed") in verdicts, verdicts
     assert (None, 8080, "tcp", "allowed") in verdicts, verdicts
     assert ("allowed.test", 8081, "tcp", "blocked") in verdicts, verdicts
     assert (None, 8080, "tcp", "blocked") in verdicts, verdicts
@@ -120,8 +122,10 @@ def test_allowed_names_addresses_and_ports_and_nothing_else(tmp_path, world):
 
 def test_a_line_protocol_on_a_port_not_listed_sees_no_byte(tmp_path, world):
     """Issue 31: Redis or SMTP lines to any port of an allowed name went out while the
-    guard was still reading. Now the host connects only after the first bytes are judged:
-    the recorders get nothing. Control: the same lines where the port is listed arrive."""
+    guard was still reading. Now a name without a port opens only 80 and 443 (6379 is
+    refused at the SYN), and there only TLS or HTTP: the host connects after the first
+    bytes are judged, so the recorders (and the TLS port's) get nothing. Control: the same
+    lines where the port is listed arrive."""
     lines = "b'SET key value\\r\\nMAIL FROM:<a@b>\\r\\n'"
     send = ("(lambda s: (s.sendall({lines}), time.sleep(1), s.recv(64)))"
             "(socket.create_connection(('{host}', {port}), 10))")  # fmt: skip
@@ -129,13 +133,48 @@ def test_a_line_protocol_on_a_port_not_listed_sees_no_byte(tmp_path, world):
         guest, _, _,
     ):  # fmt: skip
         got = probe(guest, redis=send.format(lines=lines, host="api.allowed.test", port=6379),
+                    web=send.format(lines=lines, host="api.allowed.test", port=443),
                     smtp=send.format(lines=lines, host="api.allowed.test", port=2525))  # fmt: skip
     time.sleep(0.5)
-    recorded = fetch(world, "/recorded")
-    assert not got["redis"]["ok"], got
+    recorded, tls = fetch(world, "/recorded"), fetch(world, "/tls")
+    assert not got["redis"]["ok"] and "refused" in got["redis"]["result"], got
+    assert not got["web"]["ok"], got
     assert not any(r.startswith("6379:") and r != "6379:" for r in recorded), recorded
+    assert not any("SET key" in hello for hello in tls), tls
     assert got["smtp"]["ok"], got
     assert any(r.startswith("2525:SET key value") for r in recorded), recorded
+
+
+def test_an_upgrade_the_server_ignores_does_not_let_the_next_request_by(tmp_path, world):
+    """Review of issue 31: an Upgrade header made the proxy pass the rest of the connection
+    unread; the server ignored it and answered the next request, to another host. Now the
+    rest waits for the server's status line (200 here: still HTTP, so judged). Control:
+    the same two requests, both to the allowed host, are both answered."""
+    code = """
+import socket
+def two(second_host):
+    s = socket.create_connection(('allowed.test', 8080), 10)
+    s.sendall(b'GET /marker HTTP/1.1\\r\\nHost: allowed.test:8080\\r\\nUpgrade: websocket\\r\\n'
+              b'Connection: Upgrade\\r\\n\\r\\n'
+              b'GET /marker HTTP/1.1\\r\\nHost: ' + second_host + b'\\r\\n\\r\\n')
+    got = b''
+    try:
+        while got.count(b'marker ') < 2 and (data := s.recv(4096)):
+            got += data
+    except OSError as e:
+        return f'{got.count(b"marker ")} {type(e).__name__}'
+    return f'{got.count(b"marker ")} closed'
+print(two(b'evil.test'))
+print(two(b'allowed.test:8080'))
+"""
+    with proxied_guest(tmp_path, world, ["allowed.test:8080"]) as (guest, _, _):
+        before = len(fetch(world, "/requests"))
+        r = guest.run(code)
+    evil, control = r.stdout.split("\n")[:2]
+    assert evil.startswith("1 "), r.stdout + r.stderr
+    assert control == "2 closed" or control.startswith("2"), r.stdout + r.stderr
+    seen = fetch(world, "/requests")[before:]
+    assert "evil.test" not in seen and seen.count("allowed.test:8080") == 3, seen
 
 
 def test_a_second_request_to_another_host_on_a_kept_alive_connection_is_refused(

@@ -149,6 +149,10 @@ class FrameInput:
         self.reader = reader
         self.buf = bytearray()
         self.pos = 0
+        # whole_message's progress through a message not all here yet: (pos it started
+        # at, offset from there of the next frame, the frames before it), so a message
+        # arriving a read at a time is scanned once, not once per read.
+        self._scan: tuple[int, int, list[bytes]] | None = None
 
     @property
     def pending(self) -> int:
@@ -164,6 +168,9 @@ class FrameInput:
         if not data:
             raise asyncio.IncompleteReadError(bytes(self.buf[self.pos :]), None)
         if self.pos:
+            # (pos only grows between compactions: a scan from another pos is stale)
+            ok = self._scan is not None and self._scan[0] == self.pos
+            self._scan = (0, *self._scan[1:]) if ok else None  # type: ignore[misc]
             del self.buf[: self.pos]
             self.pos = 0
         self.buf += data
@@ -206,25 +213,34 @@ class FrameInput:
         """The next message's frames if all of it is buffered, else None (also for a
         command, or more than MAX_FRAMES frames: the slow path decides)."""
         buf, end = self.buf, len(self.buf)
-        parts: list[bytes] = []
-        at = self.pos
+        scan, self._scan = self._scan, None
+        if scan is not None and scan[0] == self.pos:  # (else the slow path took it)
+            at, parts = self.pos + scan[1], scan[2]
+        else:
+            at, parts = self.pos, []
         while True:
             if end - at < 2:
-                return None
+                break
             flags = buf[at]
-            if flags & ~(zmtp.MORE | zmtp.LONG) or (flags & zmtp.LONG and end - at < 9):
+            if flags & ~(zmtp.MORE | zmtp.LONG):
                 return None
+            if flags & zmtp.LONG and end - at < 9:
+                break
             if flags & zmtp.LONG:
                 size, start = int.from_bytes(buf[at + 1 : at + 9], "big"), at + 9
             else:
                 size, start = buf[at + 1], at + 2
-            if start + size > end or len(parts) >= MAX_FRAMES:
+            if len(parts) >= MAX_FRAMES:
                 return None
+            if start + size > end:
+                break
             parts.append(bytes(buf[start : start + size]))
             at = start + size
             if not flags & zmtp.MORE:
                 self.pos = at
                 return parts
+        self._scan = (self.pos, at - self.pos, parts)  # not all here yet: go on from here
+        return None
 
     async def message(self, limit: int, max_frames: int = MAX_FRAMES) -> list[bytes] | None:
         """The next message (its first frame header not consumed yet), read frame by

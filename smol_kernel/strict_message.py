@@ -114,14 +114,31 @@ class Rejected(ValueError):
 
 
 def _object(raw: bytes, what: str) -> dict:
-    """One JSON object from strict UTF-8 bytes (Rejected otherwise)."""
+    """One JSON object from strict UTF-8 bytes (Rejected otherwise), with no key
+    ``__proto__`` anywhere: JavaScript's JSON.parse makes it an own key, but a copy made by
+    assignment (JupyterLab's JSONExt.deepCopy) makes it the copy's prototype."""
     try:
         value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError):
         raise Rejected(f"{what}: not strict UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise Rejected(f"{what}: not a JSON object")
+    if (b"__proto__" in raw or b"\\u" in raw) and _has_proto_key(value):  # (else none)
+        raise Rejected(f"{what}: a __proto__ key")
     return value
+
+
+def _has_proto_key(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "__proto__" in item:
+                return True
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return False
 
 
 def dumps(obj: Any) -> bytes:

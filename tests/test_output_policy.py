@@ -20,6 +20,7 @@ from smol_kernel.ioloop import on_io_loop
 from smol_kernel.message_pump import MessageGate
 from smol_kernel.output_policy import OutputPolicy, sanitize_bundle, sanitize_html
 from smol_kernel.relay import KernelRelay
+from smol_kernel.widget_policy import WIDGET_MODELS, WIDGET_TARGETS
 
 from .kernel_helpers import run_cell
 from .web_helpers import free_port
@@ -136,34 +137,29 @@ def test_help_links_and_comms_and_widget_html():
         {"text": "data", "url": "data:text/html,x"}]})  # fmt: skip
     assert info["help_links"] == [{"text": "ok", "url": "https://docs.python.org"}]
     assert policy.filter("comm_open", {"comm_id": "c1", "target_name": "bokeh", "data": {}}) is None
-    opened = policy.filter("comm_open", {"comm_id": "c2", "target_name": "jupyter.widget", "data": {
-        "state": {"_model_name": "HTMLModel", "value": "<img src=x onerror=alert(1)>",
-                  "description_allow_html": True}}})  # fmt: skip
+    state = {"_model_name": "HTMLModel", "_model_module": "@jupyter-widgets/controls",
+             "value": "<img src=x onerror=alert(1)>", "description_allow_html": True}  # fmt: skip
+    opened = policy.filter("comm_open", {"comm_id": "c2", "target_name": "jupyter.widget",
+                                         "data": {"state": state}})  # fmt: skip
     state = opened["data"]["state"]
     assert "onerror" not in state["value"] and state["description_allow_html"] is False
     update = policy.filter("comm_msg", {"comm_id": "c2", "data": {
         "method": "update", "state": {"value": "<script>x</script>"}}})  # fmt: skip
     assert "<script" not in update["data"]["state"]["value"]
-    # a label model shown through the HTML view is HTML too
-    policy.filter(
-        "comm_open",
-        {
-            "comm_id": "c3",
-            "target_name": "jupyter.widget",
-            "data": {
-                "state": {"_model_name": "LabelModel", "_view_name": "HTMLView", "value": "x"}
-            },
-        },
-    )
-    update = policy.filter("comm_msg", {"comm_id": "c3", "data": {
-        "method": "update", "state": {"value": "<img src=x onerror=alert(1)>"}}})  # fmt: skip
-    assert "onerror" not in update["data"]["state"]["value"]
+    # a label model shown through the HTML view: not a widget ipywidgets makes
+    label = {"_model_name": "LabelModel", "_model_module": "@jupyter-widgets/controls",
+             "_view_name": "HTMLView", "value": "x"}  # fmt: skip
+    assert _widget(policy, "c3", label) is None
+    assert _widget(policy, "c3", {"value": "<img src=x onerror=alert(1)>"}, "comm_msg") is None
     no_frontend = OutputPolicy(targets=frozenset())
     widget = {"comm_id": "c", "target_name": "jupyter.widget"}
     assert no_frontend.filter("comm_open", widget) is None
 
 
 def _widget(policy, comm_id, state, method="comm_open"):
+    """A widget message; a comm_open's state gets its model's module unless it names one."""
+    if method == "comm_open" and state.get("_model_name") in WIDGET_MODELS:
+        state = {"_model_module": WIDGET_MODELS[state["_model_name"]][0], **state}
     if method == "comm_open":
         content = {"comm_id": comm_id, "target_name": "jupyter.widget", "data": {"state": state}}
     else:
@@ -194,7 +190,8 @@ def test_layout_and_style_values_that_load_a_url_are_removed(value):
     policy = OutputPolicy(targets=frozenset({"jupyter.widget"}))
     safe = {"width": "calc(100% - 2px)", "border": "1px solid rgb(1, 2, 3)", "margin": "0"}
     opened = _widget(policy, "lay", {"_model_name": "LayoutModel", **safe, "background": value})
-    assert opened["data"]["state"] == {"_model_name": "LayoutModel", **safe}
+    assert opened["data"]["state"] == {"_model_module": "@jupyter-widgets/base",
+                                       "_model_name": "LayoutModel", **safe}  # fmt: skip
     style = _widget(policy, "sty", {"_model_name": "HTMLStyleModel", "background": "red"})
     assert style["data"]["state"]["background"] == "red", "the probe: a color passes"
     update = _widget(policy, "sty", {"background": value, "font_size": "12px"}, "comm_msg")
@@ -412,3 +409,96 @@ async def test_relay_throughput_of_a_large_output_is_kept():
             assert r.stdout[:1_000_000] == "0" * 1_000_000 and r.stdout[-1] == "9"
         finally:
             kc.stop_channels()
+
+
+XSS = "<img src=x onerror=alert(1)>"
+CONTROLS = "@jupyter-widgets/controls"
+
+
+def test_widgets_cannot_carry_markup_into_the_page_another_way():
+    """Review of issue 30: each widget value was checked alone, but the page combines
+    them: a DirectionalLink copied a Text model's raw value into an HTML model, a
+    third-party module's model had no check at all, an update could rename a model's view,
+    buffers went wherever their paths said. Control: the same values where they are text."""
+    policy = OutputPolicy(targets=WIDGET_TARGETS)
+    text = _widget(policy, "t", {"_model_name": "TextModel", "value": XSS})
+    assert text["data"]["state"]["value"] == XSS, "the probe: a Text value is text"
+    assert _widget(policy, "h", {"_model_name": "HTMLModel", "value": "ok"}) is not None
+    link = {"source": ["IPY_MODEL_t", "value"], "target": ["IPY_MODEL_h", "value"]}
+    for name in ("DirectionalLinkModel", "LinkModel"):
+        assert _widget(policy, name, {"_model_name": name, **link}) is None, name
+    for model, module in (("VueTemplateModel", "jupyter-vue"), ("HTMLModel", "evil-widgets"),
+                          ("HTMLModel", None)):  # fmt: skip
+        state = {"_model_name": model, "_model_module": module, "value": XSS, "template": XSS}
+        assert _widget(policy, f"{model}{module}", state) is None, (model, module)
+    for renamed in ({"_view_name": "HTMLView"}, {"_model_name": "HTMLModel"},
+                    {"_view_module": "evil"}, {"__proto__": {"x": 1}}):  # fmt: skip
+        assert _widget(policy, "t", renamed, "comm_msg") is None, renamed
+    assert _widget(policy, "never-opened", {"value": XSS}, "comm_msg") is None
+    label = _widget(policy, "lab", {"_model_name": "LabelModel", "value": r"\href{https://x}{a}",
+                                    "description": r"\bbox[cursor:url(https://x)]{b}"})  # fmt: skip
+    assert "\\href{" not in str(label) and "\\bbox[" not in str(label), "typeset: no links"
+    img = _widget(policy, "img", {"_model_name": "ImageModel", "format": "png"})
+    assert img is not None
+
+    def buffers(comm_id, paths):
+        return policy.filter("comm_msg", {"comm_id": comm_id, "data": {
+            "method": "update", "state": {}, "buffer_paths": paths}})  # fmt: skip
+
+    assert buffers("img", [["value"]]) is not None, "the probe: an image's bytes"
+    for paths in ([["__proto__", "polluted"]], [["value", "constructor"]], [["format"]], "x",
+                  [[True]]):  # fmt: skip
+        assert buffers("img", paths) is None, paths
+    assert buffers("h", [["value"]]) is None, "an HTML value is not binary"
+
+
+def test_the_pages_request_for_every_widget_is_answered_by_the_same_rules():
+    """Review of issue 30: the control comm's update_states (the kernel's answer when a page
+    asks for every widget) was filtered as if it were one model's state: the models in it
+    were never looked at. Now each entry is its own model's state, and the models it makes
+    are known for later updates."""
+    policy = OutputPolicy(targets=WIDGET_TARGETS)
+
+    def entry(name, state, module=CONTROLS):
+        return {"model_name": name, "model_module": module, "model_module_version": "2.0.0",
+                "state": state}  # fmt: skip
+
+    def update_states(states, paths=None):
+        return policy.filter("comm_msg", {"comm_id": "control", "data": {
+            "method": "update_states", "states": states, "buffer_paths": paths or {}}})  # fmt: skip
+
+    out = update_states({"m1": entry("HTMLModel", {"value": XSS}),
+                         "m2": entry("TextModel", {"value": XSS})})  # fmt: skip
+    states = out["data"]["states"]
+    assert "onerror" not in states["m1"]["state"]["value"], states
+    assert states["m2"]["state"]["value"] == XSS, "the probe: text passes as it was"
+    later = _widget(policy, "m1", {"value": XSS}, "comm_msg")
+    assert "onerror" not in later["data"]["state"]["value"], "m1 is known as an HTML model"
+    for bad in ({"m3": entry("DirectionalLinkModel", {"source": ["IPY_MODEL_m2", "value"]})},
+                {"m4": entry("VueTemplateModel", {"template": XSS}, "jupyter-vue")},
+                {"m1": entry("TextModel", {})},
+                {"m5": entry("TextModel", {"_view_name": "HTMLView"})},
+                {"m6": {"state": {"_model_name": "HTMLModel", "value": XSS}}}):  # fmt: skip
+        assert update_states(bad) is None, bad
+    assert update_states({"m7": entry("ImageModel", {"format": "url", "value": "x"})}) is None
+    proto = {"m8": [["__proto__", "x"]]}
+    assert update_states({"m8": entry("ImageModel", {"format": "png"})}, proto) is None
+    assert update_states({"m8": entry("ImageModel", {"format": "png"})}, {"m8": [["value"]]})
+
+
+def test_markdown_is_rendered_within_bounds():
+    """Review of issue 30: reference links repeat a long URL for every 4-byte use, so 22 KB
+    of markdown made 10 MB of HTML on the relay's loop. Now what would grow past the bound
+    (or is larger than MAX_MARKDOWN_RENDERED) is shown as its text. Control: the same
+    reference link used a few times is rendered."""
+    from smol_kernel.mime_bundle import MAX_MARKDOWN_RENDERED
+
+    definition = "[x]: http://a.test/" + "A" * 2000 + "\n\n"
+    markup = "<b>rendered here, not by the browser</b>\n\n"
+    few = sanitize_bundle({"text/markdown": markup + definition + "[x] " * 3})[0]
+    assert few["text/html"].count("<a ") == 3, "the probe: a reference link renders"
+    bomb = markup + definition + "[x] " * 5000
+    out = sanitize_bundle({"text/markdown": bomb})[0]
+    assert "text/html" not in out and out["text/plain"] == bomb
+    big = "<b>x</b> " * (MAX_MARKDOWN_RENDERED // 9 + 1)
+    assert sanitize_bundle({"text/markdown": big, "text/plain": "p"})[0] == {"text/plain": "p"}

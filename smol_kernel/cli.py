@@ -334,7 +334,8 @@ def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     locked down earlier stay allowed; the first one stays the default. Terminals,
     JupyterLab's extension installs and the server extensions of assistants that run code
     on the host (``lockdown.HOST_EXECUTING_EXTENSIONS``) are turned off unless the file
-    already turns them on. Running it again changes nothing."""
+    already turns them on, and nbconvert exports read no templates from the server's
+    working folder. Running it again changes nothing."""
     from .lockdown import HOST_EXECUTING_EXTENSIONS, KERNEL_SPEC_MANAGER
 
     conf, config = _server_config(user, prefix)
@@ -349,6 +350,9 @@ def _lock_down(name: str, user: bool, prefix: str | None) -> tuple[str, str]:
     for extension in HOST_EXECUTING_EXTENSIONS:  # assistants' tools that run on the host
         extensions.setdefault(extension, False)
     config.setdefault("LabApp", {}).setdefault("extension_manager", "readonly")
+    # nbconvert reads templates (Jinja, unsandboxed) from the server's working folder,
+    # which the contents API can write: exports use the installed templates only.
+    config.setdefault("TemplateExporter", {})["extra_template_basedirs"] = []
     default = mkm.setdefault("default_kernel_name", name)
     conf.write_text(json.dumps(config, indent=2) + "\n")
     return str(conf), default

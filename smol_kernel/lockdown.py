@@ -12,8 +12,10 @@ included), and ``python3`` falls back to ipykernel's native spec even with
   refused before any process starts, with HTTP 403 and the reason;
 * takes an allowed kernelspec only from an administrator's folder: not the user's own
   Jupyter data folder (which a page can write through the contents API), the folder and its
-  ``kernel.json`` owned by one of ``admin_uids`` and writable by no one else; a copy
-  elsewhere that shadows it is skipped, so the admin's runs;
+  ``kernel.json`` owned by one of ``admin_uids`` and writable by no one else, nor any folder
+  above them (others could rename one away and put theirs in its place); ``kernel.json`` is
+  read once, through the folder's descriptor, and the kernelspec built from what was
+  checked; a copy elsewhere that shadows it is skipped, so the admin's runs;
 * takes it only if it names the smolvm provisioner: an allowed name that would start a
   process on the host is refused.
 
@@ -79,17 +81,11 @@ class KernelspecNotAllowed(HTTPError, NoSuchKernel):
         return self.message
 
 
-def _admin_owned(path: str, admin_uids: set[int], folder: bool) -> str | None:
-    """Why ``path`` is not an administrator's (None: it is): not a symlink, of the right
-    kind, owned by one of ``admin_uids``, writable by no one else."""
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not (stat.S_ISDIR if folder else stat.S_ISREG)(st.st_mode):
-        return "is not a folder" if folder else "is not a file"
+MAX_SPEC_BYTES = 1 << 20
+
+
+def _not_admins(st: os.stat_result, admin_uids: set[int]) -> str | None:
+    """Why a file or folder with ``st`` is not an administrator's (None: it is)."""
     if st.st_uid not in admin_uids:
         return f"belongs to uid {st.st_uid}, not to an administrator ({sorted(admin_uids)})"
     if st.st_mode & 0o022:
@@ -97,12 +93,66 @@ def _admin_owned(path: str, admin_uids: set[int], folder: bool) -> str | None:
     return None
 
 
-def _names_our_provisioner(spec_json: str) -> bool:
+def _ancestors_ok(folder: str, admin_uids: set[int]) -> str | None:
+    """Why someone else could swap what is in ``folder`` by renaming a folder above it
+    (None: no one but an administrator can): each folder up to ``/`` an administrator's,
+    writable by no one else unless sticky (others cannot rename what they do not own)."""
+    path = os.path.realpath(folder)  # (the folders themselves, not links to them)
+    while True:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return f"lies in {path}, which cannot be read ({e.strerror})"
+        if st.st_uid not in admin_uids:
+            return (f"lies in {path}, which belongs to uid {st.st_uid}, not to an "
+                    f"administrator ({sorted(admin_uids)})")  # fmt: skip
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            mode = stat.S_IMODE(st.st_mode)
+            return f"lies in {path}, which has mode {mode:o}: others can change it"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def read_admin_spec(path: str, admin_uids: set[int]) -> tuple[dict | None, str | None]:
+    """The kernel.json of the kernelspec folder ``path``, read once through descriptors
+    (the folder, not a link, opened first, then kernel.json in it): (its fields, None), or
+    (None, why it is not an administrator's)."""
+    if (why := _ancestors_ok(os.path.dirname(path), admin_uids)) is not None:
+        return None, why
     try:
-        with open(spec_json, "rb") as f:
-            meta = json.load(f).get("metadata") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
+        folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        return None, f"cannot be opened as a folder ({e.strerror}; a link is not followed)"
+    try:
+        if (why := _not_admins(os.fstat(folder), admin_uids)) is not None:
+            return None, why
+        try:
+            fd = os.open("kernel.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=folder)  # fmt: skip
+        except OSError as e:
+            return None, f"has no kernel.json of its own ({e.strerror})"
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None, "has a kernel.json that is not a file"
+            if (why := _not_admins(st, admin_uids)) is not None:
+                return None, f"kernel.json {why}"
+            data = f.read(MAX_SPEC_BYTES + 1)
+    finally:
+        os.close(folder)
+    try:
+        spec = json.loads(data) if len(data) <= MAX_SPEC_BYTES else None
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict):
+        return None, "has a kernel.json that is not a JSON object"
+    return spec, None
+
+
+def _names_our_provisioner(spec: dict) -> bool:
+    meta = spec.get("metadata")
     provisioner = meta.get("kernel_provisioner") if isinstance(meta, dict) else None
     return isinstance(provisioner, dict) and provisioner.get("provisioner_name") == (
         PROVISIONER_NAME
@@ -130,8 +180,9 @@ class LockedKernelSpecManager(KernelSpecManager):
         user = os.path.realpath(os.path.join(jupyter_data_dir(), "kernels"))
         return [d for d in self.kernel_dirs if os.path.realpath(d) != user]
 
-    def _spec_dir(self, kernel_name: str) -> tuple[str | None, list[str]]:
-        """The admin's folder of ``kernel_name`` (or None), and why copies were skipped."""
+    def _admin_spec(self, kernel_name: str) -> tuple[str | None, dict | None, list[str]]:
+        """The admin's folder of ``kernel_name`` and its kernel.json as read (or Nones), and
+        why copies were skipped."""
         uids = {int(u) for u in self.admin_uids}
         skipped = []
         for kernels in self._admin_dirs():
@@ -143,18 +194,16 @@ class LockedKernelSpecManager(KernelSpecManager):
                 if entry.lower() != kernel_name.lower():
                     continue
                 path = os.path.join(kernels, entry)
-                why = _admin_owned(path, uids, folder=True) or _admin_owned(
-                    os.path.join(path, "kernel.json"), uids, folder=False
-                )
-                if why is None:
-                    return path, skipped
+                spec, why = read_admin_spec(path, uids)
+                if spec is not None:
+                    return path, spec, skipped
                 skipped.append(f"{path} {why}")
-        return None, skipped
+        return None, None, skipped
 
     def _find_spec_directory(self, kernel_name: str) -> str | None:
         if kernel_name.lower() not in self._allowed():
             return None
-        path, skipped = self._spec_dir(kernel_name)
+        path, _, skipped = self._admin_spec(kernel_name)
         for why in skipped:
             self.log.warning("lock-down: skipping kernelspec folder %s", why)
         return path
@@ -162,27 +211,34 @@ class LockedKernelSpecManager(KernelSpecManager):
     def find_kernel_specs(self) -> dict[str, str]:
         out = {}
         for name in sorted(self._allowed()):
-            path, _ = self._spec_dir(name)
-            if path is not None and _names_our_provisioner(os.path.join(path, "kernel.json")):
+            path, spec, _ = self._admin_spec(name)
+            if path is not None and spec is not None and _names_our_provisioner(spec):
                 out[name] = path
         return out
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        """The kernelspec, built from the kernel.json bytes that were checked (not read
+        again by path: a folder swapped in between would otherwise be what runs)."""
         allowed = set(self.allowed_kernelspecs)
         if not isinstance(kernel_name, str) or kernel_name.lower() not in self._allowed():
             raise KernelspecNotAllowed(str(kernel_name), allowed)
-        path = self._find_spec_directory(kernel_name)
-        if path is None:
+        path, spec, skipped = self._admin_spec(kernel_name)
+        for why in skipped:
+            self.log.warning("lock-down: skipping kernelspec folder %s", why)
+        if path is None or spec is None:
             why = (f"kernelspec {kernel_name!r} is allowed, but no administrator's copy of it "
                    "is installed (a copy in your own Jupyter data folder, or one others can "
                    "change, is not used on a locked-down server; see the server log)")  # fmt: skip
             raise KernelspecNotAllowed(kernel_name, allowed, why)
-        if not _names_our_provisioner(os.path.join(path, "kernel.json")):
+        if not _names_our_provisioner(spec):
             why = (f"kernelspec {kernel_name!r} in {path} does not name the smolvm "
                    "provisioner: its kernels would run on the host, which this locked-down "
                    "server refuses")  # fmt: skip
             raise KernelspecNotAllowed(kernel_name, allowed, why)
-        return self.kernel_spec_class.from_resource_dir(path)
+        try:
+            return self.kernel_spec_class(resource_dir=path, **spec)
+        except Exception as e:  # (fields KernelSpec does not take, of the wrong type)
+            raise KernelspecNotAllowed(kernel_name, allowed, f"{path}/kernel.json: {e}") from None
 
 
 class RoutingKernelManager(MappingKernelManager):

@@ -38,6 +38,11 @@ class PrivateDirError(OSError):
     """A folder that must be this user's alone is not; the message says what to do."""
 
 
+class ForeignParentError(PrivateDirError):
+    """The folder's parent belongs to another user, who could rename it away (even with the
+    sticky bit: a folder's owner may rename what is in it)."""
+
+
 def _problem(st: os.stat_result) -> str | None:
     """Why a folder with this ``lstat`` is not private to this user (None: it is)."""
     if stat.S_ISLNK(st.st_mode):
@@ -54,14 +59,17 @@ def _problem(st: os.stat_result) -> str | None:
 def private_dir(path: Path, why: str, fix: str) -> Path:
     """``path``, created 0700 if missing (its parents as usual), then checked: a folder of
     this user's, not a symbolic link, that no other user can enter or write. Its parent
-    must not let another user swap it (writable by group or others only with the sticky
-    bit, as /tmp). ``why`` says what another user could do with it, ``fix`` what to set instead
-    (PrivateDirError)."""
+    must not let another user swap it: this user's or root's (ForeignParentError), writable
+    by group or others only with the sticky bit, as /tmp. ``why`` says what another user
+    could do with it, ``fix`` what to set instead (PrivateDirError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     problem = _problem(os.lstat(path))
     parent = os.stat(path.parent)
+    if problem is None and parent.st_uid not in (0, os.getuid()):
+        raise ForeignParentError(f"{path} lies in {path.parent}, which uid {parent.st_uid} "
+                                 f"owns and so could swap it; {why}; {fix}")  # fmt: skip
     if problem is None and parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
         problem = f"lies in {path.parent}, which other users can write (without the sticky bit)"
     if problem:
@@ -82,7 +90,7 @@ def user_store(name: str, env: str) -> Path:
     own = f"u{os.getuid()}"
     try:
         return private_dir(cache_dir() / name / own, why, fix)
-    except PermissionError:  # a read-only shared cache (images only): our own, then
+    except (PermissionError, ForeignParentError):  # a shared cache we cannot use for this
         fallback = Path(platformdirs.user_cache_dir("smol-kernel")) / name / own
         if fallback == cache_dir() / name / own:
             raise

@@ -155,6 +155,9 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     from .rest import handlers
 
     if isinstance(serverapp.kernel_spec_manager, LockedKernelSpecManager):
+        # nbconvert's default template folder is the working folder, which the contents
+        # API writes: a template there is Jinja run on the host (not sandboxed).
+        serverapp.config.TemplateExporter.extra_template_basedirs = []
         for what in host_executing_extensions(serverapp):
             log.error("smol-kernel lock-down: this server loads an extension that runs code "
                       "ON THE HOST, outside any VM: %s. Disable it: jupyter server extension "

@@ -53,14 +53,21 @@ def test_an_allowed_kernelspec_must_name_the_smolvm_provisioner(dirs):
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="making another user's folder needs root")
-@pytest.mark.parametrize("how", ["other-owner", "group-writable", "symlink"])
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "symlink", "parent-writable",
+                                 "parent-of-other-owner"])  # fmt: skip
 def test_a_kernelspec_others_can_change_is_not_taken(dirs, tmp_path, how):
+    """Review of issue 36 (the parents): an admin's folder under one another user can write
+    could be renamed away between the check and the read, and another put in its place."""
     kernel_dirs, _, admin = dirs
     spec = admin / "kernels" / "smolvm"
     if how == "other-owner":
         os.chown(spec, 4242, 4242)
     elif how == "group-writable":
         (spec / "kernel.json").chmod(0o664)
+    elif how == "parent-writable":
+        admin.chmod(0o777)
+    elif how == "parent-of-other-owner":
+        os.chown(admin, 4242, 4242)
     else:
         real = tmp_path / "elsewhere.json"
         (spec / "kernel.json").rename(real)
@@ -69,3 +76,9 @@ def test_a_kernelspec_others_can_change_is_not_taken(dirs, tmp_path, how):
     assert locked.find_kernel_specs() == {}
     with pytest.raises(KernelspecNotAllowed, match="no administrator's copy"):
         locked.get_kernel_spec("smolvm")
+    sticky = tmp_path / "sticky"  # control: a sticky folder (like /tmp) above is fine
+    _spec(sticky / "kernels", "smolvm", template())
+    sticky.chmod(0o1777)
+    again = LockedKernelSpecManager(kernel_dirs=[str(sticky / "kernels")],
+                                    allowed_kernelspecs={"smolvm"})  # fmt: skip
+    assert again.get_kernel_spec("smolvm").resource_dir == str(sticky / "kernels" / "smolvm")

@@ -30,10 +30,14 @@ from ..web_helpers import (
 pytestmark = pytest.mark.vm
 TOKEN = "lockdown-test-token"
 FLOOD_SECONDS = 60
-# Every byte a 60 MiB-message flood could pile up in the server is capped: the relay's
-# backlog (iopub_backlog_mib, 256), one queued message per client socket (64 MiB), the
-# server extension's websocket / offline buffer caps (32 MiB) and what is in flight.
-SERVER_GROWTH_MIB = 256 + 64 + 32 + 160
+# Every byte a 60 MiB-message flood could pile up in the server is capped, and each stage
+# holds at most one message in a few forms: the relay's backlog (iopub_backlog_mib, 256);
+# the relay's strict parse of one message (its frame and its parsed text, 2 x 64); the
+# server's zmq socket (one queued message and one being received, 2 x 64); jupyter_server
+# with one in hand (the message, its JSON, the websocket frame: 3 x 64); the server
+# extension's websocket / offline buffer caps (32). Measured: +551 to +690 MiB; a flood
+# nothing capped grows by gigabytes in the same 60 s.
+SERVER_GROWTH_MIB = 256 + 2 * 64 + 2 * 64 + 3 * 64 + 32
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +252,39 @@ def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server)
         assert ws_execute(ws_url, TOKEN, "print(6 * 7)").strip() == "42"
     finally:
         api.delete(f"{base}/api/kernels/{kernel_id}")
+
+
+NOTEBOOK = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "hello"}],
+            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
+
+
+def test_an_export_runs_no_template_a_page_wrote_into_the_servers_folder(locked_server):
+    """Review of issue 36: nbconvert looks for templates in the server's working folder
+    first, which the contents API writes; a template is Jinja run on the host (not
+    sandboxed). A page (or an assistant) PUT lab/index.html.j2 and exported a notebook:
+    code on the host, lock-down or not. Control: nbconvert with its defaults, started in
+    the same folder, runs the planted template."""
+    base, api, _, _, tmp = locked_server
+    marker = tmp / "template-ran"
+    template = ("{%- extends 'base.html.j2' -%}{%- block body -%}"
+                "{{ lipsum.__globals__['os'].system('touch " + str(marker) + "') }}"
+                "{%- endblock body -%}")  # fmt: skip
+    assert api.put(f"{base}/api/contents/lab", json={"type": "directory"}).ok
+    put = api.put(f"{base}/api/contents/lab/index.html.j2",
+                  json={"type": "file", "format": "text", "content": template})  # fmt: skip
+    assert put.ok, put.text
+    assert api.put(f"{base}/api/contents/export.ipynb",
+                   json={"type": "notebook", "content": NOTEBOOK}).ok  # fmt: skip
+    exported = api.get(f"{base}/nbconvert/html/export.ipynb?download=false")
+    assert exported.status_code == 200 and "hello" in exported.text, exported.text[:300]
+    assert not marker.exists(), "the template a page wrote ran on the host"
+    control = subprocess.run(
+        [sys.executable, "-c", "from nbconvert import HTMLExporter; "
+         "HTMLExporter().from_filename('export.ipynb')"],
+        cwd=tmp, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert marker.exists(), ("the probe: nbconvert's defaults run it", control.stderr[-500:])
+    marker.unlink()
 
 
 def test_a_locked_down_server_names_assistant_extensions_that_run_on_the_host():

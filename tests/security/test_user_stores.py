@@ -29,6 +29,7 @@ def shared_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)
     monkeypatch.setenv("SMOL_KERNEL_CACHE_DIR", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "own-cache"))  # (a fallback's)
     monkeypatch.delenv("SMOL_KERNEL_TEMPLATES_DIR", raising=False)
     monkeypatch.delenv("SMOL_KERNEL_CHECKPOINTS_DIR", raising=False)
     return cache
@@ -84,6 +85,18 @@ def test_a_parent_others_can_write_without_the_sticky_bit_is_refused(shared_cach
         template.templates_dir()
     (shared_cache / "templates").chmod(0o1777)
     assert template.templates_dir().is_dir()
+
+
+def test_a_shared_folder_another_user_made_is_not_where_ours_goes(shared_cache, tmp_path):
+    """Review of issue 30: <cache>/templates made (1777) by another user, who as its owner
+    may rename what is in it even with the sticky bit, and swap our folder after the check.
+    Ours goes to our own cache then. Control: the same folder of root's is used."""
+    (shared_cache / "templates").mkdir(mode=0o1777)
+    (shared_cache / "templates").chmod(0o1777)
+    assert template.templates_dir() == shared_cache / "templates" / f"u{os.getuid()}"
+    os.chown(shared_cache / "templates", OTHER, OTHER)
+    own = tmp_path / "own-cache" / "smol-kernel" / "templates" / f"u{os.getuid()}"
+    assert template.templates_dir() == own
 
 
 @pytest.mark.parametrize("link", ["ram", "state", "overlay.ext4"])

@@ -37,7 +37,8 @@ class Guest:
     def __init__(self, fd: int) -> None:
         self.sunk: list[int] = []
         self.mux = M.GuestMux(fd, self.connect)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         try:
@@ -52,6 +53,20 @@ class Guest:
         target = echo if port == 7 else lambda s: slow_sink(s, self.sunk)
         threading.Thread(target=target, args=(theirs,), daemon=True).start()
         return ours
+
+
+def close_port(qemu: socket.socket, guest: Guest | None = None) -> None:
+    """End the guest's port: shut down first, and close only once the guest's threads let
+    go of the descriptor (closed while they still write, its number would be reused by the
+    next test's socket, and their frames would land there)."""
+    with contextlib.suppress(OSError):
+        qemu.shutdown(socket.SHUT_RDWR)
+    if guest is not None:
+        guest.thread.join(5)
+        for sid in list(guest.mux.streams):  # (their threads write credit to the port)
+            guest.mux.close_stream(sid, tell_host=False)
+    time.sleep(0.2)  # the streams' threads see it
+    qemu.close()
 
 
 async def pair(tmp_path, stale: bytes = b""):
@@ -87,7 +102,7 @@ async def test_streams_carry_bytes_both_ways_and_refusals_are_clear(tmp_path):
         writer.close()
     finally:
         await host.close()
-        qemu.close()
+        close_port(qemu, _guest)
 
 
 async def test_a_slow_guest_consumer_holds_back_the_host_sender(tmp_path):
@@ -107,7 +122,7 @@ async def test_a_slow_guest_consumer_holds_back_the_host_sender(tmp_path):
         writer.close()
     finally:
         await host.close()
-        qemu.close()
+        close_port(qemu, guest)
 
 
 async def test_stale_bytes_before_the_reset_answer_are_ignored(tmp_path):
@@ -119,7 +134,7 @@ async def test_stale_bytes_before_the_reset_answer_are_ignored(tmp_path):
         assert await reader.readexactly(5) == b"fresh"
     finally:
         await host.close()
-        qemu.close()
+        close_port(qemu, _guest)
 
 
 async def test_a_guest_that_ignores_credit_loses_the_stream(tmp_path):

@@ -112,3 +112,12 @@ async def crash_and_reconnect(km, kc, code: str, timeout: float = 180):
     kc.start_channels()
     await kc.wait_for_ready(timeout=timeout)
     return old_vm, kc
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident memory in MiB (this one's by default)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

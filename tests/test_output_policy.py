@@ -22,7 +22,7 @@ from smol_kernel.output_policy import OutputPolicy, sanitize_bundle, sanitize_ht
 from smol_kernel.relay import KernelRelay
 from smol_kernel.widget_policy import WIDGET_MODELS, WIDGET_TARGETS
 
-from .kernel_helpers import run_cell
+from .kernel_helpers import rss_mib, run_cell
 from .web_helpers import free_port
 
 HOSTILE_HTML = [
@@ -297,14 +297,6 @@ async def test_trusted_outputs_pass_javascript_unchanged():
             kc.stop_channels()
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 FLOOD = r"""
 import sys, threading
 def flood():
@@ -326,7 +318,7 @@ async def test_a_client_that_does_not_read_cannot_make_the_host_hold_the_flood()
         kc = k.client(context=ctx)
         try:
             await kc.wait_for_ready(timeout=60)
-            before = _rss_mib()
+            before = rss_mib()
             await kc.execute_interactive(FLOOD.format(n=60, size=8 << 20), timeout=60,
                                          output_hook=lambda m: None)  # fmt: skip
             gate = k.relay.gate
@@ -334,7 +326,7 @@ async def test_a_client_that_does_not_read_cannot_make_the_host_hold_the_flood()
             deadline = loop.time() + 120
             while gate.dropped_messages < 20 and loop.time() < deadline:
                 await asyncio.sleep(0.5)
-            grew = _rss_mib() - before
+            grew = rss_mib() - before
             assert gate.dropped_messages >= 20, gate.dropped_messages
             assert gate.peak_backlog <= (32 + 9) << 20, gate.peak_backlog
             # relay backlog (32) + client queue (4 x 8) + a message in flight + slack

@@ -20,6 +20,7 @@ from smol_kernel.provisioner import SmolVMProvisioner
 from smol_kernel.sandbox import AsyncSandbox, Sandbox, SandboxError
 
 from .conftest import processes_mentioning, runtime_entries
+from .kernel_helpers import rss_mib
 from .test_kernel import tiny_png
 
 pytestmark = pytest.mark.vm
@@ -204,24 +205,16 @@ threading.Thread(target=flood, daemon=True).start()
 """
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def test_a_flood_between_calls_stays_within_the_output_cap(sb):
     """A guest thread sends 60 MiB stream messages for 60 s while nobody reads (between
     run_code calls): this process (relay and client) grows by at most the relay's backlog
     cap (256 MiB) plus one queued message and slack, and the next call says what was
     dropped. Before the cap, every message queued in the client socket."""
-    before = peak = _rss_mib()
+    before = peak = rss_mib()
     assert (await sb.run_code(FLOOD_BETWEEN_CALLS)).status == "ok"
     t0 = time.monotonic()
     while time.monotonic() - t0 < 70:
-        peak = max(peak, _rss_mib())
+        peak = max(peak, rss_mib())
         await asyncio.sleep(1)
     grew = peak - before
     print(f"sandbox process RSS: {before:.0f} MiB before, +{grew:.0f} MiB at the peak")

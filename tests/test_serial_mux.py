@@ -17,6 +17,8 @@ import pytest
 from smol_kernel.guest import mux as M
 from smol_kernel.transport.serial_mux import HostMux
 
+from .kernel_helpers import rss_mib
+
 
 def echo(sock: socket.socket) -> None:
     with sock:
@@ -294,14 +296,6 @@ async def test_an_empty_data_frame_closes_the_port(tmp_path):
         guest.sock.close()
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def test_a_flood_of_tiny_frames_costs_bounded_memory_and_no_long_stall(tmp_path):
     """Issue 30's figures: a window's worth of 1-byte DATA frames (262 144) to a reader that
     reads nothing, then a million 1-byte frames for a stream that does not exist. Each used
@@ -327,11 +321,11 @@ async def test_a_flood_of_tiny_frames_costs_bounded_memory_and_no_long_stall(tmp
 
         tick = asyncio.ensure_future(ticker())
         await asyncio.sleep(0.05)
-        before = _rss_mib()
+        before = rss_mib()
         await loop.run_in_executor(None, guest.sock.sendall, flood)
         del flood
         await asyncio.sleep(0.5)  # the last reads
-        grew = _rss_mib() - before
+        grew = rss_mib() - before
         ticking = False
         await tick
         assert grew < 16, f"host RSS grew {grew:.1f} MiB"

@@ -18,6 +18,7 @@ import requests
 import websocket
 
 from ..conftest import processes_mentioning
+from ..kernel_helpers import rss_mib
 from ..web_helpers import (
     free_port,
     wait_until_up,
@@ -193,13 +194,6 @@ print("flooding")
 """
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server):
     base, api, server, runtime, _ = locked_server
     r = api.post(f"{base}/api/kernels", json={"name": "smolvm"})
@@ -211,7 +205,7 @@ def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server)
         assert out.strip() in ("kvm", "tcg", "hvf")
         assert host_kernels(runtime) == []
 
-        before = _rss_mib(server.pid)
+        before = rss_mib(server.pid)
         peak = before
         # JupyterLab's protocol (no server-side rate limit): a browser that does not read
         # for half the flood, then goes away.
@@ -220,11 +214,11 @@ def test_a_smolvm_kernel_runs_and_its_flood_stays_within_the_caps(locked_server)
         ws.send_binary(ws_v1_execute_request(FLOOD, session))
         t0 = time.monotonic()
         while time.monotonic() - t0 < FLOOD_SECONDS / 2:
-            peak = max(peak, _rss_mib(server.pid))
+            peak = max(peak, rss_mib(server.pid))
             time.sleep(1)
         ws.close()
         while time.monotonic() - t0 < FLOOD_SECONDS + 10:
-            peak = max(peak, _rss_mib(server.pid))
+            peak = max(peak, rss_mib(server.pid))
             time.sleep(1)
         grew = peak - before
         print(f"server RSS: {before:.0f} MiB before, peak {peak:.0f} MiB (+{grew:.0f})")

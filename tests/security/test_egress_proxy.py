@@ -255,11 +255,7 @@ print(socket.gethostbyname('allowed.test'))
     assert got["allowed"]["result"] == f"marker {world['allowed']}:8080", got
 
 
-def test_syn_floods_and_odd_segments_cost_the_host_no_core(tmp_path, world):
-    """Issue 31: passt spun on [SYN, SYN] or [SYN, RST] of an opening connection. The proxy
-    terminates connections itself: a burst of such pairs leaves its CPU use low, and the
-    allowed destination still answers."""
-    burst = """
+SYN_BURST = """
 import socket, struct, random
 def csum(b):
     b += b'\\0' * (len(b) % 2)
@@ -276,9 +272,15 @@ for i in range(3000):
         raw.sendto(seg, (socket.inet_ntoa(dst), 0))
 print('sent')
 """
+
+
+def test_syn_floods_and_odd_segments_cost_the_host_no_core(tmp_path, world):
+    """Issue 31: passt spun on [SYN, SYN] or [SYN, RST] of an opening connection. The proxy
+    terminates connections itself: a burst of such pairs leaves its CPU use low, and the
+    allowed destination still answers."""
     with proxied_guest(tmp_path, world, ["allowed.test:8080"]) as (guest, proc, _):
         t0 = time.monotonic()
-        r = guest.run(burst)
+        r = guest.run(SYN_BURST)
         assert "sent" in r.stdout, r.stderr
         time.sleep(3)
         cpu = _cpu_seconds(proc.pid)
@@ -288,6 +290,57 @@ print('sent')
     assert got["allowed"]["ok"], got
     assert cpu_after - cpu < 0.5 * 2, "the proxy kept working after the burst"
     assert cpu < 0.6 * elapsed + 1.0, f"the proxy used {cpu:.1f}s of CPU in {elapsed:.1f}s"
+
+
+@contextlib.contextmanager
+def open_guest(tmp_path, world):
+    """The stand-in guest with the network simply on: passt behind the guard, as
+    ``start_network`` starts them for a kernel with ``network=True``."""
+    import socket
+    import threading
+
+    from smol_kernel.vm.network import start_network
+    from smol_kernel.vm.process import spawn, stop_processes
+
+    state = tmp_path / "state"
+    state.mkdir()
+    procs, vmm = start_network(spawn, state, (), (world["allowed"],), ())
+    try:
+        with tap_guest(resolver=world["allowed"]) as guest:
+
+            def pump(src: socket.socket, dst: socket.socket) -> None:
+                with contextlib.suppress(OSError):
+                    while data := src.recv(1 << 16):
+                        dst.sendall(data)
+
+            for a, b in ((guest.vm_end, vmm), (vmm, guest.vm_end)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+            yield guest, procs[0]
+    finally:
+        vmm.close()
+        stop_processes(procs)
+
+
+def test_with_the_network_simply_on_a_syn_burst_costs_passt_no_core(tmp_path, world):
+    """Issue 31: passt 2023.03 spins on [SYN, SYN] or [SYN, RST] of a connection it is
+    opening, and with the network simply on the guard let such pairs through: one guest
+    held a host core. The guard now holds back a resent SYN and a RST passt has not
+    answered. Control: the allowed server still answers through passt."""
+    with open_guest(tmp_path, world) as (guest, passt):
+        t0 = time.monotonic()
+        r = guest.run(SYN_BURST.replace("allowed.test", world["allowed"]))
+        assert "sent" in r.stdout, r.stderr
+        time.sleep(3)
+        cpu = _cpu_seconds(passt.pid)
+        got = probe(guest, allowed=f"get('http://{world['allowed']}:8080/marker')")
+        time.sleep(2)
+        cpu_after = _cpu_seconds(passt.pid)
+        elapsed = time.monotonic() - t0
+    assert got["allowed"]["ok"], got
+    assert cpu_after - cpu < 1.0, (
+        f"passt kept a core busy after the burst ({cpu_after - cpu:.1f} s)"
+    )
+    assert cpu < 0.6 * elapsed + 1.0, f"passt used {cpu:.1f}s of CPU in {elapsed:.1f}s"
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -19,13 +19,11 @@ import zmq.asyncio
 from jupyter_client.session import Session
 
 from smol_kernel import strict_message, zmtp
-from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
 from smol_kernel.message_pump import MAX_MESSAGE_BYTES, MessageGate
 from smol_kernel.output_policy import OutputPolicy
-from smol_kernel.relay import KernelRelay
 
-from .web_helpers import free_port
+from .web_helpers import listening_relay
 
 KEY = b"guest-and-host-key"
 GREETING = b"\xff" + b"\0" * 7 + b"\x01\x7f\x03\x01" + b"NULL".ljust(20, b"\0") + b"\0" * 32
@@ -53,8 +51,7 @@ async def relayed(script: bytes, channel: str = "iopub", policy: bool = True,
     """What a raw client connected to the relay's ``channel`` port reads when the guest's
     end of that channel sends ``script`` and closes."""
     gate = gate or MessageGate(key=KEY, policy=OutputPolicy() if policy else None)
-    ports = {ch: free_port() for ch in CHANNEL_PORTS}
-    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
+    relay, ports = listening_relay(gate)
 
     async def open_stream(vport: int, timeout: float = 5.0):
         ours, theirs = socket.socketpair()
@@ -72,7 +69,6 @@ async def relayed(script: bytes, channel: str = "iopub", policy: bool = True,
         return await asyncio.open_connection(sock=ours, limit=1 << 20)
 
     async def run() -> bytes:
-        relay.bind()
         await relay.start_serving(open_stream)
         reader, writer = await asyncio.open_connection("127.0.0.1", ports[channel])
         got = b""
@@ -304,8 +300,7 @@ async def test_a_real_zmq_client_gets_the_rewritten_message():
     """pyzmq's SUB socket (libzmq) completes the handshake we wrote and verifies our
     signature through jupyter_client's Session."""
     gate = MessageGate(key=KEY, policy=OutputPolicy())
-    ports = {ch: free_port() for ch in CHANNEL_PORTS}
-    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
+    relay, ports = listening_relay(gate)
     script = GREETING + ready() + message(content={"data": {"text/html": "<b onclick=x>b</b>"},
                                                    "metadata": {}})  # fmt: skip
 
@@ -332,7 +327,6 @@ async def test_a_real_zmq_client_gets_the_rewritten_message():
         return await asyncio.open_connection(sock=ours, limit=1 << 20)
 
     async def serve() -> None:
-        relay.bind()
         await relay.start_serving(open_stream)
 
     await on_io_loop(serve())

@@ -23,7 +23,7 @@ from smol_kernel.relay import KernelRelay
 from smol_kernel.widget_policy import WIDGET_MODELS, WIDGET_TARGETS
 
 from .kernel_helpers import rss_mib, run_cell
-from .web_helpers import free_port
+from .web_helpers import listening_relay
 
 HOSTILE_HTML = [
     "<script>window.pwned=1</script>",
@@ -221,18 +221,16 @@ async def relayed_kernel(trusted: bool = False, backlog: int = 256 << 20):
     await km.start_kernel()
     info = km.get_connection_info()
     kernel_ports = {ch: int(info[f"{ch}_port"]) for ch in CHANNEL_PORTS}
-    host_ports = {ch: free_port() for ch in CHANNEL_PORTS}
     policy = None if trusted else OutputPolicy()
     gate = MessageGate(key=info["key"], signature_scheme=info["signature_scheme"],
                        policy=policy, iopub_backlog=backlog)  # fmt: skip
-    relay = KernelRelay("tcp", "127.0.0.1", host_ports, gate)
+    relay, host_ports = listening_relay(gate)
     by_vport = {CHANNEL_PORTS[ch]: port for ch, port in kernel_ports.items()}
 
     async def open_stream(vport: int, timeout: float = 5.0):
         return await asyncio.open_connection("127.0.0.1", by_vport[vport], limit=1 << 20)
 
     async def serve():
-        relay.bind()
         await relay.start_serving(open_stream)
 
     await on_io_loop(serve())

@@ -19,7 +19,7 @@ from smol_kernel.message_pump import MessageGate
 from smol_kernel.output_policy import OutputPolicy
 from smol_kernel.relay import KernelRelay
 
-from .web_helpers import free_port
+from .web_helpers import listening_relay
 
 
 async def _local_kernel(key: bytes) -> AsyncKernelManager:
@@ -57,12 +57,10 @@ def _opener(km: AsyncKernelManager):
 async def two_kernels_one_relay():
     key = uuid.uuid4().hex.encode()
     old, new = await asyncio.gather(_local_kernel(key), _local_kernel(key))
-    ports = {ch: free_port() for ch in CHANNEL_PORTS}
     gate = MessageGate(key=key, policy=OutputPolicy())
-    relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
+    relay, ports = listening_relay(gate)
 
     async def serve():
-        relay.bind()
         await relay.start_serving(_opener(old))
 
     await on_io_loop(serve())

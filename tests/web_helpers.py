@@ -19,6 +19,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_relay(gate) -> tuple:
+    """A ``KernelRelay`` on 127.0.0.1 bound to five free ports, and those ports. Another
+    test worker can take a port between ``free_port`` and the bind: then five new ones."""
+    from smol_kernel.guest.protocol import CHANNEL_PORTS
+    from smol_kernel.relay import KernelRelay, RelayError
+
+    for attempt in range(5):
+        ports = {ch: free_port() for ch in CHANNEL_PORTS}
+        relay = KernelRelay("tcp", "127.0.0.1", ports, gate)
+        try:
+            relay.bind()
+            return relay, ports
+        except RelayError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def wait_until_up(
     answers: Callable[[], bool],
     proc: subprocess.Popen,

@@ -47,7 +47,8 @@ class KernelLauncher:
             return f"no pool: {why}"
         assert selection.backend is not None
         warm_pool().want(plan, selection.backend, self.p.pool_size, self.p.pool_ttl,
-                         self.p.startup_timeout, self.p.log, self.p.planner.limits())  # fmt: skip
+                         self.p.startup_timeout, self.p.log, self.p.planner.limits(),
+                         self.p.planner.template_bounds())  # fmt: skip
         return f"keeping {self.p.pool_size} VM(s) ready ({plan.describe()})"
 
     async def launch(self) -> KernelConnectionInfo:
@@ -159,8 +160,9 @@ class KernelLauncher:
                                 "configuration)", self.p._shown_id, plan.describe())  # fmt: skip
             async with pool.cold_start() if not built else contextlib.nullcontext():
                 vm, self.p.agent, how = await template.prepared_vm(
-                    plan, backend, deadline, self.p.kernel_id or "", self.p._adopt, self.p.log
-                )
+                    plan, backend, deadline, self.p.kernel_id or "", self.p._adopt, self.p.log,
+                    self.p.planner.template_bounds(),
+                )  # fmt: skip
             self.p.log.info("kernel %s: %s VM %s (%s)", self.p._shown_id,
                             "restored clone" if how == "clone" else "booted", vm.id,
                             why_not_pooled)  # fmt: skip
@@ -211,6 +213,7 @@ class KernelLauncher:
             p.startup_timeout,
             p.log,
             self.p.planner.limits(),
+            self.p.planner.template_bounds(),
         )
         pooled = await pool.claim(plan, deadline)
         if pooled is None:

@@ -19,6 +19,7 @@ from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan
 from .pool import warm_pool
+from .template import TemplateBounds
 from .vm.allowlist import AllowList, AllowListError, check_cidr
 from .vm.select import Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
@@ -96,6 +97,9 @@ class KernelPlanner:
             pool.memory(), p.memory_mib, book.server.tighter(pool.limits_for(p))
         )
         return book.server.tighter(quota.Limits(self.p.max_vms, self.p.max_total_memory_mib))
+
+    def template_bounds(self) -> TemplateBounds:
+        return TemplateBounds(self.p.max_template_disk_mib, self.p.template_max_idle_days)
 
     def reserve(self, plan: KernelPlan) -> None:
         """Count this kernel's VM against the quotas, closing pooled VMs if that makes

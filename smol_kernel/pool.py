@@ -31,7 +31,7 @@ from .exit_hooks import on_exit
 from .ioloop import on_io_loop
 from .kernel_vm import KernelPlan
 from .quota import Limits
-from .template import prepared_vm
+from .template import TemplateBounds, prepared_vm
 from .vm.base import Vm, VmBackend
 from .vm.process import reap_orphans
 
@@ -95,6 +95,7 @@ class _Want:
     boot_timeout: float
     log: logging.Logger | logging.LoggerAdapter = log
     limits: Limits = field(default_factory=Limits)  # the kernelspec's own caps
+    template_bounds: TemplateBounds = field(default_factory=TemplateBounds)
     failures: int = 0
     retry_at: float = 0.0
     asked: float = field(default_factory=time.monotonic)  # the last start that asked
@@ -118,18 +119,20 @@ class WarmPool:
     def want(
         self, plan: KernelPlan, backend: VmBackend, size: int, ttl: float, boot_timeout: float,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
-        limits: Limits | None = None,
+        limits: Limits | None = None, template_bounds: TemplateBounds | None = None,
     ) -> None:  # fmt: skip
         """Keep ``size`` VMs prepared for ``plan`` (0 drops the plan's pool). What happens
         to the plan's VMs is logged to ``logger`` (the Jupyter app's, so it shows);
-        ``limits`` are the kernelspec's own caps, which refills of this plan respect."""
+        ``limits`` are the kernelspec's own caps, which refills of this plan respect, and
+        ``template_bounds`` what a template built for a refill tidies to."""
         if size <= 0 or not self.enabled:
             if self._wants.pop(plan, None) is not None:
                 self._wake.set()
             return
         old = self._wants.get(plan)
         self._wants[plan] = want = _Want(backend, size, ttl, boot_timeout, logger or log,
-                                         limits or Limits())  # fmt: skip
+                                         limits or Limits(),
+                                         template_bounds or TemplateBounds())  # fmt: skip
         if old is None or (old.size, old.ttl) != (size, ttl) or old.failures:
             want.log.info("warm pool: keeping %d VM(s) ready for %s", size, plan.describe())
         if self._runner is None or self._runner.done():
@@ -304,7 +307,7 @@ class WarmPool:
             await asyncio.to_thread(reap_orphans)  # a crashed owner's VMs, before ours
             vm, agent, _ = await prepared_vm(
                 plan, want.backend, time.monotonic() + want.boot_timeout, on_vm=fill.on_vm,
-                logger=want.log,
+                logger=want.log, bounds=want.template_bounds,
             )  # fmt: skip
         except Exception as e:
             if fill.stopped:

@@ -102,6 +102,21 @@ class KernelSettings(HasTraits):
         except ValueError:
             return 0
 
+    max_template_disk_mib = Integer(
+        4096,
+        config=True,
+        help="Most disk (MiB) this user's kernel templates may take (one per configuration: "
+        "image, memory, network, shares; ~210 MiB each). Each time one is built, the least "
+        "recently used others go until the rest fit; never one a running VM maps or one "
+        "used in the last 10 minutes. 0: no cap.",
+    )
+    template_max_idle_days = Float(
+        14.0,
+        config=True,
+        help="Templates unused for this many days are removed, as are those of an image "
+        "that was rebuilt or removed (checked each time a template is built; smol-kernel "
+        "templates --prune does it now).",
+    )
     pool_ttl = Float(
         3600.0,
         config=True,

@@ -42,12 +42,23 @@ from . import paths
 from .agent_client import GuestAgent
 from .kernel_vm import KernelPlan, boot_kernel_vm, restore_and_connect
 from .vm.base import Vm, VmBackend, VmError
+from .vm.process import list_vms, vm_processes
 from .vm.qemu import QemuBackend, Snapshot
 
 log = logging.getLogger("smol_kernel.template")
 
 TEMPLATE_FORMAT = 1  # bump when what a template holds, or how it is used, changes
 _building: dict[str, asyncio.Future] = {}  # key -> the build in progress (this process)
+RECENT_USE_S = 600.0  # a template used this recently is never removed to make room
+
+
+@dataclass(frozen=True)
+class TemplateBounds:
+    """How much of the disk templates may take (``SmolVMProvisioner`` traits of the same
+    names): checked each time a template is built (``tidy``)."""
+
+    max_template_disk_mib: int = 4096  # 0: no cap
+    template_max_idle_days: float = 14.0
 
 
 def templates_dir() -> Path:
@@ -142,6 +153,12 @@ class Template:
         with contextlib.suppress(OSError):
             os.utime(self.folder / "template.json")
 
+    def last_used(self) -> float:
+        try:
+            return (self.folder / "template.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
     def disk_bytes(self) -> int:
         return sum(p.stat().st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
 
@@ -163,9 +180,11 @@ def find(plan: KernelPlan, backend: QemuBackend) -> Template | None:
 async def get_or_build(
     plan: KernelPlan, backend: QemuBackend, timeout: float,
     logger: logging.Logger | logging.LoggerAdapter = log, on_vm=None,
+    bounds: TemplateBounds | None = None,
 ) -> Template:  # fmt: skip
-    """The plan's template, built now (a cold boot and a save) if there is none.
-    ``on_vm(vm)`` sees the template's VM while it boots (so a pool can stop it)."""
+    """The plan's template, built now (a cold boot and a save) if there is none, and then
+    the others tidied to ``bounds``. ``on_vm(vm)`` sees the template's VM while it boots
+    (so a pool can stop it)."""
     key = template_key(plan, backend, plan.isolation)
     if (found := Template.load(key)) is not None:
         return found
@@ -176,6 +195,10 @@ async def get_or_build(
     try:
         template = await _build(plan, backend, key, timeout, logger, on_vm)
         future.set_result(template)
+        removed = await asyncio.to_thread(tidy, bounds or TemplateBounds(), key)
+        if removed:
+            logger.info("templates removed to stay within max_template_disk_mib and "
+                        "template_max_idle_days: %s", ", ".join(removed))  # fmt: skip
         return template
     except BaseException as e:
         future.set_exception(e)
@@ -254,17 +277,18 @@ async def restore_kernel_vm(
 
 async def prepared_vm(
     plan: KernelPlan, backend: VmBackend, deadline: float, label: str = "", on_vm=None,
-    logger: logging.Logger | logging.LoggerAdapter = log,
+    logger: logging.Logger | logging.LoggerAdapter = log, bounds: TemplateBounds | None = None,
 ) -> tuple[Vm, GuestAgent, str]:  # fmt: skip
     """A VM for ``plan`` whose kernel is prepared (claim it next), and how it came: a clone
-    of the plan's template ("clone"; the template is built first if there is none), or a
-    cold boot ("cold", when the plan cannot be cloned or building its template failed)."""
+    of the plan's template ("clone"; the template is built first if there is none, within
+    ``bounds``), or a cold boot ("cold", when the plan cannot be cloned or building its
+    template failed)."""
     why = why_not_cloneable(plan, backend)
     if why is None:
         assert isinstance(backend, QemuBackend)
         try:
             template = await get_or_build(plan, backend, deadline - time.monotonic(), logger,
-                                          on_vm=on_vm)  # fmt: skip
+                                          on_vm=on_vm, bounds=bounds)  # fmt: skip
             vm, agent = await restore_kernel_vm(template, plan, backend, deadline, label, on_vm)
             return vm, agent, "clone"
         except (VmError, OSError) as e:
@@ -298,9 +322,51 @@ def remove(template: Template) -> None:
     shutil.rmtree(template.folder, ignore_errors=True)
 
 
-def prune(max_idle_days: float = 14.0) -> list[str]:
+def in_use() -> set[str]:
+    """Keys of this user's templates whose RAM file a running VM maps (a clone, or a
+    template being built)."""
+    base = f"{templates_dir()}/"
+    keys = set()
+    for rt, state in list_vms():
+        for pid in vm_processes(rt, state):
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:
+                continue
+            for line in maps.splitlines():
+                fields = line.split(maxsplit=5)
+                path = fields[5] if len(fields) == 6 else ""
+                if path.startswith(base):
+                    keys.add(path[len(base) :].split("/", 1)[0])
+    return keys
+
+
+def tidy(bounds: TemplateBounds, keep: str | None = None) -> list[str]:
+    """``prune`` (stale templates), then the least recently used until the rest fit in
+    ``max_template_disk_mib``: never ``keep``, one a running VM maps, or one used in the
+    last ``RECENT_USE_S``. Returns the keys removed."""
+    busy = in_use() | ({keep} if keep else set())
+    removed = prune(bounds.template_max_idle_days, busy)
+    cap = bounds.max_template_disk_mib << 20
+    if cap <= 0:
+        return removed
+    templates = sorted(list_templates(), key=lambda t: t.last_used())
+    total = sum(t.disk_bytes() for t in templates)
+    for t in templates:
+        if total <= cap:
+            break
+        if t.key in busy or time.time() - t.last_used() < RECENT_USE_S:
+            continue
+        total -= t.disk_bytes()
+        remove(t)
+        removed.append(t.key)
+    return removed
+
+
+def prune(max_idle_days: float = 14.0, keep: set[str] = frozenset()) -> list[str]:
     """Remove templates of images that changed or are gone, of another QEMU, and ones not
-    used for ``max_idle_days``; and leftovers of interrupted builds. Returns their keys."""
+    used for ``max_idle_days``; and leftovers of interrupted builds; never one in ``keep``.
+    Returns their keys."""
     from .image.store import GuestImage, ImageNotFound
 
     removed = []
@@ -311,12 +377,14 @@ def prune(max_idle_days: float = 14.0) -> list[str]:
             if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(folder, ignore_errors=True)
             continue
+        if folder.name in keep:
+            continue
         template = Template.load(folder.name)
         if template is None:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
             continue
-        stale = time.time() - (folder / "template.json").stat().st_mtime > max_idle_days * 86400
+        stale = time.time() - template.last_used() > max_idle_days * 86400
         try:
             GuestImage.load(str(template.meta.get("image")))
             stale = stale or template.meta.get("image_files") != _image_files(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
@@ -121,3 +124,32 @@ def rss_mib(pid: int | str = "self") -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def ram_digest(folder: Path) -> tuple[str, int]:
+    """The RAM file's content and its allocated blocks (a discard punches holes: fewer). The
+    file is flushed first: a file system may count blocks differently before its delayed
+    allocation is written back (one block more was seen on CI with the same content)."""
+    ram = folder / "ram"
+    h = hashlib.sha256()
+    with open(ram, "rb") as f:
+        os.fsync(f.fileno())
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest(), ram.stat().st_blocks
+
+
+def written_since_mapped_mib(pid: int, ram: Path) -> int:
+    """How much of the RAM file ``ram`` the process ``pid`` maps privately has become its
+    own (MiB): the pages it wrote, each copied on write. The rest it reads from the page
+    cache, which holds them once for every VM that maps the file."""
+    inode = os.stat(ram).st_ino
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and not head[0].endswith(":"):  # a mapping's first line: its inode 5th
+                inside = len(head) >= 5 and head[4] == str(inode)
+            elif inside and head[0] == "Anonymous:":
+                total += int(head[1])
+    return total >> 10

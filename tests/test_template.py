@@ -6,12 +6,12 @@ when anything it was built from changes."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +20,7 @@ from smol_kernel.kernel_vm import KernelPlan
 from smol_kernel.vm.qemu import QemuBackend
 
 from .conftest import install_spec
-from .kernel_helpers import run_cell, start_kernel, stop_kernel
+from .kernel_helpers import ram_digest, run_cell, start_kernel, stop_kernel
 
 
 def plan(**changes) -> KernelPlan:
@@ -107,19 +107,6 @@ print(json.dumps({"urandom": os.urandom(16).hex(), "uuid": str(uuid.uuid4()),
 )
 
 
-def ram_digest(folder: Path) -> tuple[str, int]:
-    """The RAM file's content and its allocated blocks (a discard punches holes: fewer). The
-    file is flushed first: a file system may count blocks differently before its delayed
-    allocation is written back (one block more was seen on CI with the same content)."""
-    ram = folder / "ram"
-    h = hashlib.sha256()
-    with open(ram, "rb") as f:
-        os.fsync(f.fileno())
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest(), ram.stat().st_blocks
-
-
 @pytest.mark.vm
 async def test_clones_are_fresh_and_the_template_never_changes(jupyter_prefix):
     from smol_kernel.image.store import GuestImage, ImageNotFound
@@ -198,3 +185,82 @@ async def test_templates_command_lists_and_removes(jupyter_prefix, capsys):
     assert key not in {t.key for t in tpl.list_templates()}
     assert main(["templates", "--rm", "nothing-like-this"]) == 1
     await asyncio.sleep(0)
+
+
+def fake_template(key: str, mib: int, idle_s: float, image_files: object) -> str:
+    """A template folder as a build leaves it, with ``mib`` of RAM written, last used
+    ``idle_s`` ago."""
+    folder = tpl.templates_dir() / key
+    folder.mkdir(mode=0o700)
+    (folder / "ram").write_bytes(os.urandom(mib << 20))
+    (folder / "state").write_bytes(b"s")
+    (folder / "overlay.ext4").write_bytes(b"o")
+    meta = {"key": key, "image": "default", "image_files": image_files, "memory_mib": 640}
+    (folder / "template.json").write_text(json.dumps(meta))
+    os.utime(folder / "template.json", (time.time() - idle_s,) * 2)
+    return key
+
+
+@pytest.fixture
+def own_templates(image, tmp_path, monkeypatch):
+    """An empty template store and runtime folder of this test's own."""
+    monkeypatch.setenv("SMOL_KERNEL_TEMPLATES_DIR", str(tmp_path / "templates"))
+    monkeypatch.setenv("SMOL_KERNEL_RUNTIME_DIR", str(tmp_path / "run"))
+    return tpl._image_files("default")
+
+
+def mapping_vm(ram) -> subprocess.Popen:
+    """A process recorded as a running VM (as ``smol-kernel ps`` finds one) that maps
+    ``ram`` privately, as a clone maps its template."""
+    from smol_kernel.vm.process import RuntimeDir, owner_state, proc_start_time
+
+    code = ("import mmap, sys\nf = open(sys.argv[1], 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint('mapped', flush=True)\n"
+            "sys.stdin.read()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ram)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "mapped"
+    rt = RuntimeDir.create()
+    rt.write_state({**owner_state(), "id": rt.id, "pids": {"vmm": proc.pid},
+                    "starts": {"vmm": proc_start_time(proc.pid)}})  # fmt: skip
+    return proc
+
+
+def test_templates_beyond_the_disk_cap_go_least_recently_used_first(own_templates):
+    """Issue 32: templates had no bound on disk. The least recently used go first until
+    the rest fit, never one a running VM maps, one used in the last ten minutes, or the
+    one just built."""
+    day = 86400
+    mapped = fake_template("a-mapped", 3, 9 * day, own_templates)
+    old = fake_template("b-old", 3, 8 * day, own_templates)
+    older = fake_template("c-older", 3, 8.5 * day, own_templates)
+    fresh = fake_template("d-recent", 3, 60, own_templates)
+    built = fake_template("e-built", 3, 10 * day, own_templates)
+    vm = mapping_vm(tpl.templates_dir() / mapped / "ram")
+    try:
+        assert tpl.in_use() == {mapped}
+        bounds = tpl.TemplateBounds(max_template_disk_mib=10, template_max_idle_days=14)
+        assert tpl.tidy(bounds, keep=built) == [older, old]
+    finally:
+        vm.kill()
+        vm.wait()
+    left = {t.key for t in tpl.list_templates()}
+    assert left == {mapped, fresh, built}
+    # Control: with nothing mapping it, the oldest goes next.
+    assert tpl.tidy(tpl.TemplateBounds(6, 14), keep=built) == [mapped]
+
+
+def test_stale_templates_go_on_their_own(own_templates):
+    """Unused for template_max_idle_days, or of an image that was rebuilt or removed: gone
+    at the next tidy (each build runs one), with no cap set. Control: a template used
+    within the days, of the image as it is, stays."""
+    kept = fake_template("kept", 1, 3 * 86400, own_templates)
+    idle = fake_template("idle", 1, 15 * 86400, own_templates)
+    rebuilt = fake_template("rebuilt", 1, 60, {"vmlinuz": {"sha256": "before"}})
+    gone = fake_template("gone", 1, 60, own_templates)
+    meta = json.loads((tpl.templates_dir() / gone / "template.json").read_text())
+    (tpl.templates_dir() / gone / "template.json").write_text(
+        json.dumps({**meta, "image": "no-such-image"}))  # fmt: skip
+    removed = tpl.tidy(tpl.TemplateBounds(max_template_disk_mib=0, template_max_idle_days=14))
+    assert sorted(removed) == sorted([idle, rebuilt, gone])
+    assert [t.key for t in tpl.list_templates()] == [kept]

@@ -2,11 +2,12 @@
 
 ``Timeline`` belongs to one kernel's provisioner and works on the io loop.
 
-* **checkpoint** pauses the kernel's VM, streams all of its memory and devices to a file,
-  copies its disk, and lets it run on (``QemuBackend.checkpoint``; files in
-  ``checkpoint.py``). Asked by the host (API, CLI, REST), it is taken only when the kernel
-  is idle: new shell requests wait in the relay, and a kernel still answering one is
-  refused at once ("busy") rather than saved mid-cell. Asked by ``%checkpoint`` in a cell,
+* **checkpoint** pauses the kernel's VM, saves its memory (as a RAM file later restores map
+  copy-on-write) and devices, copies its disk, and lets it run on
+  (``QemuBackend.checkpoint``; files in ``checkpoint.py``). Asked by the host (API, CLI,
+  REST), it is taken only when the kernel is idle: new shell requests wait in the relay
+  until the VM runs again, and a kernel still answering one is refused at once ("busy")
+  rather than saved mid-cell. Asked by ``%checkpoint`` in a cell,
   it is taken right there, with the kernel inside that magic.
 * **rewind** restores a new VM from a checkpoint, moves every client connection to it
   (same kernel id, ports and key: clients stay connected; ``relay.py``), then kills the
@@ -162,7 +163,10 @@ class Timeline:
         work = None
         try:
             work = store.staging(self.kernel_id, name)
-            paused = await self.p.vm_backend.checkpoint(vm, store.Snapshot(work), SAVE_TIMEOUT)
+            # Requests flow again once the VM runs, not once its RAM file is written.
+            resumed = None if from_guest else self.p.relay.release
+            paused = await self.p.vm_backend.checkpoint(vm, store.Snapshot(work), SAVE_TIMEOUT,
+                                                        resumed)  # fmt: skip
             cp = store.commit(work, self.kernel_id, name, paused_s=paused, keep=keep,
                               plan_key=self.plan_key(), memory_mib=plan.memory_mib,
                               description=plan.describe(), by_kernel=from_guest)  # fmt: skip

@@ -15,7 +15,13 @@ from smol_kernel.checkpoint import CheckpointError
 from smol_kernel.cli import main
 
 from .conftest import install_spec, processes_mentioning, runtime_entries
-from .kernel_helpers import run_cell, start_kernel, stop_kernel
+from .kernel_helpers import (
+    ram_digest,
+    run_cell,
+    start_kernel,
+    stop_kernel,
+    written_since_mapped_mib,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -74,6 +80,54 @@ async def test_rewind_brings_back_variables_and_files_with_the_client_connected(
     assert r.stdout.strip() == "1"
     names = [c.name for c in await prov.checkpoints()]
     assert names == ["one"]
+
+
+async def test_a_checkpoint_is_a_ram_file_its_restores_map_and_nobody_writes(kernel):
+    """A clone's checkpoint keeps its memory as a RAM file: a rewind and a fork map it
+    copy-on-write (a fork copies none of the data it reads, and the pages it writes), and
+    the file stays as saved while they run, write and free memory (the template test's
+    proof: content and allocated blocks)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    km, kc = kernel
+    prov = km.provisioner
+    r = await run_cell(kc, "import hashlib, os\nheld = [os.urandom(1 << 20) for _ in range(150)]"
+                       "\nheld_sum = hashlib.sha256(b''.join(held)).hexdigest()")  # fmt: skip
+    assert r.status == "ok", r.evalue
+    cp = await prov.checkpoint("mapped")
+    state = (cp.folder / "state").stat().st_size
+    assert (cp.folder / "ram").is_file() and state < 4 << 20, f"device state {state} bytes"
+    assert cp.size_bytes > 150 << 20, "the RAM file holds what the kernel wrote"
+    before = ram_digest(cp.folder)
+    # (read in place: a join would write a copy of it)
+    check = "h = hashlib.sha256()\nfor b in held: h.update(b)\nprint(h.hexdigest() == held_sum)"
+    writes = (
+        "held = [os.urandom(1 << 20) for _ in range(150)]\n"
+        "big = bytearray(200 << 20); big[::4096] = b'x' * (len(big) // 4096); del big"
+    )
+    await run_cell(kc, "held.clear()")
+    await prov.rewind("mapped")
+    await announced(kc, "rewound to checkpoint mapped")
+    assert (await run_cell(kc, check)).stdout.strip() == "True"
+    assert (await run_cell(kc, writes)).status == "ok"
+    fkm = AsyncKernelManager(kernel_name=km.kernel_name)
+    await fkm.start_kernel(restore_from=cp)
+    fkc = fkm.client()
+    fkc.start_channels()
+    try:
+        await fkc.wait_for_ready(timeout=60)
+        assert (await run_cell(fkc, check)).stdout.strip() == "True"
+        pid = fkm.provisioner.vm.pid
+        own = written_since_mapped_mib(pid, cp.folder / "ram")
+        assert own < 100, f"a fork of a kernel holding 150 MiB copied {own} MiB of it"
+        assert (await run_cell(fkc, writes)).status == "ok"
+        wrote = written_since_mapped_mib(pid, cp.folder / "ram") - own
+        assert wrote >= 140, f"the probe: 150 MiB written, {wrote} MiB seen copied"
+    finally:
+        await stop_kernel(fkm, fkc)
+    assert ram_digest(cp.folder) == before, "the checkpoint's RAM file changed under its VMs"
+    await run_cell(kc, "del held")
+    store.remove(cp)
 
 
 async def test_a_host_request_on_a_busy_kernel_is_refused_and_the_cell_goes_on(kernel):

@@ -304,3 +304,61 @@ def child_pids() -> list[int]:
             if int(fields[1]) == me and fields[0] != "Z":
                 out.append(int(d))
     return out
+
+
+@pytest.mark.parametrize("balloon", [False, True], ids=["ram-file", "streamed"])
+async def test_a_checkpoint_restores_with_the_devices_it_was_saved_with(
+    qemu_backend, tmp_path, balloon
+):
+    """A VM without a balloon (a template's, a clone's) is saved as a RAM file its restores
+    map; a cold-booted one, with its balloon, as a stream restored into fresh memory with
+    the balloon back (a balloon's discards would punch holes into a mapped file). Both
+    restores run: their agent answers, its clock going on from the save."""
+    from smol_kernel.vm.qemu import Snapshot
+
+    options = {} if balloon else {"template": tmp_path / "booted-ram"}
+    vm = await qemu_backend.start(VmSpec(), **options)
+    restored, agents = None, []
+    try:
+        agents.append(await GuestAgent.connect(vm, BOOT_TIMEOUT))
+        assert vm.balloon is balloon
+        await asyncio.sleep(3)  # the agent's clock then tells a restore from a new boot
+        saved = Snapshot(tmp_path / "saved")
+        saved.folder.mkdir()
+        paused = await qemu_backend.checkpoint(vm, saved, 120)
+        assert paused > 0 and saved.streamed is balloon
+        if not balloon:
+            assert saved.state.stat().st_size < 4 << 20, "the memory is in the RAM file"
+        restored = await qemu_backend.start(VmSpec(), restore=saved)
+        assert restored.balloon is balloon
+        agents.append(await GuestAgent.connect(restored, 60))
+        assert agents[-1].hello["ok"] is True
+        assert agents[-1].hello["agent_seconds"] > agents[0].hello["agent_seconds"] + 2.5
+    finally:
+        for agent in agents:
+            await agent.close()
+        for v in (vm, restored):
+            if v is not None:
+                await v.close()
+
+
+async def test_a_checkpoint_that_cannot_start_its_receiver_leaves_nothing(qemu_backend, tmp_path):
+    """The QEMU that takes a checkpoint's memory exits at once (here: not QEMU at all): a
+    clear error, no process, runtime folder or memory file left, and the VM runs on."""
+    from smol_kernel.vm.qemu import Snapshot
+
+    vm = await qemu_backend.start(VmSpec(), template=tmp_path / "booted-ram")
+    agent = await GuestAgent.connect(vm, BOOT_TIMEOUT)
+    try:
+        before, fds = runtime_entries(), len(os.listdir("/proc/self/fd"))
+        saved = Snapshot(tmp_path / "saved")
+        saved.folder.mkdir()
+        with pytest.raises(VmError, match="the QEMU that takes a checkpoint did not start"):
+            await QemuBackend(qemu="/bin/false").checkpoint(vm, saved, 60)
+        assert runtime_entries() == before
+        assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor (the memfd?) was kept"
+        assert not saved.ram.exists()
+        assert (await agent.request(P.OP_HELLO, timeout=10))["ok"] is True
+    finally:
+        await agent.close()
+        await vm.close()

@@ -51,6 +51,8 @@ class Link:
         self.lost = 0  # requests relayed but not kept (too large), since the last move
         self.flowing = asyncio.Event()  # clear: hold the next message
         self.flowing.set()
+        self.created = asyncio.get_running_loop().time()
+        self.subscribed = asyncio.Event()  # iopub: a subscription went to a guest stream
         self.between = asyncio.Event()  # set: no message is half written to the guest
         self.between.set()
         self.down = Progress()  # the guest-to-client pump's
@@ -146,6 +148,8 @@ async def pump_client(link: Link) -> None:
             elif name in (b"SUBSCRIBE", b"CANCEL"):
                 link.subscriptions.append(data)
             await link._write(data)
+            if name == b"SUBSCRIBE":
+                link.subscribed.set()
             continue
         raws, parts, size = [header.raw], [], header.size
         while size <= MAX_KEPT_MESSAGE:
@@ -169,6 +173,8 @@ async def pump_client(link: Link) -> None:
             continue
         data = b"".join(r + p for r, p in zip(raws, parts, strict=True))
         await link._write(data, link._keep(parts, data))
+        if link.channel == "iopub" and parts[0][:1] == b"\x01":  # ZMTP 3.0's subscribe
+            link.subscribed.set()
 
 
 async def _stream(

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .error_root import SmolKernelError
 from .vm.qemu import Snapshot
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-class CheckpointError(Exception):
+class CheckpointError(SmolKernelError):
     """A checkpoint could not be saved, found or used; the message says what to do."""
 
 

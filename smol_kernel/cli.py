@@ -8,10 +8,8 @@ import json
 import os
 import sys
 
-from .errors import HostToolError
+from .error_root import SmolKernelError
 from .image.store import DEFAULT_IMAGE, ImageNotFound
-from .paths import RuntimeDirError
-from .vm.base import VmError
 
 
 def _fmt_size(n: float) -> str:
@@ -936,19 +934,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (HostToolError, ImageNotFound, ValueError, VmError, RuntimeDirError) as e:
+    except (SmolKernelError, ValueError) as e:
         from .shown import printable
 
         # (a VM error may quote the guest's console: no terminal escapes get through)
         print(f"smol-kernel: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from .image.builder import ImageBuildError
-
-        if isinstance(e, ImageBuildError):
-            print(f"smol-kernel: error: {e}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         return 130
 

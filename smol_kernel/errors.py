@@ -6,6 +6,10 @@ The provisioner therefore raises every start failure as a ``ReadableStartError``
 ``HTTPError`` (status 500, or 403 for a quota) that is also a ``KernelStartError``, so other
 clients (nbclient, the sandbox, the CLI) catch it as before and read the same message.
 Each message says what happened and what to do.
+
+Every error smol-kernel raises to a user derives from ``SmolKernelError``; the public ones
+can be imported from here (those of lower layers load when first named, so that importing
+this module pulls in no layer above the one asking).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import textwrap
 
 from tornado.web import HTTPError
 
+from .error_root import SmolKernelError
 
-class KernelStartError(RuntimeError):
+
+class KernelStartError(SmolKernelError, RuntimeError):
     """The kernel VM did not come up; the message has the reason and the console tail."""
 
 
@@ -43,5 +49,36 @@ class QuotaExceeded(ReadableStartError):
         super().__init__(403, message)
 
 
-class HostToolError(Exception):
+class HostToolError(SmolKernelError):
     """A host program smol-kernel needs is missing or failed; the message says what to do."""
+
+
+# name -> the module that defines it (imported on first use: no import cycles)
+_PUBLIC = {
+    "AllowListError": "vm.allowlist",
+    "BackendUnavailable": "vm.base",
+    "CheckpointError": "checkpoint",
+    "FolderError": "vm.host_folder",
+    "ImageBuildError": "image.build_steps",
+    "ImageFileError": "image.portable",
+    "ImageNotFound": "image.store",
+    "OciError": "image.oci",
+    "PrivateDirError": "paths",
+    "QmpError": "vm.qmp",
+    "RelayError": "relay",
+    "RuntimeDirError": "paths",
+    "SandboxError": "sandbox.session",
+    "ShareError": "vm.share",
+    "VmError": "vm.base",
+    "VmSpecError": "vm.spec",
+}
+__all__ = ["HostToolError", "KernelStartError", "QuotaExceeded", "ReadableStartError",
+           "SmolKernelError", *_PUBLIC]  # fmt: skip
+
+
+def __getattr__(name: str) -> type[SmolKernelError]:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{_PUBLIC[name]}"), name)

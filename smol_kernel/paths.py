@@ -16,6 +16,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .error_root import SmolKernelError
+
 
 def cache_dir() -> Path:
     env = os.environ.get("SMOL_KERNEL_CACHE_DIR")
@@ -30,11 +32,11 @@ def tools_dir() -> Path:
     return cache_dir() / "tools"
 
 
-class RuntimeDirError(OSError):
+class RuntimeDirError(SmolKernelError, OSError):
     """The runtime folder exists but is not safely ours; the message says what to do."""
 
 
-class PrivateDirError(OSError):
+class PrivateDirError(SmolKernelError, OSError):
     """A folder that must be this user's alone is not; the message says what to do."""
 
 

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .client_pump import Link, pump_client
+from .error_root import SmolKernelError
 from .guest.protocol import CHANNEL_PORTS
 from .message_pump import MessageGate, Progress, pump_frames, pump_messages
 from .zmtp import ZmtpError
@@ -58,7 +59,7 @@ log = logging.getLogger("smol_kernel.relay")
 Opener = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-class RelayError(Exception):
+class RelayError(SmolKernelError):
     """A channel could not be bound on the host."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..error_root import SmolKernelError
 from ..guest import agent as _agent_mod
 from ..guest import protocol as P
 from .debian import Apt, unpack_deb
@@ -43,7 +44,7 @@ PIP_PLATFORMS = (
 )  # fmt: skip
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(SmolKernelError):
     """The image could not be built; the message says why and what to do."""
 
 

@@ -12,6 +12,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..error_root import SmolKernelError
+
 # What the guest needs; dependencies are resolved from the modules' own .modinfo.
 GUEST_MODULES = (
     "virtio_mmio",
@@ -30,7 +32,7 @@ OPTIONAL_MODULES = {
 }
 
 
-class ModuleError(Exception):
+class ModuleError(SmolKernelError):
     """A kernel module the guest needs is missing from the kernel package."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..error_root import SmolKernelError
 from .store import max_image_bytes
 
 MANIFEST_TYPES = (
@@ -49,7 +50,7 @@ MAX_JSON = 16 << 20  # a manifest, index or config larger than this is not one
 MAX_SYMLINK_HOPS = 40
 
 
-class OciError(ValueError):
+class OciError(SmolKernelError, ValueError):
     """The container image cannot be read or used; the message says why."""
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..error_root import SmolKernelError
 from ..trusted import find_program
 from .oci import OciError, open_image, unpack
 from .oci_root import (
@@ -33,7 +34,7 @@ from .oci_root import (
 )
 
 
-class StepError(Exception):
+class StepError(SmolKernelError):
     """A host tool of a step failed; the message has its output."""
 
 

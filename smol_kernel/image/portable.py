@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import paths
+from ..error_root import SmolKernelError
 from .store import (
     IMAGE_FILES,
     GuestImage,
@@ -38,7 +39,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 CHUNK = 1 << 20
 
 
-class ImageFileError(ValueError):
+class ImageFileError(SmolKernelError, ValueError):
     """The portable image file cannot be imported; the message says why."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
+from ..error_root import SmolKernelError
 
 DEFAULT_IMAGE = "default"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -26,7 +27,7 @@ IMAGE_FILES = ("root.ext4", "vmlinux", "initramfs.cpio")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ImageNotFound(Exception):
+class ImageNotFound(SmolKernelError):
     """The named guest image has not been built."""
 
 

@@ -21,12 +21,13 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from ..checkpoint import Checkpoint
+from ..error_root import SmolKernelError
 from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
 from ..provisioner import CLIENT_RCVHWM, SmolVMProvisioner
 from .execution import OutputCollector
 
 
-class SandboxError(RuntimeError):
+class SandboxError(SmolKernelError, RuntimeError):
     """The sandbox cannot do what was asked (killed, failed to start, agent refused)."""
 
 

@@ -12,13 +12,15 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from ..error_root import SmolKernelError
+
 Ports = tuple[int, int] | None  # an inclusive range, or None for every port
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 MAX_ENTRIES = 256
 MAX_NAME = 253
 
 
-class AllowListError(ValueError):
+class AllowListError(SmolKernelError, ValueError):
     """An allow-list entry that cannot be understood; the message says what is accepted."""
 
 

@@ -22,11 +22,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..error_root import SmolKernelError
 from ..image.store import GuestImage, ImageNotFound
 from .spec import Isolation, VmSpec
 
 
-class VmError(Exception):
+class VmError(SmolKernelError):
     """A VM could not be started or used; the message says why."""
 
 

@@ -15,11 +15,13 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..error_root import SmolKernelError
+
 Ident = tuple[int, int]  # (st_dev, st_ino)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-class FolderError(ValueError):
+class FolderError(SmolKernelError, ValueError):
     """A folder cannot be opened safely; the message says which part of the path and why."""
 
 

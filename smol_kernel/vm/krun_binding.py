@@ -13,6 +13,8 @@ import sys
 import time
 from importlib import resources
 
+from ..error_root import SmolKernelError
+
 REQUIRED = (
     "krun_set_log_level", "krun_create_ctx", "krun_free_ctx", "krun_set_vm_config",
     "krun_set_root", "krun_set_workdir", "krun_set_exec", "krun_set_console_output",
@@ -60,11 +62,11 @@ def find_library(name: str) -> str | None:
     return None
 
 
-class KrunLoadError(Exception):
+class KrunLoadError(SmolKernelError):
     """libkrun could not be loaded, or lacks what smol-kernel needs; the message says what."""
 
 
-class KrunError(OSError):
+class KrunError(SmolKernelError, OSError):
     """A krun_* call returned a negative errno."""
 
     def __init__(self, function: str, rc: int) -> None:

@@ -58,6 +58,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..error_root import SmolKernelError
 from . import egress as egress_policy
 from .dns import DNS_PORT
 
@@ -112,7 +113,7 @@ def never_reached(dst: ipaddress.IPv4Address) -> bool:
     return any(dst in net for net in ALWAYS_BLOCKED) or dst in KNOWN_ENDPOINTS
 
 
-class HostAddressesUnknown(RuntimeError):
+class HostAddressesUnknown(SmolKernelError, RuntimeError):
     """The host's own addresses cannot be read; the guard refuses to run (fail closed)."""
 
 

@@ -16,8 +16,10 @@ import socket
 import time
 from pathlib import Path
 
+from ..error_root import SmolKernelError
 
-class QmpError(Exception):
+
+class QmpError(SmolKernelError):
     """QEMU refused a command or the connection broke; the message is QEMU's."""
 
 

@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..error_root import SmolKernelError
 from ..guest import protocol as P
 from .host_folder import FolderError, Ident, KnownFolder, ancestors, ident, open_folder
 
@@ -39,7 +40,7 @@ RESERVED_GUEST_PATHS = (
 )  # fmt: skip
 
 
-class ShareError(ValueError):
+class ShareError(SmolKernelError, ValueError):
     """A share string is malformed or points at something unusable; the message says why."""
 
 

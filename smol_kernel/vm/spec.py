@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 
+from ..error_root import SmolKernelError
 from .allowlist import AllowList, AllowListError
 from .netfilter import guest_net_config
 from .share import Share, ShareError, check_shares
@@ -34,7 +35,7 @@ MIN_MEMORY_MIB = 256
 MIN_DISK_MIB = 64
 
 
-class VmSpecError(ValueError):
+class VmSpecError(SmolKernelError, ValueError):
     """A VmSpec asks for something impossible; the message says what is allowed."""
 
 

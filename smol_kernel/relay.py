@@ -85,6 +85,7 @@ class KernelRelay:
         self._open_stream: Opener | None = None
         self._attached = asyncio.Event()  # clear while the kernel's VM is being replaced
         self._held = False  # new shell requests wait (a checkpoint or rewind is coming)
+        self._subscribed = asyncio.Event()  # set (and replaced) when an iopub link subscribes
         self.connections = 0  # total client connections relayed, for tests and ps
         self.peak_buffered = 0  # largest write buffer seen on any relayed stream, bytes
 
@@ -169,6 +170,7 @@ class KernelRelay:
         assert task is not None
         _no_delay(c_writer)
         link = Link(channel, c_reader, c_writer)
+        link.on_subscribed = self._on_subscribed
         first: asyncio.Future | None = None
         self._tasks.add(task)
         self._writers.add(c_writer)
@@ -210,17 +212,26 @@ class KernelRelay:
         """Let a new shell link's requests flow once an iopub link of the same client has
         subscribed: else the kernel's busy/idle for its first request go to no one, and
         jupyter_client asks again after 0.2 s. A client without iopub waits
-        FIRST_REQUEST_WAIT once."""
+        FIRST_REQUEST_WAIT once (counted from when its guest stream is open)."""
         loop = asyncio.get_running_loop()
-        while loop.time() < shell.created + FIRST_REQUEST_WAIT:
-            if any(link.channel == "iopub" and link.subscribed.is_set()
-                   and link.created >= shell.created - PAIRING_S
-                   for link in self._links):  # fmt: skip
-                await asyncio.sleep(FIRST_REQUEST_SETTLE)
+        deadline = loop.time() + FIRST_REQUEST_WAIT
+        while not any(link.channel == "iopub" and link.subscribed.is_set()
+                      and link.created >= shell.created - PAIRING_S
+                      for link in self._links):  # fmt: skip
+            left = deadline - loop.time()
+            if left <= 0:
                 break
-            await asyncio.sleep(0.005)
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), left)  # (woken per subscription)
+        else:
+            await asyncio.sleep(FIRST_REQUEST_SETTLE)
         if not self._held:
             shell.flowing.set()
+
+    def _on_subscribed(self) -> None:
+        """An iopub link subscribed: wake the shell links waiting for one."""
+        woken, self._subscribed = self._subscribed, asyncio.Event()
+        woken.set()
 
     async def _connect(self, link: Link, replay: bool) -> bool:
         """Open a guest stream for ``link`` and start its guest-to-client pump; with

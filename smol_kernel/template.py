@@ -160,7 +160,14 @@ class Template:
             return 0.0
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
+        """Blocks its files take (0 for a file that went meanwhile)."""
+        total = 0
+        with contextlib.suppress(OSError):
+            for p in self.folder.iterdir():
+                with contextlib.suppress(OSError):
+                    st = p.lstat()
+                    total += st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
+        return total
 
 
 def _own_file(path: Path) -> bool:
@@ -195,17 +202,21 @@ async def get_or_build(
     try:
         template = await _build(plan, backend, key, timeout, logger, on_vm)
         future.set_result(template)
-        removed = await asyncio.to_thread(tidy, bounds or TemplateBounds(), key)
-        if removed:
-            logger.info("templates removed to stay within max_template_disk_mib and "
-                        "template_max_idle_days: %s", ", ".join(removed))  # fmt: skip
-        return template
     except BaseException as e:
         future.set_exception(e)
         future.exception()  # retrieved: the caller gets it raised
         raise
     finally:
         _building.pop(key, None)
+    try:  # the template is built whatever tidying finds
+        removed = await asyncio.to_thread(tidy, bounds or TemplateBounds(), key)
+    except Exception as e:
+        logger.warning("templates: tidying to max_template_disk_mib failed: %s", e)
+    else:
+        if removed:
+            logger.info("templates removed to stay within max_template_disk_mib and "
+                        "template_max_idle_days: %s", ", ".join(removed))  # fmt: skip
+    return template
 
 
 async def _build(
@@ -266,12 +277,12 @@ async def restore_kernel_vm(
 ) -> tuple[Vm, GuestAgent]:  # fmt: skip
     """A clone of ``template``, running, its kernel prepared (claim it next)."""
     spec = plan.vm_spec(label, shares_at_claim=True)
+    template.touch()  # before: tidying leaves a template used in the last minutes alone
     vm, agent = await restore_and_connect(
         backend, spec, template.snapshot, deadline, on_vm,
         lambda agent: agent.kernel_prepared.is_set(),
         f"a clone of template {template.key}, its kernel should be prepared",
     )  # fmt: skip
-    template.touch()
     return vm, agent
 
 
@@ -324,8 +335,13 @@ def remove(template: Template) -> None:
 
 def in_use() -> set[str]:
     """Keys of this user's templates whose RAM file a running VM maps (a clone, or a
-    template being built)."""
-    base = f"{templates_dir()}/"
+    template being built), matched by device and inode (not by path: links and relative
+    settings would not match)."""
+    by_file = {}
+    for template in list_templates():
+        with contextlib.suppress(OSError):
+            st = os.stat(template.snapshot.ram)
+            by_file[(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)] = template.key
     keys = set()
     for rt, state in list_vms():
         for pid in vm_processes(rt, state):
@@ -335,9 +351,15 @@ def in_use() -> set[str]:
                 continue
             for line in maps.splitlines():
                 fields = line.split(maxsplit=5)
-                path = fields[5] if len(fields) == 6 else ""
-                if path.startswith(base):
-                    keys.add(path[len(base) :].split("/", 1)[0])
+                if len(fields) < 5 or ":" not in fields[3]:
+                    continue
+                major, _, minor = fields[3].partition(":")
+                try:
+                    found = (int(major, 16), int(minor, 16), int(fields[4]))
+                except ValueError:
+                    continue
+                if found in by_file:
+                    keys.add(by_file[found])
     return keys
 
 

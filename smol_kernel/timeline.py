@@ -158,15 +158,20 @@ class Timeline:
         plan = self.p.plan
         self._quota(plan.memory_mib + plan.disk_mib)
         vm = self.p.vm
-        if not from_guest:
-            await self._wait_quiet()
         work = None
+        # While it saves, the VM's memory is there twice (the receiver's copy): counted
+        # against max_total_memory_mib like a kernel's, until the save ends.
+        saving, book = object(), quota.ledger()
+        book.kernels[id(saving)] = plan.memory_mib
         try:
             work = store.staging(self.kernel_id, name)
-            # Requests flow again once the VM runs, not once its RAM file is written.
-            resumed = None if from_guest else self.p.relay.release
-            paused = await self.p.vm_backend.checkpoint(vm, store.Snapshot(work), SAVE_TIMEOUT,
-                                                        resumed)  # fmt: skip
+            # Requests wait from when everything is ready to pause (not while the receiver
+            # allocates) until the VM runs again (not until its RAM file is written).
+            paused = await self.p.vm_backend.checkpoint(
+                vm, store.Snapshot(work), SAVE_TIMEOUT,
+                on_resumed=None if from_guest else self.p.relay.release,
+                before_pause=None if from_guest else self._wait_quiet,
+            )  # fmt: skip
             cp = store.commit(work, self.kernel_id, name, paused_s=paused, keep=keep,
                               plan_key=self.plan_key(), memory_mib=plan.memory_mib,
                               description=plan.describe(), by_kernel=from_guest)  # fmt: skip
@@ -175,6 +180,7 @@ class Timeline:
                 await asyncio.to_thread(shutil.rmtree, work, True)
             raise
         finally:
+            book.kernels.pop(id(saving), None)
             if not from_guest:
                 self.p.relay.release()
         if from_guest:  # what it wrote is charged against the guest's disk bandwidth

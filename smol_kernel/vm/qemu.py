@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,14 +250,20 @@ class QemuBackend(ProcessBackend):
         await mux.listen()
         streamed = restore is not None and restore.streamed
         ram = template if restore is None else None if streamed else restore.ram
+        ram_fd = None
+        if restore is not None and ram is not None:
+            # Opened next to its state and inherited: QEMU maps this very file, whatever
+            # replaces the name meanwhile (a checkpoint saved again, a template rebuilt).
+            ram_fd = os.open(ram, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            boot.fds.append(ram_fd)
+            ram = Path(f"/proc/self/fd/{ram_fd}")
         # A balloon only where no RAM file is shared (see _argv), and in a restored
         # checkpoint exactly when the VM it saved had one.
         balloon = restore.balloon if streamed else ram is None
         argv = self._argv(boot.spec, boot.image, boot.isolation, rt, overlay, boot.net_fd,
                           boot.share_fds, ram=ram, private=restore is not None,
                           balloon=balloon, incoming=state)  # fmt: skip
-        fds = (*boot.share_fds, *(() if boot.net_fd is None else (boot.net_fd,)),
-               *(() if state is None else (state,)))  # fmt: skip
+        fds = tuple(fd for fd in (*boot.share_fds, boot.net_fd, state, ram_fd) if fd is not None)
         boot.vmm = await asyncio.to_thread(spawn, argv, rt.path / "qemu.log", None, fds)
         vm = QemuVm(boot.spec, rt, boot.isolation, boot.vmm, tuple(boot.net_procs),
                     mux=mux, balloon=balloon)  # fmt: skip
@@ -309,11 +316,15 @@ class QemuBackend(ProcessBackend):
         snapshot.console.write_bytes(tail + b"[smol-kernel: saved as a template]\n")
 
     async def checkpoint(self, vm: QemuVm, snapshot: Snapshot, timeout: float,
-                         on_resumed: Callable[[], None] | None = None) -> float:  # fmt: skip
+                         on_resumed: Callable[[], None] | None = None,
+                         before_pause: Callable[[], Awaitable[None]] | None = None,
+                         ) -> float:  # fmt: skip
         """Pause ``vm``, save its memory and device state into ``snapshot``'s folder, copy
-        its disk, and let it run on. Returns the seconds it was paused; ``on_resumed`` is
-        called as soon as it runs again (what is left to write then is ours alone). VmError
-        if QEMU cannot save it (a mounted 9p share, for one); the VM runs on either way.
+        its disk, and let it run on. Returns the seconds it was paused. ``before_pause`` is
+        awaited once everything is ready, just before the pause (an exception from it
+        stops the save); ``on_resumed`` is called as soon as the VM runs again (what is
+        left to write then is ours alone). VmError if QEMU cannot save it (a mounted 9p
+        share, for one) or a file cannot be written; the VM runs on either way.
 
         A VM without a balloon (every clone) is saved as a RAM file to map: its memory
         streams into a receiving QEMU (``_Receiver``) whose RAM is ``snapshot.ram``, shared,
@@ -321,9 +332,15 @@ class QemuBackend(ProcessBackend):
         copy-on-write, as clones map a template. A VM with a balloon streams into
         ``state``: its restores need the balloon back, whose discards would punch holes
         into a mapped file."""
-        receiver = None if vm.balloon else await _Receiver.start(self, vm, snapshot)
+        receiver = None
         try:
+            if not vm.balloon:
+                receiver = await _Receiver.start(self, vm, snapshot)
+            if before_pause is not None:
+                await before_pause()
             return await self._pause_and_save(vm, snapshot, timeout, receiver, on_resumed)
+        except (OSError, TimeoutError) as e:  # a full disk, a QEMU that stopped answering
+            raise VmError(f"VM {vm.id}: saving a checkpoint failed: {e}") from None
         finally:
             if receiver is not None:
                 await receiver.close()
@@ -478,7 +495,7 @@ class _Receiver:
     def __init__(self, rt: RuntimeDir, proc: subprocess.Popen, qmp: Qmp, source: socket.socket,
                  held: tuple[socket.socket, ...], memfd: int) -> None:  # fmt: skip
         self.rt, self.proc, self.qmp, self._source, self._held = rt, proc, qmp, source, held
-        self._memfd = memfd
+        self._memfd, self._size = memfd, os.fstat(memfd).st_size  # (sealed: it stays)
 
     @property
     def source_fd(self) -> int:
@@ -493,10 +510,13 @@ class _Receiver:
         source, incoming = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         link, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         mux = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # QEMU connects at start
-        memfd = os.memfd_create("smol-checkpoint-ram", os.MFD_CLOEXEC)
-        proc = None
+        memfd = os.memfd_create("smol-checkpoint-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        proc = qmp = None
         try:
             os.ftruncate(memfd, vm.spec.memory_mib << 20)
+            # Its size is the VM's for good: a QEMU that misbehaves cannot make us read or
+            # write more than that.
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
             mux.bind(str(rt.path / "mux.sock"))
             mux.listen(1)
             with open(snapshot.overlay, "xb") as disk:  # filled while the VM is paused
@@ -518,14 +538,17 @@ class _Receiver:
                     {"capability": "x-ignore-shared", "state": False}])  # fmt: skip
                 await qmp.execute("migrate-incoming", uri=f"fd:{incoming.fileno()}")
             except QmpError as e:
-                await qmp.close()
                 raise VmError(f"the QEMU that takes a checkpoint refused it: {e}") from None
         except BaseException:
-            for s in (source, peer, mux):
-                s.close()
-            os.close(memfd)
-            stop_processes((proc,))
-            rt.remove()
+            try:
+                if qmp is not None:
+                    await qmp.close()
+            finally:
+                for s in (source, peer, mux):
+                    s.close()
+                os.close(memfd)
+                stop_processes((proc,))
+                rt.remove()
             raise
         finally:
             incoming.close()  # QEMU has its own copies
@@ -547,37 +570,47 @@ class _Receiver:
             raise VmError(f"writing a checkpoint's device state failed: {e}") from None
         finally:
             os.close(fd)
-        await asyncio.to_thread(write_ram, self._memfd, snapshot.ram)
+        # (its own descriptor: a cancelled save's thread may still read after close())
+        await asyncio.to_thread(write_ram, os.dup(self._memfd), snapshot.ram, self._size)
 
     async def close(self) -> None:
-        for s in (self._source, *self._held):
-            s.close()
-        os.close(self._memfd)
-        await self.qmp.close()
-        await asyncio.to_thread(stop_processes, (self.proc,))
-        self.rt.remove()
+        try:
+            for s in (self._source, *self._held):
+                s.close()
+            os.close(self._memfd)
+            await self.qmp.close()
+        finally:
+            stop_processes((self.proc,))
+            self.rt.remove()
 
 
 async def _qmp_once_started(proc: subprocess.Popen, rt: RuntimeDir, timeout: float) -> Qmp:
-    """QMP of a QEMU that may take long to start, or exit at once: VmError then."""
+    """QMP of a QEMU that may take long to start (it allocates its RAM first), or exit at
+    once: VmError then, with its own words."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await Qmp.connect(rt.path / "qmp.sock", timeout=0.5)
-        except QmpError as e:
-            if proc.poll() is None and time.monotonic() < deadline:
-                continue
-            log = (rt.path / "qemu.log").read_text(errors="replace")[-1000:]
-            raise VmError(f"the QEMU that takes a checkpoint did not start: {e}: {log}") from None
+    path = rt.path / "qmp.sock"
+    try:
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise QmpError("it exited before its QMP socket was there")
+            await asyncio.sleep(0.01)
+        return await Qmp.connect(path, timeout=max(1.0, deadline - time.monotonic()))
+    except (QmpError, OSError, TimeoutError, ValueError) as e:
+        log = (rt.path / "qemu.log").read_text(errors="replace")[-1000:]
+        raise VmError(f"the QEMU that takes a checkpoint did not start: {e}: {log}") from None
 
 
-def write_ram(memfd: int, dest: Path, chunk: int = 1 << 20, page: int = 64 << 10) -> None:
-    """Write a guest's RAM from ``memfd`` into the new file ``dest``, of the same size,
-    leaving holes where it has none or only zeros (a restore maps the file privately, and
-    a hole reads as zeros)."""
-    size = os.fstat(memfd).st_size
+def write_ram(memfd: int, dest: Path, size: int, chunk: int = 1 << 20,
+              page: int = 64 << 10) -> None:  # fmt: skip
+    """Write ``size`` bytes of a guest's RAM from ``memfd`` (closed here) into the new file
+    ``dest``, leaving holes where it has none or only zeros (a restore maps the file
+    privately, and a hole reads as zeros)."""
     zeros = bytes(page)
-    out = os.open(dest, _NEW_FILE, 0o600)
+    try:
+        out = os.open(dest, _NEW_FILE, 0o600)
+    except OSError:
+        os.close(memfd)
+        raise
     try:
         os.ftruncate(out, size)
         offset = 0
@@ -587,6 +620,8 @@ def write_ram(memfd: int, dest: Path, chunk: int = 1 << 20, page: int = 64 << 10
             except OSError:  # nothing but holes after offset
                 break
             data = os.pread(memfd, min(chunk, size - offset), offset)
+            if not data:
+                break
             for at in range(0, len(data), page):
                 piece = data[at : at + page]  # bytes: compared with memcmp (a memoryview
                 if piece != zeros[: len(piece)]:  # compares item by item, 20x slower)
@@ -594,6 +629,7 @@ def write_ram(memfd: int, dest: Path, chunk: int = 1 << 20, page: int = 64 << 10
             offset += len(data)
     finally:
         os.close(out)
+        os.close(memfd)
 
 
 def copy_sparse(src: Path, dest: Path) -> Path:

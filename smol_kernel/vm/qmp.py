@@ -44,8 +44,15 @@ class Qmp:
                 await asyncio.sleep(0.01)
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         qmp = cls(sock, reader, writer)
-        await asyncio.wait_for(qmp._read_message(), timeout)  # the greeting
-        await qmp.execute("qmp_capabilities")
+        try:
+            await asyncio.wait_for(qmp._read_message(), timeout)  # the greeting
+            await qmp.execute("qmp_capabilities")
+        except (TimeoutError, asyncio.TimeoutError, ValueError) as e:
+            await qmp.close()
+            raise QmpError(f"QEMU's QMP did not answer: {e or 'timed out'}") from None
+        except BaseException:
+            await qmp.close()
+            raise
         return qmp
 
     async def _read_message(self) -> dict:

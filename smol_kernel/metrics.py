@@ -13,7 +13,7 @@ if prom is not None:
     _starts = prom.Counter("smol_kernel_vm_starts", "Kernel VMs started, by kind", ["kind"])
     _start_seconds = prom.Histogram(
         "smol_kernel_start_seconds",
-        "Seconds from launch to a reachable kernel, by kind (cold, pooled)",
+        "Seconds from launch to a reachable kernel, by kind (cold, pooled, clone, fork, restored)",
         ["kind"],
         buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
     )

@@ -20,8 +20,7 @@ from smol_kernel import checkpoint as store
 from smol_kernel.sandbox import AsyncSandbox, Sandbox, SandboxError
 
 from .conftest import runtime_entries
-from .test_mcp import server_env
-from .web_helpers import free_port, wait_until_up, ws_execute
+from .web_helpers import free_port, server_env, wait_until_up, ws_execute
 
 pytestmark = pytest.mark.vm
 TOKEN = "smol-cp-token"

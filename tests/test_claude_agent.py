@@ -23,7 +23,7 @@ from smol_kernel.sandbox import AsyncSandbox
 
 from .conftest import runtime_entries
 from .fake_messages_api import FakeMessagesAPI
-from .test_kernel import tiny_png
+from .kernel_helpers import tiny_png
 
 pytestmark = pytest.mark.vm
 RECORDED = ["turn1_tool_use.sse", "turn2_end_turn.sse"]

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import struct
-import zlib
 
 import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
 from .conftest import SECRET_ENV, processes_mentioning, vmm_accel
-from .kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel
+from .kernel_helpers import crash_and_reconnect, run_cell, start_kernel, stop_kernel, tiny_png
 
 pytestmark = pytest.mark.vm
 
@@ -31,16 +29,6 @@ async def kernel(backend_spec):
     if rt is not None:
         assert not rt.exists(), "shutdown must remove the VM's runtime dir"
         assert processes_mentioning(str(rt)) == [], "shutdown must stop the VM"
-
-
-def tiny_png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))  # fmt: skip
 
 
 async def test_execute_stdout_and_stderr_streams(kernel):

@@ -4,7 +4,6 @@ and the streamable HTTP transport's bearer token."""
 from __future__ import annotations
 
 import base64
-import os
 import socket
 import subprocess
 import sys
@@ -16,17 +15,12 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from .conftest import processes_mentioning, runtime_entries
-from .test_kernel import tiny_png
-from .web_helpers import free_port, wait_until_up
+from .kernel_helpers import tiny_png
+from .web_helpers import free_port, server_env, wait_until_up
 
 TOOLS = {"run_python", "run_shell", "interrupt", "restart", "read_file", "write_file",
          "list_files", "list_sessions", "close_session", "checkpoint", "rewind",
          "fork"}  # fmt: skip
-
-
-def server_env() -> dict[str, str]:
-    keep = ("PATH", "HOME", "SMOL_KERNEL_RUNTIME_DIR", "XDG_CACHE_HOME", "PYTHONPATH")
-    return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 @pytest.mark.vm

@@ -20,8 +20,7 @@ from smol_kernel.provisioner import SmolVMProvisioner
 from smol_kernel.sandbox import AsyncSandbox, Sandbox, SandboxError
 
 from .conftest import processes_mentioning, runtime_entries
-from .kernel_helpers import rss_mib
-from .test_kernel import tiny_png
+from .kernel_helpers import rss_mib, tiny_png
 
 pytestmark = pytest.mark.vm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -35,6 +36,12 @@ def listening_relay(gate) -> tuple:
             if attempt == 4:
                 raise
     raise AssertionError("unreachable")
+
+
+def server_env() -> dict[str, str]:
+    """The environment a server we start as a subprocess gets: ours, minus secrets."""
+    keep = ("PATH", "HOME", "SMOL_KERNEL_RUNTIME_DIR", "XDG_CACHE_HOME", "PYTHONPATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 def wait_until_up(

@@ -283,7 +283,7 @@ def test_bad_entries_fail_before_any_vm(jupyter_prefix, capsys):
 async def test_an_mcp_client_learns_the_list_and_why_a_request_failed(world):
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    from ..test_mcp import server_env
+    from ..web_helpers import server_env
 
     env = {**server_env(), "SMOL_KERNEL_TEMPLATES_DIR": os.environ["SMOL_KERNEL_TEMPLATES_DIR"]}
     params = StdioServerParameters(

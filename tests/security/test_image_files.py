@@ -21,7 +21,7 @@ from smol_kernel.image.store import IMAGE_FILES, GuestImage
 from smol_kernel.vm.base import VmError
 from smol_kernel.vm.krun import make_boot_dir
 
-from ..test_image_oci import layer, oci_layout
+from ..image_helpers import layer, oci_layout
 
 
 def fake_image(folder: Path, cpio: bytes) -> GuestImage:

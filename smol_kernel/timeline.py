@@ -122,14 +122,18 @@ class Timeline:
                 "checkpoints (smol-kernel checkpoints --rm) or shut down a kernel"
             )
 
-    async def _wait_quiet(self) -> None:
-        """Hold new requests; raise (releasing them) if the kernel is still answering one."""
+    async def _wait_quiet(self, hold: bool = True) -> None:
+        """Hold new requests; raise (releasing them) if the kernel is still answering one.
+        ``hold=False``: only check, holding nothing (before a save's slow preparation, so
+        that a busy kernel is refused at once)."""
         relay = self.p.relay
-        relay.hold_requests()
+        if hold:
+            relay.hold_requests()
         deadline = time.monotonic() + QUIET_GRACE
         while relay.unanswered_requests():
             if time.monotonic() > deadline:
-                relay.release()
+                if hold:
+                    relay.release()
                 raise CheckpointError(
                     "the kernel is running a cell: checkpoints and rewinds happen when it is "
                     "idle (wait for the cell, or interrupt it)"
@@ -161,6 +165,8 @@ class Timeline:
         work = None
         # While it saves, the VM's memory is there twice (the receiver's copy): counted
         # against max_total_memory_mib like a kernel's, until the save ends.
+        if not from_guest:
+            await self._wait_quiet(hold=False)  # a kernel running a cell: refused at once
         saving, book = object(), quota.ledger()
         book.kernels[id(saving)] = plan.memory_mib
         try:

@@ -163,10 +163,10 @@ class Timeline:
         self._quota(plan.memory_mib + plan.disk_mib)
         vm = self.p.vm
         work = None
-        # While it saves, the VM's memory is there twice (the receiver's copy): counted
-        # against max_total_memory_mib like a kernel's, until the save ends.
         if not from_guest:
             await self._wait_quiet(hold=False)  # a kernel running a cell: refused at once
+        # While it saves, the VM's memory is there twice (the receiver's copy): counted
+        # against max_total_memory_mib like a kernel's, until the save ends.
         saving, book = object(), quota.ledger()
         book.kernels[id(saving)] = plan.memory_mib
         try:

@@ -17,18 +17,21 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .checkpoint import CheckpointError
 from .vm.base import VmError
+
+if TYPE_CHECKING:
+    from .timeline import Timeline
 
 SOCKET_NAME = "kernel.sock"
 MAX_REQUEST = 64 << 10
 
 
 class KernelControl:
-    def __init__(self, provisioner: Any, folder: Path) -> None:
-        self.p = provisioner
+    def __init__(self, timeline: Timeline, folder: Path) -> None:
+        self.timeline = timeline
         self.path = folder / SOCKET_NAME
         self._server: asyncio.base_events.Server | None = None
 
@@ -68,7 +71,7 @@ class KernelControl:
                 raise ValueError
         except ValueError:
             return {"ok": False, "error": "not a JSON object"}
-        timeline = self.p.timeline
+        timeline = self.timeline
         try:
             if req.get("op") == "checkpoint":
                 cp = await timeline.checkpoint(req.get("name"), bool(req.get("keep")))

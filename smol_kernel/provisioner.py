@@ -29,33 +29,37 @@ from typing import Any
 import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from traitlets import observe
 
 from . import audit, quota
 from . import checkpoint as store
-from .agent_client import GuestAgent
 from .checkpoint import Checkpoint
 from .errors import KernelStartError, ReadableStartError
 from .guest import protocol as P
 from .ioloop import on_io_loop
 from .kernel_control import KernelControl
-from .kernel_vm import KernelPlan
-from .launch import KernelLauncher, guest_connection_of
+from .kernel_state import KernelState
+from .launch import KernelLauncher
 from .paths import RuntimeDirError
 from .planning import KernelPlanner
 from .pool import warm_pool
-from .relay import KernelRelay
 from .settings import KernelSettings
 from .shown import escaped
 from .timeline import Timeline
-from .vm.base import Vm, VmBackend, VmError
+from .vm.base import VmError
 from .vm.network import read_egress_log
 from .vm.process import RuntimeDir, kill_vm_dir, proc_start_time, reap_orphans
-from .vm.share import Share
 
 CLIENT_RCVHWM = 1  # messages a client socket of a smolvm kernel queues (see bound_client_queues)
 
 
 __all__ = ["KernelStartError", "SmolVMProvisioner"]
+
+
+def _state_view(name: str) -> property:
+    """An attribute of the provisioner that is its kernel state's ``name``."""
+    return property(lambda self: getattr(self.state, name),
+                    lambda self, value: setattr(self.state, name, value))  # fmt: skip
 
 
 class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
@@ -66,36 +70,35 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.connection_info = {}  # the base class shares one dict between all instances
-        self.vm: Vm | None = None
-        self.agent: GuestAgent | None = None
-        self.relay: KernelRelay | None = None
-        self.isolation: str | None = None
-        self.ready_at: float | None = None  # time.monotonic() when the kernel was ready
-        self.start_kind: str | None = None  # "pooled" or "cold", once launched
-        self.plan: KernelPlan | None = None  # what the kernel's VM was booted as
-        self.backend_name: str | None = None
-        self._guest_env: dict[str, str] = {}  # without PER_KERNEL_ENV
-        self._kernel_env: dict[str, str] = {}  # PER_KERNEL_ENV
-        self._guest_argv: list[str] = []
-        self._shares: tuple[Share, ...] = ()
-        self._cwd = "/root"
-        self._exit_status: int | None = None
-        self._end_reason = "ended"  # why the kernel's VM went, for the audit line
+        self.state = KernelState(log=self.log, kernel_id=self.kernel_id or "")
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
-        self.vm_backend: VmBackend | None = None  # what runs the kernel's VM, once launched
-        self.timeline = Timeline(self)  # its checkpoints, rewinds and forks
-        self.planner = KernelPlanner(self)  # plans its VM
-        self.launcher = KernelLauncher(self)  # starts it
-        self._restore_from: Checkpoint | None = None  # a fork's source, for its first launch
-        self._launches = 0
-        self._crashed: str | None = None  # why the kernel died, when it was not asked to
-        self._control = None  # the kernel's control socket server (smol-kernel checkpoint)
-        self._finishing: asyncio.Future | None = None  # a restored kernel's first words
+        self.planner = KernelPlanner(self, self.state, self.config)  # plans its VM
+        self.timeline = Timeline(self, self.state, self.planner, self.vm_changed)
+        self.launcher = KernelLauncher(self, self.state, self.planner, self.timeline,
+                                       self.vm_changed)  # fmt: skip
+        self._control: KernelControl | None = None  # its control socket (smol-kernel checkpoint)
+
+    @observe("kernel_id")
+    def _kernel_id_changed(self, change: dict) -> None:
+        if (state := getattr(self, "state", None)) is not None:  # not yet during __init__
+            state.kernel_id = change["new"] or ""
+
+    # What runs the kernel, as the kernel manager, the server extension, sandboxes and the
+    # audit read it: views of the kernel's state.
+    vm = _state_view("vm")
+    agent = _state_view("agent")
+    relay = _state_view("relay")
+    isolation = _state_view("isolation")
+    ready_at = _state_view("ready_at")
+    start_kind = _state_view("start_kind")
+    plan = _state_view("plan")
+    backend_name = _state_view("backend_name")
+    vm_backend = _state_view("vm_backend")
 
     @property
     def _shown_id(self) -> str:
         """The kernel id for log lines: a REST client chooses it, so escaped."""
-        return escaped(self.kernel_id)
+        return self.state.shown_id
 
     # ------------------------------------------------------------------ launch
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -106,12 +109,15 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         bound_client_queues(self.parent)
         extra = list(kwargs.get("extra_arguments") or [])
         kwargs = await super().pre_launch(**kwargs)  # ports, connection file, curve keys
-        if self._launches == 0:  # a restart of a fork is an ordinary restart
-            self._restore_from = kwargs.pop("restore_from", None)
+        k = self.state
+        k.display_name = self.kernel_spec.display_name
+        if k.launches == 0:  # a restart of a fork is an ordinary restart
+            k.restore_from = kwargs.pop("restore_from", None)
         kwargs.pop("restore_from", None)
-        self._guest_env, self._kernel_env = self.planner.split_env(kwargs.get("env") or {})
-        self._guest_argv = list(self.kernel_spec.argv) + extra
-        self._shares, self._cwd = self.planner.resolve_shares(kwargs.get("cwd"))
+        k.guest_env, k.kernel_env = self.planner.split_env(self.kernel_spec.env,
+                                                           kwargs.get("env") or {})  # fmt: skip
+        k.guest_argv = list(self.kernel_spec.argv) + extra
+        k.shares, k.cwd = self.planner.resolve_shares(kwargs.get("cwd"))
         self.planner.check_allow_hosts()
         return kwargs
 
@@ -120,23 +126,33 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         starts (the server extension calls this). Returns what it did, for the log."""
         if self.pool_size <= 0:
             return "pool_size is 0: no pool"
-        self._guest_env, self._kernel_env = self.planner.split_env(dict(os.environ))
-        self._guest_argv = list(self.kernel_spec.argv)
-        self._shares, self._cwd = self.planner.resolve_shares(cwd)
+        k = self.state
+        k.display_name = self.kernel_spec.display_name
+        k.guest_env, k.kernel_env = self.planner.split_env(self.kernel_spec.env, dict(os.environ))
+        k.guest_argv = list(self.kernel_spec.argv)
+        k.shares, k.cwd = self.planner.resolve_shares(cwd)
         self.planner.check_allow_hosts()
         return await on_io_loop(self.launcher.warm_up())
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         try:
-            return await on_io_loop(self.launcher.launch())
+            return await on_io_loop(self._launch())
         except ReadableStartError:
             raise
         except KernelStartError as e:
             raise ReadableStartError(500, str(e)) from e
 
-    def guest_connection(self) -> dict:
-        """What the guest kernel needs of this kernel's connection (its key)."""
-        return guest_connection_of(self.connection_info)
+    async def _launch(self) -> KernelConnectionInfo:
+        try:
+            seconds = await self.launcher.launch(self.connection_info)
+        except BaseException:
+            await self._teardown()
+            raise
+        audit.kernel_started(self, self.state.start_kind or "cold", seconds)
+        if self.max_lifetime > 0:
+            asyncio.get_running_loop().call_later(self.max_lifetime, self._expire,
+                                                  self.state.launches)  # fmt: skip
+        return self.connection_info
 
     async def vm_changed(self) -> None:
         """The kernel's VM is new (a launch or a rewind): its control socket moves."""
@@ -144,7 +160,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
             await self._control.close()
             self._control = None
         if self.vm is not None and self.relay is not None:
-            control = KernelControl(self, self.vm.runtime_dir)
+            control = KernelControl(self.timeline, self.vm.runtime_dir)
             try:
                 await control.start()
                 self._control = control
@@ -169,21 +185,16 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         remove it with ``checkpoint.remove`` once the forks run)."""
         return await on_io_loop(self.timeline.fork_source(name))
 
-    def _adopt(self, vm: Vm) -> None:
-        """``vm`` is this kernel's from now on (even while it boots: kill() reaches it)."""
-        self.vm = vm
-        self.isolation = str(vm.isolation)
-
     def _expire(self, launch: int) -> None:
         """The kernel of launch number ``launch`` has lived ``max_lifetime`` (a rewind
         changes its VM, not its age; a restart is a new launch)."""
         vm = self.vm
-        if self._launches == launch and vm is not None and vm.poll() is None:
+        if self.state.launches == launch and vm is not None and vm.poll() is None:
             self.log.warning(
                 "kernel %s: max_lifetime of %.0fs reached, stopping VM %s",
                 self._shown_id, self.max_lifetime, vm.id,
             )  # fmt: skip
-            self._end_reason = "max_lifetime"
+            self.state.end_reason = "max_lifetime"
             vm.kill()
 
     def egress_log(self) -> dict | None:
@@ -206,14 +217,14 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         if self.vm is None:
             if self._loaded:
                 return None if self._loaded_alive() else 0
-            return self._exit_status if self._exit_status is not None else 0
+            return self.state.exit_status if self.state.exit_status is not None else 0
         status = None
         if self.agent is not None and self.agent.kernel_exited.is_set():
             status = self.agent.kernel_exit_status
         elif (vm_status := self.vm.poll()) is not None:
             status = vm_status if vm_status != 0 else 1  # the VM ended, its kernel did not
-        if status is not None and self._end_reason == "ended" and not self._crashed:
-            self._crashed = f"exit status {status}"  # nobody asked it to go
+        if status is not None and self.state.end_reason == "ended" and not self.state.crashed:
+            self.state.crashed = f"exit status {status}"  # nobody asked it to go
         return status
 
     async def wait(self) -> int | None:
@@ -222,9 +233,9 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
     async def _wait(self) -> int | None:
         while (status := await self._poll()) is None:
             await asyncio.sleep(0.1)
-        self._exit_status = status
-        if self._end_reason == "ended":
-            self._end_reason = f"kernel exited ({status})"
+        self.state.exit_status = status
+        if self.state.end_reason == "ended":
+            self.state.end_reason = f"kernel exited ({status})"
         await self._teardown()
         return status
 
@@ -252,8 +263,8 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         return await self.agent.request(op, timeout=timeout, **fields)
 
     async def kill(self, restart: bool = False) -> None:
-        if self._end_reason == "ended":
-            self._end_reason = "restart" if restart else "killed"
+        if self.state.end_reason == "ended":
+            self.state.end_reason = "restart" if restart else "killed"
         if self.vm is not None:
             self.vm.kill()
         elif self._loaded:
@@ -279,7 +290,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         await on_io_loop(self._teardown())
         if self._loaded:
             self._kill_loaded()
-        if not restart and self.kernel_id and self._launches:
+        if not restart and self.kernel_id and self.state.launches:
             for cp in await asyncio.to_thread(store.remove_kernel, self.kernel_id):
                 self.log.info("kernel %s: removed checkpoint %s with its kernel",
                               self._shown_id, escaped(cp.name))  # fmt: skip
@@ -290,10 +301,10 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         relay, agent, vm = None if keep_relay else self.relay, self.agent, self.vm
         if not keep_relay:
             self.relay = None
-            if quota.ledger().kernels.pop(id(self), None) is not None:
+            if quota.ledger().kernels.pop(id(self.state), None) is not None:
                 warm_pool().nudge()  # a refill a quota held back may fit now
         if vm is not None and self.ready_at is not None and not keep_relay:
-            audit.kernel_ended(self, self._end_reason)
+            audit.kernel_ended(self, self.state.end_reason)
         self.agent = self.vm = None
         if self._control is not None:
             await self._control.close()
@@ -307,7 +318,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """The kernel got shutdown_request; when it exits the agent powers the VM off."""
-        self._end_reason = "restart" if restart else "shutdown"
+        self.state.end_reason = "restart" if restart else "shutdown"
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 10.0)  # an emulated guest needs longer to exit cleanly
@@ -319,8 +330,8 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         """Map a guest path inside a share to the host path; anything else is guest-only."""
         import posixpath
 
-        guest = posixpath.normpath(posixpath.join(self._cwd, path_str))
-        for share in self._shares:
+        guest = posixpath.normpath(posixpath.join(self.state.cwd, path_str))
+        for share in self.state.shares:
             if guest == share.guest or guest.startswith(share.guest + "/"):
                 host = os.path.realpath(share.host + guest[len(share.guest) :])
                 inside = host == share.host or host.startswith(share.host + os.sep)

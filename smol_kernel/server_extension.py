@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kernelspec import PROVISIONER_NAME
+
+if TYPE_CHECKING:
+    from jupyter_server.serverapp import ServerApp
 
 WEBSOCKET_BACKLOG = 32 << 20  # bytes written to one browser and not yet sent, at most
 OFFLINE_BUFFER = 32 << 20  # bytes kept for a disconnected session, at most
@@ -138,7 +141,7 @@ def bound_server_output() -> bool:
     return True
 
 
-def _load_jupyter_server_extension(serverapp: Any) -> None:
+def _load_jupyter_server_extension(serverapp: ServerApp) -> None:
     import os
 
     from .ioloop import io_loop

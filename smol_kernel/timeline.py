@@ -1,6 +1,7 @@
 """Checkpoint, rewind and fork a live kernel (QEMU VMs).
 
-``Timeline`` belongs to one kernel's provisioner and works on the io loop.
+``Timeline`` belongs to one kernel's provisioner and works on the io loop, on the kernel's
+state (``kernel_state.py``).
 
 * **checkpoint** pauses the kernel's VM, saves its memory (as a RAM file later restores map
   copy-on-write) and devices, copies its disk, and lets it run on
@@ -40,15 +41,18 @@ import dataclasses
 import os
 import shutil
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from . import checkpoint as store
 from . import metrics, quota, template
 from .agent_client import GuestAgent
 from .checkpoint import Checkpoint, CheckpointError
 from .guest import protocol as P
+from .kernel_state import KernelState
 from .kernel_vm import KernelPlan, restore_and_connect
+from .planning import KernelPlanner
 from .pool import warm_pool
+from .settings import KernelSettings
 from .shown import escaped
 from .vm.base import Vm, VmError
 from .vm.qemu import QemuBackend
@@ -61,8 +65,16 @@ MAX_FINISH_HEADER = 16 << 10  # bytes of the header a %rewind cell passes for it
 
 
 class Timeline:
-    def __init__(self, provisioner: Any) -> None:
-        self.p = provisioner
+    """One kernel's checkpoints (see the module doc). It works on the kernel's state and
+    reads its settings; ``on_vm_changed`` is the provisioner's, called when a rewind gives
+    the kernel a new VM."""
+
+    def __init__(self, settings: KernelSettings, state: KernelState, planner: KernelPlanner,
+                 on_vm_changed: Callable[[], Awaitable[None]]) -> None:  # fmt: skip
+        self.settings = settings  # read only
+        self.state = state
+        self.planner = planner
+        self._on_vm_changed = on_vm_changed
         self._busy = asyncio.Lock()
         self._last_guest_op: dict[str, float] = {}  # when the kernel last made the host
         # save ("checkpoints") or restore ("rewinds")
@@ -77,11 +89,11 @@ class Timeline:
     # ------------------------------------------------------------------ checks
     @property
     def kernel_id(self) -> str:
-        return str(self.p.kernel_id or "")
+        return self.state.kernel_id
 
     def why_not_for(self, plan: KernelPlan) -> str | None:
         """Why kernels of ``plan`` cannot be saved or restored (None: they can)."""
-        if not isinstance(self.p.vm_backend, QemuBackend):
+        if not isinstance(self.state.vm_backend, QemuBackend):
             return f"the {plan.backend} backend cannot save a VM (QEMU can)"
         if plan.shares:
             return ("this kernel has host folders shared (shares, share_cwd), and QEMU "
@@ -90,8 +102,8 @@ class Timeline:
         return None
 
     def _why_not(self) -> str | None:
-        plan: KernelPlan | None = self.p.plan
-        vm, agent = self.p.vm, self.p.agent
+        plan: KernelPlan | None = self.state.plan
+        vm, agent = self.state.vm, self.state.agent
         if vm is None or agent is None or plan is None or vm.poll() is not None:
             return "the kernel is not running"
         if (why := self.why_not_for(plan)) is not None:
@@ -99,16 +111,16 @@ class Timeline:
         return None
 
     def plan_key(self) -> str:
-        plan = self.p.plan
+        plan = self.state.plan
         assert plan is not None
-        return template.template_key(plan, self.p.vm_backend, plan.isolation)
+        return template.template_key(plan, self.state.vm_backend, plan.isolation)
 
     def list(self) -> list[Checkpoint]:
         return store.list_checkpoints(self.kernel_id)
 
     def _quota(self, extra_mib: int) -> None:
         """Checkpoints count against the memory cap, at their size on disk."""
-        limits = self.p.planner.limits()
+        limits = self.planner.limits()
         if not limits.max_total_memory_mib:
             return
         held = store.total_mib()
@@ -126,7 +138,7 @@ class Timeline:
         """Hold new requests; raise (releasing them) if the kernel is still answering one.
         ``hold=False``: only check, holding nothing (before a save's slow preparation, so
         that a busy kernel is refused at once)."""
-        relay = self.p.relay
+        relay = self.state.relay
         if hold:
             relay.hold_requests()
         deadline = time.monotonic() + QUIET_GRACE
@@ -159,9 +171,9 @@ class Timeline:
                 )
             self._rate_limit("checkpoints")
             self._bandwidth_limit()
-        plan = self.p.plan
+        plan = self.state.plan
         self._quota(plan.memory_mib + plan.disk_mib)
-        vm = self.p.vm
+        vm = self.state.vm
         work = None
         if not from_guest:
             await self._wait_quiet(hold=False)  # a kernel running a cell: refused at once
@@ -173,9 +185,9 @@ class Timeline:
             work = store.staging(self.kernel_id, name)
             # Requests wait from when everything is ready to pause (not while the receiver
             # allocates) until the VM runs again (not until its RAM file is written).
-            paused = await self.p.vm_backend.checkpoint(
+            paused = await self.state.vm_backend.checkpoint(
                 vm, store.Snapshot(work), SAVE_TIMEOUT,
-                on_resumed=None if from_guest else self.p.relay.release,
+                on_resumed=None if from_guest else self.state.relay.release,
                 before_pause=None if from_guest else self._wait_quiet,
             )  # fmt: skip
             cp = store.commit(work, self.kernel_id, name, paused_s=paused, keep=keep,
@@ -188,24 +200,26 @@ class Timeline:
         finally:
             book.kernels.pop(id(saving), None)
             if not from_guest:
-                self.p.relay.release()
+                self.state.relay.release()
         if from_guest:  # what it wrote is charged against the guest's disk bandwidth
-            rate = max(self.p.guest_checkpoint_mib_per_s, 1e-3) * (1 << 20)
+            rate = max(self.settings.guest_checkpoint_mib_per_s, 1e-3) * (1 << 20)
             self._guest_writes_until = time.monotonic() + cp.size_bytes / rate
         dropped = await asyncio.to_thread(store.enforce_cap, self.kernel_id,
-                                          self.p.max_checkpoints, from_guest)  # fmt: skip
+                                          self.settings.max_checkpoints, from_guest)  # fmt: skip
         for old in dropped:
-            self.p.log.info("kernel %s: dropped checkpoint %s (max_checkpoints = %d)",
-                            self.p._shown_id, old.name, self.p.max_checkpoints)  # fmt: skip
-        self.p.log.info("kernel %s: checkpoint %s saved (%d MiB, kernel paused %.2fs)",
-                        self.p._shown_id, escaped(name), cp.size_bytes >> 20, paused)  # fmt: skip
+            self.state.log.info("kernel %s: dropped checkpoint %s (max_checkpoints = %d)",
+                                self.state.shown_id, old.name,
+                                self.settings.max_checkpoints)  # fmt: skip
+        self.state.log.info("kernel %s: checkpoint %s saved (%d MiB, kernel paused %.2fs)",
+                            self.state.shown_id, escaped(name), cp.size_bytes >> 20,
+                            paused)  # fmt: skip
         return cp
 
     def _rate_limit(self, what: str) -> None:
         """The kernel may make the host save or restore once per checkpoint_interval (a
         failed attempt counts: a guest that makes saves fail cannot retry at once)."""
         last = self._last_guest_op.get(what, float("-inf"))
-        wait = self.p.checkpoint_interval - (time.monotonic() - last)
+        wait = self.settings.checkpoint_interval - (time.monotonic() - last)
         if wait > 0:
             raise CheckpointError(
                 f"{what} from the kernel are rate-limited: the next one in {wait:.0f}s "
@@ -220,8 +234,8 @@ class Timeline:
         if wait > 0:
             raise CheckpointError(
                 f"checkpoints from the kernel are limited to "
-                f"{self.p.guest_checkpoint_mib_per_s:g} MiB/s of disk writes: the next one in "
-                f"{wait:.0f}s (SmolVMProvisioner.guest_checkpoint_mib_per_s)"
+                f"{self.settings.guest_checkpoint_mib_per_s:g} MiB/s of disk writes: the next "
+                f"one in {wait:.0f}s (SmolVMProvisioner.guest_checkpoint_mib_per_s)"
             )
 
     def _next_name(self) -> str:
@@ -257,36 +271,40 @@ class Timeline:
             )
         if finish is not None:
             self._rate_limit("rewinds")
-        p, relay = self.p, self.p.relay
+        k, relay = self.state, self.state.relay
+        assert relay is not None and k.plan is not None
         t0 = time.monotonic()
         if finish is None:
             await self._wait_quiet()
         else:
             relay.hold_requests()
-        old_vm, old_agent = p.vm, p.agent
+        old_vm, old_agent = k.vm, k.agent
+        if old_vm is None or old_agent is None:
+            relay.release()
+            raise CheckpointError("the kernel stopped or restarted during the rewind")
         try:
-            vm, agent = await restore_vm(cp, p.plan, p.vm_backend, self.kernel_id,
-                                         time.monotonic() + p.startup_timeout,
+            vm, agent = await restore_vm(cp, k.plan, k.vm_backend, self.kernel_id,
+                                         time.monotonic() + self.settings.startup_timeout,
                                          replaces=old_vm)  # fmt: skip
         except BaseException:
             relay.release()
             raise
-        if p.vm is not old_vm or p.relay is not relay or old_vm.poll() is not None:
+        if k.vm is not old_vm or k.relay is not relay or old_vm.poll() is not None:
             # The kernel was shut down, restarted or died meanwhile: not ours to replace.
             await agent.close()
             await vm.close()
             raise CheckpointError("the kernel stopped or restarted during the rewind")
         # From here the old VM goes, whatever happens: the kernel is the restored one.
         await relay.detach()
-        p._adopt(vm)
-        p.agent = agent
+        k.adopt(vm)
+        k.agent = agent
         agent.on_kernel_request = self.on_kernel_request
         old_vm.kill()
         await old_agent.close()
         await old_vm.close()
         try:
-            await p.vm_changed()
-            await resume(agent, p.guest_connection(), p._kernel_env, reseed=False)
+            await self._on_vm_changed()
+            await resume(agent, k.connection, k.kernel_env, reseed=False)
             await relay.attach(vm.open_stream)
             await asyncio.sleep(SETTLE_S)
             await finish_restore(agent, f"[smol-kernel: rewound to checkpoint {cp.describe()}]",
@@ -300,7 +318,7 @@ class Timeline:
             raise
         finally:
             relay.release()
-        p.log.info("kernel %s: rewound to checkpoint %s in %.2fs (VM %s)", p._shown_id,
+        k.log.info("kernel %s: rewound to checkpoint %s in %.2fs (VM %s)", k.shown_id,
                    escaped(name), time.monotonic() - t0, vm.id)  # fmt: skip
         return cp
 
@@ -332,10 +350,10 @@ class Timeline:
     async def _answer_busy(self) -> None:
         busy = "the host is busy with this kernel's previous request"
         while self._busy_rids:
-            await _reply(self.p.agent, self._busy_rids.popleft(), False, busy)
+            await _reply(self.state.agent, self._busy_rids.popleft(), False, busy)
 
     async def _serve(self, req: dict) -> None:
-        agent = self.p.agent
+        agent = self.state.agent
         rid, op = req.get("rid"), req.get("request")
         try:
             if op == "checkpoint":
@@ -357,9 +375,9 @@ class Timeline:
             if agent is not None and not agent.closed.is_set():
                 await _reply(agent, rid, False, str(e))
             now = time.monotonic()  # the guest can ask as often as it likes: log sparingly
-            if now - self._last_refusal_log >= self.p.checkpoint_interval:
+            if now - self._last_refusal_log >= self.settings.checkpoint_interval:
                 self._last_refusal_log = now
-                self.p.log.warning("kernel %s: %s refused: %s", self.p._shown_id,
+                self.state.log.warning("kernel %s: %s refused: %s", self.state.shown_id,
                                    escaped(str(op)[:40]), escaped(str(e)))  # fmt: skip
 
 

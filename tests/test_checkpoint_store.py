@@ -73,8 +73,10 @@ async def test_every_overlapping_magic_request_gets_an_answer():
     answered "busy" (the magic waits for its answer): one was dropped when a "busy" answer
     was still on its way, and the cell hung."""
     import asyncio
-    from types import SimpleNamespace
+    import logging
 
+    from smol_kernel.kernel_state import KernelState
+    from smol_kernel.provisioner import SmolVMProvisioner
     from smol_kernel.timeline import Timeline
 
     answered: list[tuple[int, bool, str]] = []
@@ -84,8 +86,8 @@ async def test_every_overlapping_magic_request_gets_an_answer():
             await asyncio.sleep(0.05)  # the guest acks a moment later
             answered.append((rid, ok, text))
 
-    prov = SimpleNamespace(agent=Agent(), log=None)
-    timeline = Timeline(prov)
+    state = KernelState(log=logging.getLogger("test"), agent=Agent())  # type: ignore[arg-type]
+    timeline = Timeline(SmolVMProvisioner(), state, None, None)  # type: ignore[arg-type]
     serving = asyncio.get_running_loop().create_future()  # a request being served
     timeline._guest_task = serving
     for rid in (2, 3, 4):

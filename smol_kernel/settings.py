@@ -8,6 +8,8 @@ Sandbox arguments. README.md's table lists them all (tests/test_docs.py checks i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TypedDict
 
 from traitlets import Bool, Enum, Float, HasTraits, Integer, List, Unicode, default
 
@@ -40,10 +42,11 @@ class KernelSettings(HasTraits):
         "'Cannot fork' and the kernel stays usable.",
     )
     startup_timeout = Float(
-        180.0,
+        240.0,
         config=True,
-        help="Seconds to wait for the VM to boot and the kernel to answer; the guest "
-        "console tail is shown when it expires.",
+        help="Seconds to wait for the VM to boot and the kernel to answer (the first start "
+        "of a configuration also boots and saves its template); the guest console tail is "
+        "shown when it expires. Sandboxes and smol-kernel run wait as long.",
     )
     require_hardware_isolation = Bool(
         False,
@@ -233,3 +236,47 @@ class KernelSettings(HasTraits):
         "(%%checkpoint); by default only ones the host made (API, CLI, REST, a user's click) "
         "are, so code in the VM cannot choose what a crash brings back.",
     )
+
+
+class KernelOptions(TypedDict, total=False):
+    """The settings above as keyword arguments (``AsyncSandbox(memory_mib=2048)``), typed
+    for an IDE: one key per setting, none with a default of its own (a key left out is the
+    setting's default above). tests/test_settings.py checks it against the traits."""
+
+    allow_home_share: bool
+    allow_hosts: Sequence[str]
+    backend: str
+    checkpoint_interval: float
+    cwd_guest_path: str
+    debugger: bool
+    disk_mib: int
+    dns_servers: Sequence[str]
+    guest_checkpoint_mib_per_s: float
+    guest_cwd: str
+    image: str
+    iopub_backlog_mib: int
+    max_checkpoints: int
+    max_lifetime: float
+    max_processes: int
+    max_template_disk_mib: int
+    max_total_memory_mib: int
+    max_vms: int
+    memory_mib: int
+    network: bool
+    pool_size: int
+    pool_ttl: float
+    private_answer_ranges: Sequence[str]
+    require_hardware_isolation: bool
+    restore_guest_checkpoints: bool
+    restore_on_crash: bool
+    share_cwd: str
+    shares: Sequence[str]
+    startup_timeout: float
+    template_max_idle_days: float
+    trusted_outputs: bool
+    vcpus: int
+
+
+def default_of(name: str) -> object:
+    """The default of setting ``name`` on this host (some depend on it: the memory cap)."""
+    return getattr(KernelSettings(), name)

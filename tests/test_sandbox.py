@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import inspect
 import threading
 import time
 
 import pytest
 from traitlets import TraitError
 
-from smol_kernel.provisioner import SmolVMProvisioner
 from smol_kernel.sandbox import AsyncSandbox, Sandbox, SandboxError
 
 from .conftest import processes_mentioning, runtime_entries
@@ -39,13 +37,6 @@ def vm_dir(sandbox: AsyncSandbox):
 
 
 # ------------------------------------------------------------------ settings (no VM)
-
-
-def test_defaults_are_the_provisioners():
-    params = inspect.signature(AsyncSandbox.__init__).parameters
-    provisioner = SmolVMProvisioner()
-    for name in ("image", "network", "shares", "vcpus", "memory_mib"):
-        assert params[name].default == type(params[name].default)(getattr(provisioner, name))
 
 
 async def test_bad_settings_are_refused_before_any_vm():

@@ -13,6 +13,7 @@ from .async_sandbox import (
     CommandResult,
     EntryInfo,
     SandboxError,
+    SandboxOptions,
     fill_sandbox_pool,
 )
 from .execution import Execution, ExecutionError, Logs, Result
@@ -33,5 +34,6 @@ __all__ = [
     "Result",
     "Sandbox",
     "SandboxError",
+    "SandboxOptions",
     "fill_sandbox_pool",
 ]

@@ -18,9 +18,9 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_client.kernelspec import KernelSpec
 
@@ -30,6 +30,7 @@ from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
 from ..guest import protocol as P
 from ..provisioner import SmolVMProvisioner
+from ..settings import KernelOptions, default_of
 from ..shown import escaped
 from ..vm.allowlist import AllowList
 from ..vm.base import VmError
@@ -37,6 +38,9 @@ from ..vm.egress import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 from .session import KernelSession, SandboxError
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_FORKS = 16
@@ -63,6 +67,16 @@ class EntryInfo:
     mtime: float
 
 
+class SandboxOptions(KernelOptions, total=False):
+    """What a sandbox takes (``Sandbox(**options)``, ``AsyncSandbox.create``): the kernel's
+    settings, its environment, and the bounds of what a call returns."""
+
+    env: dict[str, str] | None
+    max_output_chars: int
+    max_file_bytes: int
+    interrupt_grace: float
+
+
 def _valid_name(name: str) -> bool:
     """A single path component: not empty, ``.`` or ``..``; no ``/``, NUL or control."""
     if name in ("", ".", "..") or "/" in name:
@@ -80,8 +94,10 @@ def provisioner_settings(**settings: Any) -> dict[str, Any]:
         raise TypeError(
             f"unknown sandbox setting(s) {', '.join(unknown)}; known: {', '.join(sorted(traits))}"
         )
-    config = {k: v for k, v in settings.items() if v is not None}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
+              if v is not None}  # fmt: skip
     SmolVMProvisioner(**config)  # a bad value raises TraitError naming the setting
+    AllowList.parse(config.get("allow_hosts", ()))  # AllowListError (a ValueError) says why
     return config
 
 
@@ -109,40 +125,28 @@ async def fill_sandbox_pool(env: dict[str, str] | None = None, **settings: Any) 
 
 class AsyncSandbox:
     """A Python sandbox in a microVM: ``async with AsyncSandbox() as sb: await
-    sb.run_code("1+1")``. Settings are ``SmolVMProvisioner`` traits (``image``, ``network``,
-    ``shares``, ``allow_hosts``, ``vcpus``, ``memory_mib``, ``disk_mib``, ``dns_servers``,
-    ``max_processes``,
-    ``require_hardware_isolation``, ``pool_size``, ...) with the same defaults."""
+    sb.run_code("1+1")``. Its settings are the provisioner's (``KernelOptions``:
+    ``image``, ``network``, ``shares``, ``allow_hosts``, ``vcpus``, ``memory_mib``,
+    ``startup_timeout``, ``pool_size``, ...), keyword arguments with the provisioner's
+    defaults; ``env`` is the kernel's environment, and the rest bound what a call returns."""
 
     def __init__(
         self,
-        image: str = "default",
-        network: bool = False,
-        shares: Sequence[str] = (),
-        allow_hosts: Sequence[str] = (),
-        vcpus: int = 1,
-        memory_mib: int = 1024,
-        env: dict[str, str] | None = None,
         *,
+        env: dict[str, str] | None = None,
         max_output_chars: int = 100_000,
         max_file_bytes: int = MAX_FILE_BYTES,
         interrupt_grace: float = 3.0,
-        startup_timeout: float = 240.0,
-        **settings: Any,
+        **settings: Unpack[KernelOptions],
     ):
-        AllowList.parse(allow_hosts)  # AllowListError (a ValueError) says what is accepted
-        # startup_timeout is the provisioner's boot deadline too (not only the wait for
-        # kernel_info): smol-kernel mcp --startup-timeout must reach the VM's start.
-        self._config = provisioner_settings(
-            image=image, network=network, shares=list(shares), vcpus=vcpus,
-            memory_mib=memory_mib, allow_hosts=list(allow_hosts),
-            startup_timeout=startup_timeout, **settings,
-        )  # fmt: skip
+        self._config = provisioner_settings(**settings)
         self._spec = kernel_spec(env, self._config)
         self.max_output_chars = max_output_chars
         self.max_file_bytes = max_file_bytes
         self.interrupt_grace = interrupt_grace
-        self.startup_timeout = startup_timeout
+        # The provisioner's boot deadline and the wait for kernel_info: one value.
+        self.startup_timeout = float(self._config.get("startup_timeout",
+                                                      default_of("startup_timeout")))  # fmt: skip
         self._fresh()
 
     def _fresh(self) -> None:
@@ -155,8 +159,8 @@ class AsyncSandbox:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    async def create(cls, *args: Any, **kwargs: Any) -> AsyncSandbox:
-        sandbox = cls(*args, **kwargs)
+    async def create(cls, **options: Unpack[SandboxOptions]) -> AsyncSandbox:
+        sandbox = cls(**options)
         await sandbox.start()
         return sandbox
 

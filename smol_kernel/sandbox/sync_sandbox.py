@@ -8,12 +8,15 @@ blocks on it. Methods may be called from any thread (``interrupt()`` from one th
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checkpoint import Checkpoint
 from ..ioloop import LoopThread
-from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError
+from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError, SandboxOptions
 from .execution import Execution, ExecutionError, Result
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 T = TypeVar("T")
 
@@ -49,13 +52,14 @@ class Sandbox:
         with Sandbox() as sb:
             print(sb.run_code("1 + 1").text)
 
-    Takes the same arguments as ``AsyncSandbox`` (provisioner settings and limits)."""
+    Takes the same arguments as ``AsyncSandbox`` (``SandboxOptions``: provisioner settings
+    and limits)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, **options: Unpack[SandboxOptions]):
         self._loop = _Loop()
         self._done = False
         try:
-            self._async = self._loop.run(_create(args, kwargs))
+            self._async = self._loop.run(_create(dict(options)))
         except BaseException:
             self._loop.stop()
             raise
@@ -142,8 +146,8 @@ class Sandbox:
             self._loop.stop()
 
 
-async def _create(args: tuple, kwargs: dict) -> AsyncSandbox:
-    return await AsyncSandbox.create(*args, **kwargs)
+async def _create(options: dict[str, Any]) -> AsyncSandbox:
+    return await AsyncSandbox.create(**options)
 
 
 class _Blocking:

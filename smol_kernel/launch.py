@@ -24,10 +24,10 @@ from .checkpoint import Checkpoint
 from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_vm import KernelPlan, boot_kernel_vm, claim
-from .message_pump import MessageGate
-from .output_policy import OutputPolicy
 from .pool import warm_pool
 from .relay import KernelRelay
+from .relay.message_pump import MessageGate
+from .relay.output_policy import OutputPolicy
 from .shown import escaped
 from .timeline import finish_restore, restore_vm, resume
 from .vm.base import VmBackend, VmError

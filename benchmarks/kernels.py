@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT))
 from smol_kernel.guest import agent as guest_agent  # noqa: E402
 from smol_kernel.guest.protocol import CHANNEL_PORTS  # noqa: E402
 from smol_kernel.ioloop import on_io_loop  # noqa: E402
-from smol_kernel.message_pump import MessageGate  # noqa: E402
-from smol_kernel.output_policy import OutputPolicy  # noqa: E402
 from smol_kernel.pool import wait_for_pool, warm_pool  # noqa: E402
 from smol_kernel.relay import KernelRelay  # noqa: E402
+from smol_kernel.relay.message_pump import MessageGate  # noqa: E402
+from smol_kernel.relay.output_policy import OutputPolicy  # noqa: E402
 from smol_kernel.server_extension import warm_kernelspec  # noqa: E402
 from smol_kernel.vm.process import list_vms, vm_processes  # noqa: E402
 

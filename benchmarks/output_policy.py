@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
-from smol_kernel.message_pump import MessageGate
-from smol_kernel.output_policy import OutputPolicy
 from smol_kernel.relay import KernelRelay
+from smol_kernel.relay.message_pump import MessageGate
+from smol_kernel.relay.output_policy import OutputPolicy
 
 BIG_PRINT = (
     "import sys\nfor i in range(50):\n    sys.stdout.write('x' * 1_000_000); sys.stdout.flush()"

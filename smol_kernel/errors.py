@@ -65,7 +65,7 @@ _PUBLIC = {
     "OciError": "image.oci",
     "PrivateDirError": "paths",
     "QmpError": "vm.qmp",
-    "RelayError": "relay",
+    "RelayError": "relay.kernel_relay",
     "RuntimeDirError": "paths",
     "SandboxError": "sandbox.session",
     "ShareError": "vm.share",

@@ -25,11 +25,11 @@ from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_state import KernelState
 from .kernel_vm import KernelPlan, boot_kernel_vm, claim
-from .message_pump import MessageGate
-from .output_policy import OutputPolicy
 from .planning import KernelPlanner
 from .pool import warm_pool
 from .relay import KernelRelay
+from .relay.message_pump import MessageGate
+from .relay.output_policy import OutputPolicy
 from .settings import KernelSettings
 from .shown import escaped
 from .timeline import Timeline, finish_restore, restore_vm, resume

@@ -11,7 +11,7 @@ state (``kernel_state.py``).
   rather than saved mid-cell. Asked by ``%checkpoint`` in a cell,
   it is taken right there, with the kernel inside that magic.
 * **rewind** restores a new VM from a checkpoint, moves every client connection to it
-  (same kernel id, ports and key: clients stay connected; ``relay.py``), then kills the
+  (same kernel id, ports and key: clients stay connected; ``relay/kernel_relay.py``), then kills the
   old VM. The restored kernel drops what it had queued, takes the key, and once its
   clients are attached says which checkpoint it is at (busy, a stream line, idle); asked by
   ``%rewind`` in a cell, it answers that cell. Shell requests the old kernel had not

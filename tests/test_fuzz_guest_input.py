@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jupyter_client.session import Session
 
-from smol_kernel import strict_message, zmtp
 from smol_kernel.guest import mux as M
-from smol_kernel.message_pump import MessageGate, pump_messages
-from smol_kernel.output_policy import FILTERED_TYPES, OutputPolicy
-from smol_kernel.strict_message import CHANNEL_TYPES, Rejected
+from smol_kernel.relay import strict_message, zmtp
+from smol_kernel.relay.message_pump import MessageGate, pump_messages
+from smol_kernel.relay.output_policy import FILTERED_TYPES, OutputPolicy
+from smol_kernel.relay.strict_message import CHANNEL_TYPES, Rejected
 from smol_kernel.transport.serial_mux import HostMux
 from smol_kernel.vm import dns, egress
 

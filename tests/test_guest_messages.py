@@ -1,4 +1,4 @@
-"""The relay fails closed on what a guest sends (smol_kernel/strict_message.py,
+"""The relay fails closed on what a guest sends (smol_kernel/relay/strict_message.py,
 message_pump.py): a fake guest -- any bytes we like on a kernel port -- behind a real
 KernelRelay, and a client that reads what the relay passes. No VM: the guest's bytes are the
 whole input, so every lie is one line here. A real ipykernel doing the same from a cell, and
@@ -18,10 +18,10 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from smol_kernel import strict_message, zmtp
 from smol_kernel.ioloop import on_io_loop
-from smol_kernel.message_pump import MAX_MESSAGE_BYTES, MessageGate
-from smol_kernel.output_policy import OutputPolicy
+from smol_kernel.relay import strict_message, zmtp
+from smol_kernel.relay.message_pump import MAX_MESSAGE_BYTES, MessageGate
+from smol_kernel.relay.output_policy import OutputPolicy
 
 from .web_helpers import listening_relay
 
@@ -357,7 +357,7 @@ async def test_a_message_arriving_a_few_bytes_at_a_time_is_scanned_once():
     """Review of issue 30: every read of the guest's bytes scanned the buffered part of a
     message again from its first frame (4,000 one-byte frames: 2 ms a read, the guest
     choosing the reads). Now a scan goes on from where the last one stopped."""
-    from smol_kernel.message_pump import MAX_FRAMES, FrameInput
+    from smol_kernel.relay.message_pump import MAX_FRAMES, FrameInput
 
     parts = [b"x"] * (MAX_FRAMES - 1)
     stream = zmtp.frames(parts)

@@ -17,10 +17,10 @@ from jupyter_client.manager import AsyncKernelManager
 
 from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
-from smol_kernel.message_pump import MessageGate
-from smol_kernel.output_policy import OutputPolicy, sanitize_bundle, sanitize_html
 from smol_kernel.relay import KernelRelay
-from smol_kernel.widget_policy import WIDGET_MODELS, WIDGET_TARGETS
+from smol_kernel.relay.message_pump import MessageGate
+from smol_kernel.relay.output_policy import OutputPolicy, sanitize_bundle, sanitize_html
+from smol_kernel.relay.widget_policy import WIDGET_MODELS, WIDGET_TARGETS
 
 from .kernel_helpers import rss_mib, run_cell
 from .web_helpers import listening_relay
@@ -481,7 +481,7 @@ def test_markdown_is_rendered_within_bounds():
     of markdown made 10 MB of HTML on the relay's loop. Now what would grow past the bound
     (or is larger than MAX_MARKDOWN_RENDERED) is shown as its text. Control: the same
     reference link used a few times is rendered."""
-    from smol_kernel.mime_bundle import MAX_MARKDOWN_RENDERED
+    from smol_kernel.relay.mime_bundle import MAX_MARKDOWN_RENDERED
 
     definition = "[x]: http://a.test/" + "A" * 2000 + "\n\n"
     markup = "<b>rendered here, not by the browser</b>\n\n"

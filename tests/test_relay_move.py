@@ -15,9 +15,9 @@ from jupyter_client.manager import AsyncKernelManager
 
 from smol_kernel.guest.protocol import CHANNEL_PORTS
 from smol_kernel.ioloop import on_io_loop
-from smol_kernel.message_pump import MessageGate
-from smol_kernel.output_policy import OutputPolicy
 from smol_kernel.relay import KernelRelay
+from smol_kernel.relay.message_pump import MessageGate
+from smol_kernel.relay.output_policy import OutputPolicy
 
 from .web_helpers import listening_relay
 

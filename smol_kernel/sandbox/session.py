@@ -22,8 +22,8 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..checkpoint import Checkpoint
 from ..error_root import SmolKernelError
-from ..message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
 from ..provisioner import CLIENT_RCVHWM, SmolVMProvisioner
+from ..relay.message_pump import MAX_MESSAGE_BYTES, RELAY_SESSION
 from .execution import OutputCollector
 
 

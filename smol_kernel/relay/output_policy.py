@@ -4,7 +4,7 @@ Root in the guest writes every byte of every message a smolvm kernel sends. Jupy
 the outputs of cells run in its session: their HTML goes into the page unsanitized, their
 JavaScript runs, with the user's token and XSRF cookie -- enough to start a *host* kernel
 through the server's REST API. So every message that carries a MIME bundle or a URL is
-rewritten on the host (``relay.py`` calls ``OutputPolicy.filter``) before any client -- the
+rewritten on the host (``message_pump.py`` calls ``OutputPolicy.filter``) before any client -- the
 Jupyter server's websocket, nbclient/papermill, ``smol-kernel run``, the Sandbox API, the MCP
 server -- sees it:
 

@@ -43,7 +43,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import metrics, zmtp
+from .. import metrics
+from . import zmtp
 from .output_policy import FILTERED_TYPES, OutputPolicy
 from .strict_message import GuestMessage, Rejected, dumps, parse, sign
 

@@ -40,9 +40,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ..error_root import SmolKernelError
+from ..guest.protocol import CHANNEL_PORTS
 from .client_pump import Link, pump_client
-from .error_root import SmolKernelError
-from .guest.protocol import CHANNEL_PORTS
 from .message_pump import MessageGate, Progress, pump_frames, pump_messages
 from .zmtp import ZmtpError
 

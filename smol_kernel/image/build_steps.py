@@ -33,8 +33,9 @@ from .store import file_sha256
 # Host package files copied into the guest's GUEST_AGENT_DIR (their hashes are inputs).
 GUEST_FILES = tuple(
     Path(_agent_mod.__file__).with_name(name)
-    for name in ("agent.py", "protocol.py", "mux.py", "kernel_launcher.py", "sandbox_ops.py")
-)
+    for name in ("agent.py", "pid1.py", "kernel_process.py", "protocol.py", "mux.py",
+                 "kernel_launcher.py", "sandbox_ops.py")
+)  # fmt: skip
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 MIN_FREE_BYTES = 2 << 30
 PIP_PLATFORMS = (

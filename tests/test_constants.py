@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from smol_kernel import kernelspec
 from smol_kernel.guest import protocol as P
@@ -33,3 +34,13 @@ def test_the_guest_init_starts_the_agent_from_the_one_agent_folder():
     script = init_script().decode()
     assert f"{P.GUEST_AGENT_DIR}/agent.py" in script
     assert "@" not in script.split("AGENT=", 1)[1].splitlines()[0]
+
+
+def test_every_guest_module_is_copied_into_the_image():
+    """The guest imports its siblings from the agent folder, which holds only GUEST_FILES:
+    a module of smol_kernel/guest/ left out of the list would fail the guest's boot."""
+    from smol_kernel.image.build_steps import GUEST_FILES
+
+    modules = {p.name for p in Path(P.__file__).parent.glob("*.py")}
+    assert "agent.py" in modules and "protocol.py" in modules
+    assert {p.name for p in GUEST_FILES} == modules and all(p.is_file() for p in GUEST_FILES)

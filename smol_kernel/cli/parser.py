@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("notebook")
     run.add_argument("--kernel", default="smolvm", help="kernelspec name (default: %(default)s)")
     run.add_argument("--timeout", type=float, default=600, help="per-cell timeout, seconds")
-    run.add_argument("--startup-timeout", type=float, default=300)
+    run.add_argument("--startup-timeout", type=float, default=None,
+                     help="seconds to wait for the kernel (default: the provisioner's "
+                     "startup_timeout, 240)")  # fmt: skip
     run.add_argument("--allow-errors", action="store_true", help="keep going after errors")
     run.add_argument("--output", help="also write the executed notebook here")
     run.set_defaults(func=cmd_run)

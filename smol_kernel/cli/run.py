@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nbclient.exceptions import CellExecutionError
 
     from ..pool import warm_pool
+    from ..settings import default_of
     from ..shown import printable
 
     nb = nbformat.read(args.notebook, as_version=4)
@@ -57,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         nb,
         kernel_name=args.kernel,
         timeout=args.timeout,
-        startup_timeout=args.startup_timeout,
+        startup_timeout=args.startup_timeout or default_of("startup_timeout"),
         allow_errors=args.allow_errors,
         interrupt_on_timeout=True,
         on_cell_executed=on_cell_executed,

@@ -15,12 +15,12 @@ import os
 from typing import Any
 
 from . import metrics, quota
+from .egress.allowlist import AllowList, AllowListError, check_cidr
 from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan
 from .pool import warm_pool
 from .template import TemplateBounds
-from .vm.allowlist import AllowList, AllowListError, check_cidr
 from .vm.select import Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
 

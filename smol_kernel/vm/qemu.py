@@ -41,13 +41,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..egress.netfilter import GUEST_MAC
 from ..guest.mux import PORT_NAME as MUX_PORT
 from ..image.store import GuestImage, ImageNotFound
 from ..transport.serial_mux import HostMux
 from ..trusted import find_program
 from .base import BackendStatus, VmError
 from .kvm_probe import probe_kvm
-from .netfilter import GUEST_MAC
 from .process import ProcessVm, RuntimeDir, owner_state, proc_start_time, spawn, stop_processes
 from .process_backend import Boot, ProcessBackend
 from .qmp import Qmp, QmpError

@@ -137,7 +137,7 @@ def helper_pids(runtime_dir: Path) -> list[int]:
         except OSError:
             continue
         if str(runtime_dir) in cmd and any(
-            h in cmd for h in ("passt", "netfilter", "egress_proxy")
+            h in cmd for h in ("passt", "netfilter", "egress.proxy")
         ):
             out.append(int(pid))
     return out

@@ -55,7 +55,7 @@ class HostToolError(SmolKernelError):
 
 # name -> the module that defines it (imported on first use: no import cycles)
 _PUBLIC = {
-    "AllowListError": "vm.allowlist",
+    "AllowListError": "egress.allowlist",
     "BackendUnavailable": "vm.base",
     "CheckpointError": "checkpoint",
     "FolderError": "vm.host_folder",

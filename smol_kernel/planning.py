@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import metrics, quota
+from .egress.allowlist import AllowList, AllowListError, check_cidr
 from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_state import KernelState
@@ -23,7 +24,6 @@ from .kernel_vm import PER_KERNEL_ENV, KernelPlan
 from .pool import warm_pool
 from .settings import KernelSettings
 from .template import TemplateBounds
-from .vm.allowlist import AllowList, AllowListError, check_cidr
 from .vm.select import Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
 

@@ -198,7 +198,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
             vm.kill()
 
     def egress_log(self) -> dict | None:
-        """What the network guard of the kernel's current VM logged (``vm/egress.py``):
+        """What the network guard of the kernel's current VM logged (``egress/log.py``):
         every destination tried, allowed or blocked; None without network."""
         vm, plan = self.vm, self.plan
         if vm is None or plan is None or not plan.network:

@@ -19,13 +19,13 @@ import struct
 
 import pytest
 
-from smol_kernel.vm import dns
-from smol_kernel.vm.allowlist import AllowList, AllowListError, parse_entry
-from smol_kernel.vm.egress import SYN_RESEND_SECONDS, EgressLog, OpenNetwork, _checksum, classify
-from smol_kernel.vm.egress_names import Names, Resolver
-from smol_kernel.vm.egress_proxy import EgressProxy
-from smol_kernel.vm.http_requests import HttpRequests, protocol_of
-from smol_kernel.vm.netfilter import Policy
+from smol_kernel.egress import dns
+from smol_kernel.egress.allowlist import AllowList, AllowListError, parse_entry
+from smol_kernel.egress.http_requests import HttpRequests, protocol_of
+from smol_kernel.egress.log import SYN_RESEND_SECONDS, EgressLog, OpenNetwork, _checksum, classify
+from smol_kernel.egress.names import Names, Resolver
+from smol_kernel.egress.netfilter import Policy
+from smol_kernel.egress.proxy import EgressProxy
 
 GUEST_MAC = bytes.fromhex("525400123456")
 PASST_MAC = bytes.fromhex("02fc00000001")
@@ -584,7 +584,7 @@ async def test_sequence_numbers_are_not_pythons_random():
 
 async def test_guest_queries_in_flight_are_bounded():
     """Review of issue 31: every query frame started a task and a host query."""
-    from smol_kernel.vm.egress_proxy import MAX_DNS_WAITING
+    from smol_kernel.egress.proxy import MAX_DNS_WAITING
 
     class Hanging(FakeResolver):
         async def resolve(self, name: str) -> list[bytes]:
@@ -684,7 +684,7 @@ async def test_the_resolver_takes_only_the_answer_to_its_own_question():
 async def test_the_resolver_asks_once_per_name_and_remembers_silence(monkeypatch):
     """A name asked many times at once is one query; a name that got no answer is not
     asked again for a while; at most MAX_RESOLVING names are in flight."""
-    from smol_kernel.vm import egress_names
+    from smol_kernel.egress import names as egress_names
 
     monkeypatch.setattr(egress_names, "RESOLVE_SECONDS", 0.3)
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -794,8 +794,8 @@ def test_a_proxy_that_cannot_load_its_policy_stops_the_network_and_leaves_nothin
 def test_a_rewind_carries_the_kernels_log_and_names_and_nothing_else(tmp_path):
     """The replaced VM's log and names go on; a link or a file another user owns in its
     folder is not followed or read (the new log starts empty instead)."""
-    from smol_kernel.vm.egress import LOG_FILE
-    from smol_kernel.vm.egress_names import NAMES_FILE
+    from smol_kernel.egress.log import LOG_FILE
+    from smol_kernel.egress.names import NAMES_FILE
     from smol_kernel.vm.network import start_network
     from smol_kernel.vm.process import stop_processes
 

@@ -27,13 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jupyter_client.session import Session
 
+from smol_kernel.egress import dns, log
 from smol_kernel.guest import mux as M
 from smol_kernel.relay import strict_message, zmtp
 from smol_kernel.relay.message_pump import MessageGate, pump_messages
 from smol_kernel.relay.output_policy import FILTERED_TYPES, OutputPolicy
 from smol_kernel.relay.strict_message import CHANNEL_TYPES, Rejected
 from smol_kernel.transport.serial_mux import HostMux
-from smol_kernel.vm import dns, egress
 
 KEY = b"fuzz-key"
 EXAMPLES = int(os.environ.get("SMOL_FUZZ_EXAMPLES", "150"))
@@ -259,7 +259,7 @@ _TLS = st.builds(lambda body: b"\x16\x03\x01" + struct.pack(">H", len(body)) + b
 @FUZZ
 @given(st.binary(max_size=600) | _HTTP | _TLS)
 def test_the_tls_and_http_readers_take_any_stream(data):
-    state, protocol, names = egress.classify(data)
+    state, protocol, names = log.classify(data)
     assert state in ("more", "done", "bad", "other") and protocol in ("tls", "http", "tcp")
     assert isinstance(names, list)
 

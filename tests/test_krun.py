@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from smol_kernel.egress.netfilter import GUEST_MAC
 from smol_kernel.guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from smol_kernel.vm.base import BackendUnavailable, VmError
 from smol_kernel.vm.krun import (
@@ -27,7 +28,6 @@ from smol_kernel.vm.krun import (
 )
 from smol_kernel.vm.krun_binding import COMPAT_NET_FEATURES, Krun, KrunError, KrunLoadError
 from smol_kernel.vm.krun_launcher import LAUNCHER_FAILED
-from smol_kernel.vm.netfilter import GUEST_MAC
 from smol_kernel.vm.select import select_backend
 from smol_kernel.vm.share import parse_share
 from smol_kernel.vm.spec import VmSpec

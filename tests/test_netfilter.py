@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from smol_kernel.vm import netfilter
-from smol_kernel.vm.netfilter import (
+from smol_kernel.egress import netfilter
+from smol_kernel.egress.netfilter import (
     FLOW_IDLE_SECONDS,
     MAX_GUEST_FRAME,
     MAX_ICMP_IDS,

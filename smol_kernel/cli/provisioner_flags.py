@@ -34,7 +34,7 @@ def _provisioner_config(args: argparse.Namespace) -> dict:
         except Exception as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         config[name] = trait_value
-    from ..vm.allowlist import AllowList, AllowListError, check_cidr
+    from ..egress.allowlist import AllowList, AllowListError, check_cidr
 
     try:
         AllowList.parse(config.get("allow_hosts", []))

@@ -28,13 +28,13 @@ from .. import checkpoint as checkpoint_store
 from .. import kernelspec
 from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
+from ..egress.allowlist import AllowList
+from ..egress.log import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..guest import protocol as P
 from ..provisioner import SmolVMProvisioner
 from ..settings import KernelOptions, default_of
 from ..shown import escaped
-from ..vm.allowlist import AllowList
 from ..vm.base import VmError
-from ..vm.egress import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 from .session import KernelSession, SandboxError

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..egress.netfilter import GUEST_MAC
 from ..guest.protocol import CHANNEL_PORTS, CONTROL_PORT
 from ..image.initramfs import read_cpio
 from ..image.store import MAX_INITRAMFS_BYTES, GuestImage, ImageNotFound
@@ -29,7 +30,6 @@ from ..trusted import helper_env, python_argv
 from .base import BackendStatus, BackendUnavailable, VmError
 from .krun_binding import FEATURE_NEEDS, Krun, KrunLoadError
 from .kvm_probe import PROBE_MARKER, cached_probe, kvm_device_problem
-from .netfilter import GUEST_MAC
 from .process import ProcessVm, RuntimeDir, spawn
 from .process_backend import Boot, ProcessBackend
 from .spec import Isolation, VmSpec, share_tag

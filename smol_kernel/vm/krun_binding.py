@@ -39,7 +39,7 @@ FEATURE_NEEDS = {
 KRUN_DISK_FORMAT_RAW = 0
 # virtio-net features (libkrun.h's COMPAT_NET_FEATURES minus HOST_TSO4 and HOST_UFO): CSUM,
 # GUEST_CSUM, GUEST_TSO4, GUEST_UFO. Without host segmentation offload the guest sends no
-# frame over its MTU, so the network guard can drop every larger one (netfilter.py).
+# frame over its MTU, so the network guard can drop every larger one (egress/netfilter.py).
 COMPAT_NET_FEATURES = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 10)
 DEFAULT_SONAME = "libkrun.1.dylib" if sys.platform == "darwin" else "libkrun.so.1"
 LIBKRUNFW_SONAME = "libkrunfw.5.dylib" if sys.platform == "darwin" else "libkrunfw.so.5"

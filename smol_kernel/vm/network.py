@@ -13,14 +13,14 @@ user's rights and no privileges or bridges. How it is configured, and why:
   the guest then asks directly (passt 2023.03 does not forward to ``--dns`` servers);
 * ``-t none -u none``: nothing on the host forwards *into* the guest;
 * ``-4``: IPv4 only, one address family to reason about;
-* no direct line to the VMM: guest frames pass ``netfilter`` first, which drops anything
+* no direct line to the VMM: guest frames pass ``egress.netfilter`` first, which drops anything
   aimed at the host (passt alone forwards raw frames for 127.0.0.1 to the host's loopback)
   and keeps from passt the frames it spins on; it logs every destination tried to
   ``egress.json`` in the VM's runtime folder (``read_egress_log``);
 * passt and the guard are helpers of their VM, killed when the VMM exits and with the
   owner (parent-death signal); passt also exits when its link closes.
 
-``allow_hosts``: no passt. The VM's link goes to the egress proxy (``egress_proxy.py``),
+``allow_hosts``: no passt. The VM's link goes to the egress proxy (``egress/proxy.py``),
 which answers the guest's DNS and terminates each connection, connecting on the host only
 after its verdict; same log, carried across rewinds (``carry_from``).
 """
@@ -36,11 +36,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..egress.log import LOG_FILE, POLICY_FILE
+from ..egress.names import NAMES_FILE
+from ..egress.netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from ..trusted import find_program, python_argv
 from .base import VmError
-from .egress import LOG_FILE, POLICY_FILE
-from .egress_names import NAMES_FILE
-from .netfilter import DNS, GATEWAY, GUEST_ADDR, PREFIX
 from .process import stop_processes
 
 GUARD_READY_TIMEOUT = 30.0  # a Python start under load; it reads the routing table
@@ -65,7 +65,7 @@ MAX_LOG_BYTES = 4 << 20
 
 
 def read_egress_log(rt_path: Path) -> dict | None:
-    """What the VM's network guard logged (``egress.EgressLog``), or None without one."""
+    """What the VM's network guard logged (``egress.log.EgressLog``), or None without one."""
     try:
         with open(rt_path / LOG_FILE, "rb") as f:
             data = f.read(MAX_LOG_BYTES + 1)
@@ -109,9 +109,9 @@ def start_network(
     carry_from: Path | None = None,
 ) -> tuple[list[subprocess.Popen], socket.socket]:
     """Start one VM's network; ``spawn`` is process.spawn. With ``allow_hosts`` (the only
-    destinations) that is the egress proxy (``egress_proxy.py``: it terminates every
+    destinations) that is the egress proxy (``egress/proxy.py``: it terminates every
     connection and asks ``dns``, else the host's resolvers, for the names); without, passt
-    and its guard (``netfilter``; ``dns``: the resolvers the guest asks, empty: passt's
+    and its guard (``egress.netfilter``; ``dns``: the resolvers the guest asks, empty: passt's
     forwarder). ``private_answers``: the non-global ranges a DNS answer may open.
     ``carry_from``: the runtime folder of the VM this one replaces (a rewind), whose egress
     log and names go on here: one log per kernel.
@@ -134,7 +134,7 @@ def start_network(
         fd = passt_end.fileno()
         procs.append(spawn(passt_argv(passt, fd), rt_path / "passt.log", pass_fds=(fd,)))
         fds = (guard_vm.fileno(), guard_passt.fileno(), ready_w)
-        argv = python_argv("smol_kernel.vm.netfilter", *map(str, fds), str(rt_path))
+        argv = python_argv("smol_kernel.egress.netfilter", *map(str, fds), str(rt_path))
         procs.append(spawn(argv, rt_path / "netfilter.log", pass_fds=fds))
         os.close(ready_w)
         ready_w = -1
@@ -184,7 +184,7 @@ def _start_proxy(spawn, rt_path: Path, allow_hosts, dns, private_answers, carry_
         (rt_path / POLICY_FILE).write_text(json.dumps(policy))
         _carry(carry_from, rt_path)
         fds = (proxy_vm.fileno(), ready_w)
-        argv = python_argv("smol_kernel.vm.egress_proxy", *map(str, fds), str(rt_path))
+        argv = python_argv("smol_kernel.egress.proxy", *map(str, fds), str(rt_path))
         procs.append(spawn(argv, rt_path / "egress-proxy.log", pass_fds=fds))
         os.close(ready_w)
         ready_w = -1

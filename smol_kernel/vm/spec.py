@@ -6,9 +6,9 @@ import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 
+from ..egress.allowlist import AllowList, AllowListError
+from ..egress.netfilter import guest_net_config
 from ..error_root import SmolKernelError
-from .allowlist import AllowList, AllowListError
-from .netfilter import guest_net_config
 from .share import Share, ShareError, check_shares
 
 
@@ -51,7 +51,7 @@ class VmSpec:
     network:    give the guest outbound network through a per-VM passt (default: loopback only)
     dns:        DNS servers the guest asks directly (IPv4); default: the host's resolvers,
                 through passt. With ``allow_hosts`` the egress proxy asks them instead
-    allow_hosts: with network, the only destinations (``allowlist.py`` entries), reached
+    allow_hosts: with network, the only destinations (``egress/allowlist.py`` entries), reached
                 through the egress proxy; empty: any the network guard allows
     egress_carry: the runtime folder of the VM this one replaces (a rewind): its egress
                 log and names go on in this one

@@ -1,4 +1,4 @@
-"""The egress proxy (``smol_kernel/vm/egress_proxy.py``) against a real Linux TCP stack: a
+"""The egress proxy (``smol_kernel/egress/proxy.py``) against a real Linux TCP stack: a
 stand-in guest in a network namespace behind a TAP device (``guest_netns.py``), the proxy
 process as a kernel with ``allow_hosts`` gets it, and the test "internet"
 (``egress_world.py``) with recorders that keep every byte they receive. No VM: the same
@@ -18,8 +18,8 @@ import time
 
 import pytest
 
+from smol_kernel.egress.log import LOG_FILE, POLICY_FILE
 from smol_kernel.trusted import python_argv
-from smol_kernel.vm.egress import LOG_FILE, POLICY_FILE
 
 from .egress_world import fetch, outside_world
 from .guest_netns import tap_guest
@@ -44,7 +44,7 @@ def proxied_guest(tmp_path, world, allow: list[str]):
     with tap_guest() as guest:
         ready_r, ready_w = os.pipe()
         fds = (guest.vm_end.fileno(), ready_w)
-        argv = python_argv("smol_kernel.vm.egress_proxy", *map(str, fds), str(state))
+        argv = python_argv("smol_kernel.egress.proxy", *map(str, fds), str(state))
         with open(tmp_path / "proxy.log", "wb") as log:
             proc = subprocess.Popen(argv, pass_fds=fds, stdout=log, stderr=log)
         os.close(ready_w)

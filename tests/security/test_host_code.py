@@ -46,7 +46,8 @@ def put(rel, text, mode=0o644):
 # A package named like ours in the working folder (what `python -m` put first on sys.path).
 put("smol_kernel/__init__.py", payload("package"))
 put("smol_kernel/vm/__init__.py", payload("package-vm"))
-put("smol_kernel/vm/netfilter.py", payload("netfilter"))
+put("smol_kernel/egress/__init__.py", payload("package-egress"))
+put("smol_kernel/egress/netfilter.py", payload("netfilter"))
 put("smol_kernel/vm/krun_launcher.py", payload("krun_launcher"))
 # Modules our helpers and their dependencies import. (Not when the guest plants: its own
 # kernel starts in this folder too, and a json.py there breaks it as it would break a local
@@ -224,7 +225,7 @@ def test_the_plants_would_run_under_a_plain_python_m(planted, monkeypatch):
     root, markers = planted
     exec(plant_code(root, markers), {})
     hostile_environment(monkeypatch, root)
-    subprocess.run([sys.executable, "-m", "smol_kernel.vm.netfilter"], capture_output=True,
+    subprocess.run([sys.executable, "-m", "smol_kernel.egress.netfilter"], capture_output=True,
                    timeout=60)  # fmt: skip
     assert "package" in {p.name for p in markers.iterdir()}
     for p in markers.iterdir():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from smol_kernel.cli import main as cli_main
-from smol_kernel.vm.netfilter import MAX_UDP_FLOWS, host_addresses
+from smol_kernel.egress.netfilter import MAX_UDP_FLOWS, host_addresses
 from smol_kernel.vm.process import proc_start_time
 
 from ..conftest import install_spec

@@ -24,7 +24,7 @@ ever leaves the host as it sent it. What it guarantees:
   verdict, in any protocol: not one byte.
 * **Refusals are fast and logged.** A refused connection gets a reset at once (or when
   its first bytes are judged), other UDP and ICMP an ICMP "administratively prohibited";
-  each goes to the egress log (``egress.EgressLog``) with the allowed ones.
+  each goes to the egress log (``log.EgressLog``) with the allowed ones.
 * **Never the host.** Loopback, link-local, multicast, the host's own addresses and known
   metadata endpoints are never connected to, whatever the list says (``netfilter.Policy``'s
   checks, reused); DNS answers that point there open nothing.
@@ -34,7 +34,7 @@ ever leaves the host as it sent it. What it guarantees:
   for the host's connect; guest frames are paced (``netfilter.Pacer``).
 
 Its rooms: the guest-facing TCP endpoint and the frames it writes (``guest_tcp.py``), the
-host's resolver and the synthetic names (``egress_names.py``), what a client's first bytes
+host's resolver and the synthetic names (``names.py``), what a client's first bytes
 are and its HTTP requests one by one (``http_requests.py``); this module judges and
 connects. UDP other than DNS, and so QUIC, is refused: clients fall back to TCP.
 """
@@ -55,8 +55,6 @@ from pathlib import Path
 
 from . import dns
 from .allowlist import AllowList, check_cidr, name_port_ok, normalize_name, valid_name
-from .egress import LOG_FILE, POLICY_FILE, EgressLog, classify, icmp_prohibited, safe_name
-from .egress_names import NAMES_FILE, SYNTH_NET, Names, Resolver, host_resolvers
 from .guest_tcp import (
     ACK,
     GUEST,
@@ -73,6 +71,8 @@ from .guest_tcp import (
     udp_frame,
 )
 from .http_requests import HttpRequests, protocol_of
+from .log import LOG_FILE, POLICY_FILE, EgressLog, classify, icmp_prohibited, safe_name
+from .names import NAMES_FILE, SYNTH_NET, Names, Resolver, host_resolvers
 from .netfilter import (
     DNS,
     ETH_ARP,
@@ -485,7 +485,7 @@ def pacer_delay(pacer: Pacer) -> float:
 
 
 def load(state: Path) -> EgressProxy:
-    """The proxy ``network.start_network`` configured in the kernel's folder ``state``."""
+    """The proxy ``vm.network.start_network`` configured in the kernel's folder ``state``."""
     config = json.loads((state / POLICY_FILE).read_text())
     rules = AllowList.parse(config["allow_hosts"])
     servers = list(config.get("resolvers") or []) or host_resolvers()

@@ -1,6 +1,6 @@
 """The guest-facing half of the egress proxy: a small TCP endpoint (``Conn``) and the frames
 it writes (Ethernet, IPv4, TCP and UDP, ARP answers), for a guest whose connections are
-terminated on the host (``egress_proxy.py``).
+terminated on the host (``proxy.py``).
 
 Small on purpose: the link to the VM is a socket -- no loss, no reordering, and QEMU holds
 frames while the guest's ring is full -- so it sends no options but MSS and window scale,

@@ -1,5 +1,5 @@
 """The egress log, and what the first bytes of a connection say: shared by the network's
-two helpers. With ``allow_hosts`` the egress proxy (``egress_proxy.py``) terminates every
+two helpers. With ``allow_hosts`` the egress proxy (``proxy.py``) terminates every
 connection and judges it; with the network simply on, the guard (``netfilter.py``) keeps
 ``OpenNetwork`` for passt. Either writes the same log.
 

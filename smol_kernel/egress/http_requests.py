@@ -1,5 +1,5 @@
 """What a client's first bytes are, and its HTTP/1 requests one by one, for the egress
-proxy (``egress_proxy.py``): ``protocol_of`` tells TLS, HTTP and other protocols apart,
+proxy (``proxy.py``): ``protocol_of`` tells TLS, HTTP and other protocols apart,
 ``HttpRequests`` follows a connection's requests so each head is judged before any of it
 goes on. Standard library only.
 """

@@ -29,9 +29,9 @@ Guest -> passt (``Policy.allow_frame``): ARP passes; IPv4 passes unless
 Everything else (IPv6 included: passt runs IPv4-only) is dropped, and guest frames are
 paced to ``FRAME_RATE`` per second so a flooding guest cannot hold a host core. A second
 SYN, or a RST, of a TCP connection passt has not answered yet is held back
-(``egress.OpenNetwork``): passt 2023.03 spins on one when it shares a read with the SYN.
+(``log.OpenNetwork``): passt 2023.03 spins on one when it shares a read with the SYN.
 Every destination tried goes to the egress log. (A kernel with ``allow_hosts`` has no
-passt and no guard: ``egress_proxy.py``.)
+passt and no guard: ``proxy.py``.)
 
 passt -> guest (``Policy.allow_inbound``): UDP reaches the guest only from an address and
 port the guest sent to from that port (passt's UDP sockets are bound to 0.0.0.0, so
@@ -59,10 +59,10 @@ import traceback
 from pathlib import Path
 
 from ..error_root import SmolKernelError
-from . import egress as egress_policy
+from . import log as egress_policy
 from .dns import DNS_PORT
 
-# The guest's fixed addressing (slirp's), shared with network.py.
+# The guest's fixed addressing (slirp's), shared with vm/network.py.
 GUEST_ADDR = "10.0.2.15"
 PREFIX = 24
 GATEWAY = "10.0.2.2"
@@ -227,7 +227,7 @@ class Policy:
 
     def destination_ok(self, addr: bytes) -> bool:
         """May anything of the guest's reach ``addr``? Not loopback, link-local, metadata,
-        multicast, the guest's own subnet or the host (``egress_proxy`` connects only
+        multicast, the guest's own subnet or the host (``proxy`` connects only
         where this says yes)."""
         dst = ipaddress.IPv4Address(addr)
         return not (never_reached(dst) or dst in self.guest_net or self.is_host(dst))

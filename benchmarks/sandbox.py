@@ -26,8 +26,7 @@ from kernels import execute_rtt, start, stats, stop
 
 from smol_kernel.ioloop import on_io_loop
 from smol_kernel.pool import wait_for_pool, warm_pool
-from smol_kernel.sandbox import AsyncSandbox
-from smol_kernel.sandbox import warm_pool as fill_sandbox_pool
+from smol_kernel.sandbox import AsyncSandbox, fill_sandbox_pool
 
 
 async def run_code_rtt(sandbox: AsyncSandbox, n: int = 20) -> float:

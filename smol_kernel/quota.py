@@ -42,7 +42,7 @@ class Ledger:
     """This process's kernel VMs (starting or running), by owner, with their memory, and
     the server-wide caps (set from the server's config by the first provisioner)."""
 
-    kernels: dict[int, int] = field(default_factory=dict)  # id(provisioner) -> memory_mib
+    kernels: dict[int, int] = field(default_factory=dict)  # id(KernelState) -> memory_mib
     server: Limits = field(default_factory=Limits)
 
     def usage(self, pool_memory: list[int]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from ..vm.network import describe_destination
 from .execution import Execution, ExecutionError, OutputCollector, Result
 from .session import KernelSession, SandboxError
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):
     from typing import Unpack
+elif TYPE_CHECKING:  # Python 3.10
+    from typing_extensions import Unpack
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MAX_FORKS = 16

@@ -7,6 +7,7 @@ blocks on it. Methods may be called from any thread (``interrupt()`` from one th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,8 +16,10 @@ from ..ioloop import LoopThread
 from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError, SandboxOptions
 from .execution import Execution, ExecutionError, Result
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):
     from typing import Unpack
+elif TYPE_CHECKING:  # Python 3.10
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 

@@ -43,25 +43,29 @@ async def _local_kernel(key: bytes) -> AsyncKernelManager:
     raise AssertionError("unreachable")
 
 
-def _opener(km: AsyncKernelManager):
+def _opener(km: AsyncKernelManager, slow_iopub: float = 0.0):
+    """Streams to ``km``'s ports; ``slow_iopub``: seconds an iopub stream takes to open
+    (a guest under TCG answers a stream's open in a few to a few hundred milliseconds)."""
     info = km.get_connection_info()
     by_vport = {CHANNEL_PORTS[ch]: int(info[f"{ch}_port"]) for ch in CHANNEL_PORTS}
 
     async def open_stream(vport: int, timeout: float = 5.0):
+        if vport == CHANNEL_PORTS["iopub"]:
+            await asyncio.sleep(slow_iopub)
         return await asyncio.open_connection("127.0.0.1", by_vport[vport], limit=1 << 20)
 
     return open_stream
 
 
 @contextlib.asynccontextmanager
-async def two_kernels_one_relay():
+async def two_kernels_one_relay(slow_iopub: float = 0.0):
     key = uuid.uuid4().hex.encode()
     old, new = await asyncio.gather(_local_kernel(key), _local_kernel(key))
     gate = MessageGate(key=key, policy=OutputPolicy())
     relay, ports = listening_relay(gate)
 
     async def serve():
-        await relay.start_serving(_opener(old))
+        await relay.start_serving(_opener(old, slow_iopub))
 
     await on_io_loop(serve())
     client = old.client(**{f"{ch}_port": p for ch, p in ports.items()})
@@ -176,3 +180,38 @@ async def _cut_guest_streams(relay: KernelRelay) -> None:
     for link in list(relay._links):
         if link.g_writer is not None:
             link.g_writer.close()
+
+
+async def _status_seen(client, msg_id: str, timeout: float) -> bool:
+    """Whether iopub brought the kernel's busy status for request ``msg_id``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            msg = await client.get_iopub_msg(timeout=left)
+        except queue.Empty:
+            return False
+        if msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") == msg_id:
+            return True
+    return False
+
+
+async def test_a_new_clients_first_request_waits_until_its_iopub_has_subscribed():
+    """Issue 32: a client that sends its first request as soon as it connects (what
+    jupyter_client's wait_for_ready does) lost that request's busy/idle to the race with
+    its iopub subscription, and retried after 0.2 s. The relay holds a new client's first
+    shell request until an iopub link that connected with it has subscribed; here iopub
+    streams take 0.1 s to open, as in a busy VM. Control: a second request on a subscribed
+    client sees its status (the probe works)."""
+    async with two_kernels_one_relay(slow_iopub=0.1) as (old, _new, _relay, connected):
+        ports = {f"{ch}_port": getattr(connected, f"{ch}_port") for ch in CHANNEL_PORTS}
+        missed = 0
+        for _ in range(6):
+            client = old.client(**ports)
+            client.start_channels()
+            try:
+                if not await _status_seen(client, client.kernel_info(), 5.0):
+                    missed += 1
+                assert await _status_seen(client, client.kernel_info(), 5.0), "the control"
+            finally:
+                client.stop_channels()
+        assert missed == 0, f"{missed} of 6 new clients missed their first request's status"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from . import zmtp
 from .message_pump import FrameInput, Progress
@@ -51,10 +52,19 @@ class Link:
         self.lost = 0  # requests relayed but not kept (too large), since the last move
         self.flowing = asyncio.Event()  # clear: hold the next message
         self.flowing.set()
+        self.created = asyncio.get_running_loop().time()
+        self.subscribed = asyncio.Event()  # iopub: a subscription went to a guest stream
+        self.on_subscribed: Callable[[], None] | None = None  # told when it first does
         self.between = asyncio.Event()  # set: no message is half written to the guest
         self.between.set()
         self.down = Progress()  # the guest-to-client pump's
         self.down_task: asyncio.Future | None = None
+
+    def note_subscribed(self) -> None:
+        if not self.subscribed.is_set():
+            self.subscribed.set()
+            if self.on_subscribed is not None:
+                self.on_subscribed()
 
     def answered(self, msg_id: str) -> None:
         """A shell message from the kernel answered the request ``msg_id``."""
@@ -146,6 +156,8 @@ async def pump_client(link: Link) -> None:
             elif name in (b"SUBSCRIBE", b"CANCEL"):
                 link.subscriptions.append(data)
             await link._write(data)
+            if name == b"SUBSCRIBE":
+                link.note_subscribed()
             continue
         raws, parts, size = [header.raw], [], header.size
         while size <= MAX_KEPT_MESSAGE:
@@ -169,6 +181,8 @@ async def pump_client(link: Link) -> None:
             continue
         data = b"".join(r + p for r, p in zip(raws, parts, strict=True))
         await link._write(data, link._keep(parts, data))
+        if link.channel == "iopub" and parts[0][:1] == b"\x01":  # ZMTP 3.0's subscribe
+            link.note_subscribed()
 
 
 async def _stream(

@@ -49,6 +49,12 @@ from .zmtp import ZmtpError
 CHUNK = 64 * 1024
 MOVE_TIMEOUT = 2.0  # seconds a connection may take to reach a message boundary to move
 SUBSCRIBE_SETTLE = 0.05  # seconds for replayed subscriptions to reach the new guest's PUB
+# A new client's first shell request waits (at most FIRST_REQUEST_WAIT seconds) until an
+# iopub link of its own has subscribed: one that connected at most PAIRING_S before it, or
+# after. Then FIRST_REQUEST_SETTLE for the subscription to reach the guest's PUB first.
+FIRST_REQUEST_WAIT = 1.0
+PAIRING_S = 0.25
+FIRST_REQUEST_SETTLE = 0.01
 log = logging.getLogger("smol_kernel.relay")
 Opener = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -79,6 +85,7 @@ class KernelRelay:
         self._open_stream: Opener | None = None
         self._attached = asyncio.Event()  # clear while the kernel's VM is being replaced
         self._held = False  # new shell requests wait (a checkpoint or rewind is coming)
+        self._subscribed = asyncio.Event()  # set (and replaced) when an iopub link subscribes
         self.connections = 0  # total client connections relayed, for tests and ps
         self.peak_buffered = 0  # largest write buffer seen on any relayed stream, bytes
 
@@ -163,14 +170,18 @@ class KernelRelay:
         assert task is not None
         _no_delay(c_writer)
         link = Link(channel, c_reader, c_writer)
+        link.on_subscribed = self._on_subscribed
+        first: asyncio.Future | None = None
         self._tasks.add(task)
         self._writers.add(c_writer)
         try:
             await self._attached.wait()
             if not await self._connect(link, replay=False):
                 return
-            if channel == "shell" and self._held:
+            if channel == "shell":
+                # Until its iopub has subscribed (or held with every shell link).
                 link.flowing.clear()
+                first = asyncio.ensure_future(self._after_subscription(link))
             self._links.add(link)
             self.connections += 1
             up = asyncio.ensure_future(pump_client(link))
@@ -188,12 +199,39 @@ class KernelRelay:
                 log.warning("closing a %s connection: the client broke ZMTP: %s", channel,
                             up.exception())  # fmt: skip
         finally:
+            if first is not None:
+                first.cancel()
             self._links.discard(link)
             for w in (c_writer, link.g_writer):
                 if w is not None:
                     self._writers.discard(w)
                     w.close()
             self._tasks.discard(task)
+
+    async def _after_subscription(self, shell: Link) -> None:
+        """Let a new shell link's requests flow once an iopub link of the same client has
+        subscribed: else the kernel's busy/idle for its first request go to no one, and
+        jupyter_client asks again after 0.2 s. A client without iopub waits
+        FIRST_REQUEST_WAIT once (counted from when its guest stream is open)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_REQUEST_WAIT
+        while not any(link.channel == "iopub" and link.subscribed.is_set()
+                      and link.created >= shell.created - PAIRING_S
+                      for link in self._links):  # fmt: skip
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), left)  # (woken per subscription)
+        else:
+            await asyncio.sleep(FIRST_REQUEST_SETTLE)
+        if not self._held:
+            shell.flowing.set()
+
+    def _on_subscribed(self) -> None:
+        """An iopub link subscribed: wake the shell links waiting for one."""
+        woken, self._subscribed = self._subscribed, asyncio.Event()
+        woken.set()
 
     async def _connect(self, link: Link, replay: bool) -> bool:
         """Open a guest stream for ``link`` and start its guest-to-client pump; with

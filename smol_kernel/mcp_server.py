@@ -29,6 +29,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 
 from .sandbox import AsyncSandbox, Execution, SandboxError
+from .settings import network_on
 
 PROGRESS_INTERVAL = 2.0
 SESSION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -167,7 +168,7 @@ def build_server(
         instructions=INSTRUCTIONS.format(network=network_sentence(network, allow_hosts)),
         **auth,
     )
-    network = network or bool(allow_hosts)
+    network = network_on(network, allow_hosts)
     confined = ToolAnnotations(destructive_hint=False, open_world_hint=network)
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 

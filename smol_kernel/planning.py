@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import metrics, quota
-from .egress.allowlist import AllowList, AllowListError, check_cidr
 from .errors import KernelStartError
 from .guest import protocol as P
 from .kernel_state import KernelState
 from .kernel_vm import PER_KERNEL_ENV, KernelPlan
 from .pool import warm_pool
-from .settings import KernelSettings
+from .settings import KernelSettings, SettingError, check_network, network_on
 from .template import TemplateBounds
 from .vm.select import Selection, select_backend
 from .vm.share import Share, ShareError, check_shares, parse_share
@@ -56,12 +55,11 @@ class KernelPlanner:
                 per_kernel.setdefault(name, env.pop(name))
         return env, per_kernel
 
-    def check_allow_hosts(self) -> None:
+    def check_network(self) -> None:
+        s = self.settings
         try:
-            AllowList.parse(self.settings.allow_hosts)
-            for net in self.settings.private_answer_ranges:
-                check_cidr(net)
-        except AllowListError as e:
+            check_network(s.allow_hosts, s.private_answer_ranges, s.dns_servers)
+        except SettingError as e:
             raise KernelStartError(
                 f"cannot start a {self.state.display_name} kernel: {e}"
             ) from None
@@ -157,7 +155,7 @@ class KernelPlanner:
             vcpus=self.settings.vcpus,
             memory_mib=self.settings.memory_mib,
             disk_mib=self.settings.disk_mib,
-            network=self.settings.network or bool(self.settings.allow_hosts),
+            network=network_on(self.settings.network, self.settings.allow_hosts),
             dns=tuple(self.settings.dns_servers),
             allow_hosts=tuple(self.settings.allow_hosts),
             private_answers=tuple(self.settings.private_answer_ranges),

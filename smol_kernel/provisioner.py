@@ -118,7 +118,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
                                                            kwargs.get("env") or {})  # fmt: skip
         k.guest_argv = list(self.kernel_spec.argv) + extra
         k.shares, k.cwd = self.planner.resolve_shares(kwargs.get("cwd"))
-        self.planner.check_allow_hosts()
+        self.planner.check_network()
         return kwargs
 
     async def warm_up(self, cwd: str | None = None) -> str:
@@ -131,7 +131,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         k.guest_env, k.kernel_env = self.planner.split_env(self.kernel_spec.env, dict(os.environ))
         k.guest_argv = list(self.kernel_spec.argv)
         k.shares, k.cwd = self.planner.resolve_shares(cwd)
-        self.planner.check_allow_hosts()
+        self.planner.check_network()
         return await on_io_loop(self.launcher.warm_up())
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:

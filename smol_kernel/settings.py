@@ -7,12 +7,15 @@ Sandbox arguments. README.md's table lists them all (tests/test_docs.py checks i
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from typing import TypedDict
 
 from traitlets import Bool, Enum, Float, HasTraits, Integer, List, Unicode, default
 
+from .egress.allowlist import AllowList, AllowListError, check_cidr
+from .error_root import SmolKernelError
 from .vm.select import BACKENDS
 
 
@@ -280,3 +283,37 @@ class KernelOptions(TypedDict, total=False):
 def default_of(name: str) -> object:
     """The default of setting ``name`` on this host (some depend on it: the memory cap)."""
     return getattr(KernelSettings(), name)
+
+
+class SettingError(SmolKernelError, ValueError):
+    """A setting's value is wrong; ``setting`` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_network(allow_hosts: Sequence[str] = (), private_answer_ranges: Sequence[str] = (),
+                  dns_servers: Sequence[str] = ()) -> None:  # fmt: skip
+    """The network settings' one check, for the command line, sandboxes and a kernel's plan:
+    SettingError names the first that does not parse. (The network guard parses its
+    allow-list again: it trusts nothing a host process hands it.)"""
+    try:
+        AllowList.parse(allow_hosts)
+    except AllowListError as e:
+        raise SettingError("allow_hosts", str(e)) from None
+    for net in private_answer_ranges:
+        try:
+            check_cidr(net)
+        except AllowListError as e:
+            raise SettingError("private_answer_ranges", str(e)) from None
+    for server in dns_servers:
+        try:
+            ipaddress.IPv4Address(server)
+        except ValueError:
+            raise SettingError("dns_servers", f"{server!r} is not an IPv4 address") from None
+
+
+def network_on(network: bool, allow_hosts: Sequence[str]) -> bool:
+    """Whether a kernel gets a network: ``allow_hosts`` turns it on (and limits it)."""
+    return network or bool(allow_hosts)

@@ -97,7 +97,9 @@ def test_invalid_setting_is_rejected_at_install(jupyter_prefix, capsys):
         (["--share", "data"], r"--share: share 'data': expected HOST:GUEST"),
         (["--share", "/tmp:/proc"], r"guest system folder"),
         (["--share-cwd", "yes"], r"--share-cwd: .*expected any of \['off', 'ro', 'rw'\]"),
-        (["--dns-server", "dns.example"], r"--dns-server 'dns.example': not an IPv4 address"),
+        (["--dns-server", "dns.example"], r"--dns-server: 'dns.example' is not an IPv4 address"),
+        (["--allow-host", "http://x"], r"--allow-host: allow_hosts entry 'http://x'"),
+        (["--private-answer-range", "10.0.0.0/33"], r"--private-answer-range: '10.0.0.0/33'"),
     ],
 )
 def test_invalid_network_and_share_settings_are_rejected_at_install(jupyter_prefix, capsys,

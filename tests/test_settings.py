@@ -3,11 +3,12 @@
 import inspect
 import typing
 
+import pytest
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 
 from smol_kernel.provisioner import SmolVMProvisioner
 from smol_kernel.sandbox import AsyncSandbox, SandboxOptions
-from smol_kernel.settings import KernelOptions, KernelSettings, default_of
+from smol_kernel.settings import KernelOptions, KernelSettings, SettingError, default_of
 
 PYTHON_TYPE = {Bool: bool, Integer: int, Float: float, Unicode: str, Enum: str, List: list}
 
@@ -42,3 +43,16 @@ def test_sandbox_options_are_the_settings_and_the_sandboxs_own_arguments():
     assert set(typing.get_type_hints(SandboxOptions)) == own | set(
         typing.get_type_hints(KernelOptions)
     )
+
+
+def test_a_sandbox_checks_its_network_settings_with_the_one_check():
+    """The command line, sandboxes and a kernel's plan share one check (settings.py); a
+    sandbox refuses before any VM, naming the setting."""
+    bad = [("allow_hosts", ["http://x"], "allow_hosts entry"),
+           ("dns_servers", ["dns.example"], "not an IPv4 address"),
+           ("private_answer_ranges", ["bad"], "not an IPv4 CIDR")]  # fmt: skip
+    for setting, value, match in bad:
+        with pytest.raises(SettingError, match=match) as caught:
+            AsyncSandbox(**{setting: value})
+        assert caught.value.setting == setting and isinstance(caught.value, ValueError)
+    AsyncSandbox(allow_hosts=["pypi.org"], dns_servers=["192.0.2.53"])  # the control

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
@@ -34,22 +33,13 @@ def _provisioner_config(args: argparse.Namespace) -> dict:
         except Exception as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         config[name] = trait_value
-    from ..egress.allowlist import AllowList, AllowListError, check_cidr
+    from ..settings import SettingError, check_network
 
     try:
-        AllowList.parse(config.get("allow_hosts", []))
-    except AllowListError as e:
-        raise ValueError(f"--allow-host: {e}") from None
-    try:
-        for net in config.get("private_answer_ranges", []):
-            check_cidr(net)
-    except AllowListError as e:
-        raise ValueError(f"--private-answer-range: {e}") from None
-    for server in config.get("dns_servers", []):
-        try:
-            ipaddress.IPv4Address(server)
-        except ValueError:
-            raise ValueError(f"--dns-server {server!r}: not an IPv4 address") from None
+        check_network(config.get("allow_hosts", ()), config.get("private_answer_ranges", ()),
+                      config.get("dns_servers", ()))  # fmt: skip
+    except SettingError as e:  # the flag is the setting's singular: --allow-host
+        raise ValueError(f"--{e.setting.replace('_', '-').removesuffix('s')}: {e}") from None
     for text in config.get("shares", []):
         try:
             host = split_share(text)[0]

@@ -29,11 +29,10 @@ from .. import checkpoint as checkpoint_store
 from .. import kernelspec
 from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
-from ..egress.allowlist import AllowList
 from ..egress.log import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..guest import protocol as P
 from ..provisioner import SmolVMProvisioner
-from ..settings import KernelOptions, default_of
+from ..settings import KernelOptions, check_network, default_of
 from ..shown import escaped
 from ..vm.base import VmError
 from ..vm.network import describe_destination
@@ -100,7 +99,8 @@ def provisioner_settings(**settings: Any) -> dict[str, Any]:
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
               if v is not None}  # fmt: skip
     SmolVMProvisioner(**config)  # a bad value raises TraitError naming the setting
-    AllowList.parse(config.get("allow_hosts", ()))  # AllowListError (a ValueError) says why
+    check_network(config.get("allow_hosts", ()), config.get("private_answer_ranges", ()),
+                  config.get("dns_servers", ()))  # fmt: skip
     return config
 
 

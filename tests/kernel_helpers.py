@@ -115,7 +115,16 @@ async def crash_and_reconnect(km, kc, code: str, timeout: float = 180):
     kc.stop_channels()
     kc = km.client()  # a quick death gets new ports (newports), so reconnect
     kc.start_channels()
-    await kc.wait_for_ready(timeout=timeout)
+    try:
+        await kc.wait_for_ready(timeout=timeout)
+    except RuntimeError as e:  # say what the restarted kernel was (once seen under load)
+        prov, vm = km.provisioner, km.provisioner.vm
+        raise AssertionError(
+            f"{e}: start {prov.start_kind}, VM {vm.id if vm else None} "
+            f"(exit {vm.poll() if vm else None}), client ports {kc.shell_port}, "
+            f"kernel ports {km.get_connection_info().get('shell_port')}, "
+            f"console: {vm.console_tail(2000) if vm else ''}"
+        ) from e
     return old_vm, kc
 
 

@@ -171,10 +171,15 @@ print(two(b'allowed.test:8080'))
         before = len(fetch(world, "/requests"))
         r = guest.run(code)
     evil, control = r.stdout.split("\n")[:2]
-    assert evil.startswith("1 "), r.stdout + r.stderr
+    # The first request is answered and the second never leaves; or the proxy judged both
+    # heads at once and refused the connection whole (the server saw it reset before any
+    # request; once in four runs of the suite, under load): evil.test is never asked.
+    assert evil.startswith(("1 ", "0 ConnectionResetError")), r.stdout + r.stderr
     assert control == "2 closed" or control.startswith("2"), r.stdout + r.stderr
     seen = fetch(world, "/requests")[before:]
-    assert "evil.test" not in seen and seen.count("allowed.test:8080") == 3, seen
+    answered_first = 1 if evil.startswith("1 ") else 0
+    assert "evil.test" not in seen, seen
+    assert seen.count("allowed.test:8080") == 2 + answered_first, seen
 
 
 def test_a_second_request_to_another_host_on_a_kept_alive_connection_is_refused(

@@ -38,7 +38,8 @@ Runs Python in an isolated microVM sandbox (a Jupyter kernel): variables persist
 run_python calls of a session; files written by code or write_file stay in that session's VM.
 {network} No host files unless the operator shared them. Use a timeout for long code; a
 timed-out call is interrupted and keeps its partial output. Sessions are independent VMs.
-Before risky code, `checkpoint`; `rewind` restores that state; `fork` copies a session."""
+Before risky code, `checkpoint`; `rewind` restores that state; `fork` copies a session.
+Need a package? `install_packages` (the host fetches it; pip in the VM has no network)."""
 
 
 class Sessions:
@@ -262,6 +263,17 @@ def build_server(
         entries = await (await sessions.get(session)).files.list(path)
         lines = [f"{e.type:<8}{e.size:>12}  {e.name}" for e in entries]
         return "\n".join(lines) if lines else f"{path} is empty"
+
+    # The host reaches the index for it, whatever the session's own network.
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=True))
+    @_says_why
+    async def install_packages(requirements: list[str], session: str = "default") -> str:
+        """Install Python packages into the session (names with optional versions, e.g.
+        ["pandas>=2", "pyarrow"]): the host fetches binary wheels from the server's index
+        and unpacks them in the VM, which keeps no network; then import them in run_python.
+        Says what was installed, or why not (unknown package, no wheel, a cap)."""
+        sandbox = await sessions.get(session)
+        return (await sandbox.install(list(requirements))).text
 
     @server.tool(annotations=confined)
     @_says_why

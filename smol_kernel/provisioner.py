@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from typing import Any
 
 import zmq
@@ -36,10 +37,20 @@ from . import checkpoint as store
 from .checkpoint import Checkpoint
 from .errors import KernelStartError, ReadableStartError
 from .guest import protocol as P
+from .image.store import GuestImage
 from .ioloop import on_io_loop
 from .kernel_control import KernelControl
 from .kernel_state import KernelState
 from .launch import KernelLauncher
+from .packages.delivery import deliver
+from .packages.installer import (
+    HostInstaller,
+    InstallError,
+    InstallReport,
+    PackagePolicy,
+    default_index_url,
+    guest_python_version,
+)
 from .paths import RuntimeDirError
 from .planning import KernelPlanner
 from .pool import warm_pool
@@ -73,10 +84,12 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         self.state = KernelState(log=self.log, kernel_id=self.kernel_id or "")
         self._loaded: dict = {}  # state from load_provisioner_info (a VM we did not start)
         self.planner = KernelPlanner(self, self.state, self.config)  # plans its VM
-        self.timeline = Timeline(self, self.state, self.planner, self.vm_changed)
+        self.timeline = Timeline(self, self.state, self.planner, self.vm_changed, self._install)
         self.launcher = KernelLauncher(self, self.state, self.planner, self.timeline,
                                        self.vm_changed)  # fmt: skip
         self._control: KernelControl | None = None  # its control socket (smol-kernel checkpoint)
+        self._installer: HostInstaller | None = None  # its package installs (caps per kernel)
+        self._installed_in: object = None  # the VM the installer's size counts for
 
     @observe("kernel_id")
     def _kernel_id_changed(self, change: dict) -> None:
@@ -184,6 +197,52 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         ``restore_from=``): ``name``, or one of the kernel now (True: a temporary one,
         remove it with ``checkpoint.remove`` once the forks run)."""
         return await on_io_loop(self.timeline.fork_source(name))
+
+    # ------------------------------------------------------------------ packages
+    async def install_packages(self, requirements: list[str]) -> InstallReport:
+        """Install ``requirements`` into this kernel's VM: resolved and fetched by the host,
+        binary wheels only, unpacked in the guest; the kernel keeps no network
+        (docs/packages.md). RequirementError or InstallError say why not."""
+        return await on_io_loop(self._install(list(requirements)))
+
+    async def _install(self, requirements: list[str]) -> InstallReport:
+        agent, vm, plan = self.agent, self.vm, self.plan
+        if agent is None or vm is None or plan is None or vm.poll() is not None:
+            raise VmError("the kernel's VM is not running")
+        if not self.package_installs:
+            raise InstallError("this server installs no packages for this kernel "
+                               "(SmolVMProvisioner.package_installs is off)")  # fmt: skip
+        if self._installer is None:
+            policy = PackagePolicy(
+                self.package_index_url or await asyncio.to_thread(default_index_url),
+                self.max_install_mib, self.max_installs_per_minute,
+                self.max_packages_per_install, tuple(self.package_allow),
+                tuple(self.package_block),
+            )  # fmt: skip
+            versions = (await asyncio.to_thread(GuestImage.load, plan.image)).manifest
+            python = guest_python_version(versions.get("versions") or {})
+            self._installer = HostInstaller(policy, python)
+        installer = self._installer
+        if self._installed_in is not vm:  # a new VM has none of what the last one got
+            installer.new_vm()
+            self._installed_in = vm
+        t0 = time.monotonic()
+        installed = await installer.install(requirements)
+        try:
+            folder = await deliver(
+                lambda op, timeout, **fields: agent.request(op, timeout=timeout, **fields),
+                installed,
+            )
+        except BaseException:
+            installer.refund(installed)
+            raise
+        finally:
+            await asyncio.to_thread(installed.discard)
+        report = InstallReport(installed.packages, installed.size_bytes, folder,
+                               time.monotonic() - t0)  # fmt: skip
+        audit.record(self, "packages_installed", size_bytes=report.size_bytes,
+                     packages=[f"{n}=={v}" for n, v in report.packages])  # fmt: skip
+        return report
 
     def _expire(self, launch: int) -> None:
         """The kernel of launch number ``launch`` has lived ``max_lifetime`` (a rewind

@@ -239,6 +239,36 @@ class KernelSettings(HasTraits):
         "(%%checkpoint); by default only ones the host made (API, CLI, REST, a user's click) "
         "are, so code in the VM cannot choose what a crash brings back.",
     )
+    package_installs = Bool(
+        True,
+        config=True,
+        help="Whether the host installs packages a kernel asks for (%%pip install, "
+        "Sandbox.install). The names and versions the guest picks reach the index: a "
+        "narrow channel out of a VM with no network; turn this off, or use package_allow "
+        "and a mirror that does not fetch through, where that matters.",
+    )
+    package_index_url = Unicode(
+        "",
+        config=True,
+        help="The index the host installs packages from for a kernel (%%pip install, "
+        "Sandbox.install; binary wheels only, resolved on the host with uv); empty: the one "
+        "the host's pip uses (PIP_INDEX_URL or pip's config), else PyPI.",
+    )
+    max_install_mib = Integer(
+        512, config=True, help="Size of the packages the host installs into one kernel, in all."
+    )
+    max_installs_per_minute = Integer(
+        6, config=True, help="Package installs a kernel may ask the host for in a minute."
+    )
+    max_packages_per_install = Integer(
+        20, config=True, help="Requirements one package install may name."
+    )
+    package_allow = List(
+        Unicode(),
+        config=True,
+        help="Package names the host installs; empty: any (package_block still applies).",
+    )
+    package_block = List(Unicode(), config=True, help="Package names the host never installs.")
 
 
 class KernelOptions(TypedDict, total=False):
@@ -259,13 +289,20 @@ class KernelOptions(TypedDict, total=False):
     image: str
     iopub_backlog_mib: int
     max_checkpoints: int
+    max_install_mib: int
+    max_installs_per_minute: int
     max_lifetime: float
+    max_packages_per_install: int
     max_processes: int
     max_template_disk_mib: int
     max_total_memory_mib: int
     max_vms: int
     memory_mib: int
     network: bool
+    package_allow: Sequence[str]
+    package_block: Sequence[str]
+    package_index_url: str
+    package_installs: bool
     pool_size: int
     pool_ttl: float
     private_answer_ranges: Sequence[str]

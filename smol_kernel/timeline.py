@@ -45,11 +45,13 @@ from collections.abc import Awaitable, Callable
 
 from . import checkpoint as store
 from . import metrics, quota, template
-from .agent_client import GuestAgent
+from .agent_client import AgentError, GuestAgent
 from .checkpoint import Checkpoint, CheckpointError
 from .guest import protocol as P
 from .kernel_state import KernelState
 from .kernel_vm import KernelPlan, restore_and_connect
+from .packages.installer import InstallError, InstallReport
+from .packages.requirements import RequirementError
 from .planning import KernelPlanner
 from .pool import warm_pool
 from .settings import KernelSettings
@@ -70,11 +72,14 @@ class Timeline:
     the kernel a new VM."""
 
     def __init__(self, settings: KernelSettings, state: KernelState, planner: KernelPlanner,
-                 on_vm_changed: Callable[[], Awaitable[None]]) -> None:  # fmt: skip
+                 on_vm_changed: Callable[[], Awaitable[None]],
+                 install: Callable[[list[str]], Awaitable[InstallReport]] | None = None,
+                 ) -> None:  # fmt: skip
         self.settings = settings  # read only
         self.state = state
         self.planner = planner
         self._on_vm_changed = on_vm_changed
+        self._install = install  # %pip install (the provisioner's; docs/packages.md)
         self._busy = asyncio.Lock()
         self._last_guest_op: dict[str, float] = {}  # when the kernel last made the host
         # save ("checkpoints") or restore ("rewinds")
@@ -365,13 +370,17 @@ class Timeline:
             elif op == "rewind":
                 await self.rewind(str(req.get("name") or ""), finish=_finish_of(req))
                 # (the old kernel, which asked, is gone; the restored one answered the cell)
+            elif op == "install" and self._install is not None:
+                report = await self._install(req.get("requirements"))  # (checked strictly)
+                await _reply(agent, rid, True, report.text)
             elif op == "checkpoints":
                 listed = [c.describe() for c in self.list()]
                 await _reply(agent, rid, True, "\n".join(listed) or "no checkpoints yet "
                              "(%checkpoint NAME saves one)")  # fmt: skip
             else:
                 await _reply(agent, rid, False, f"unknown request {str(op)[:40]!r}")
-        except (CheckpointError, VmError, OSError) as e:
+        except (CheckpointError, VmError, OSError, RequirementError, InstallError,
+                AgentError, TimeoutError) as e:  # fmt: skip
             if agent is not None and not agent.closed.is_set():
                 await _reply(agent, rid, False, str(e))
             now = time.monotonic()  # the guest can ask as often as it likes: log sparingly

@@ -20,7 +20,7 @@ from .web_helpers import free_port, server_env, wait_until_up
 
 TOOLS = {"run_python", "run_shell", "interrupt", "restart", "read_file", "write_file",
          "list_files", "list_sessions", "close_session", "checkpoint", "rewind",
-         "fork"}  # fmt: skip
+         "fork", "install_packages"}  # fmt: skip
 
 
 @pytest.mark.vm
@@ -43,6 +43,7 @@ async def test_stdio_tools_end_to_end():
         assert tools["close_session"].annotations.destructive_hint is True
         assert tools["read_file"].annotations.read_only_hint is True
         assert tools["run_python"].annotations.open_world_hint is False  # network is off
+        assert tools["install_packages"].annotations.open_world_hint is True  # the host's
 
         png = base64.b64encode(tiny_png()).decode()
         result = await mcp.call_tool("run_python", {"code": (

@@ -254,6 +254,7 @@ class HostLink:
         shell.register_magic_function(self.checkpoint_magic, "line", "checkpoint")
         shell.register_magic_function(self.rewind_magic, "line", "rewind")
         shell.register_magic_function(self.checkpoints_magic, "line", "checkpoints")
+        shell.register_magic_function(self.pip_magic, "line", "pip")
 
     def checkpoint_magic(self, line: str) -> None:
         """%checkpoint [NAME]: save this kernel (variables, files, processes) as it is at
@@ -281,6 +282,29 @@ class HostLink:
                   "ident": [base64.b64encode(bytes(getattr(f, "bytes", f))).decode()
                             for f in ident]}  # fmt: skip
         self._show(self._ask("rewind", name=line.strip(), finish=finish))
+
+    def pip_magic(self, line: str) -> None:
+        """%pip install NAME ...: the host installs the packages into this VM (binary wheels
+        from the server's index, resolved on the host: this kernel has no network to fetch
+        them itself). Requirement names only; -q and -U are accepted and change nothing."""
+        import importlib
+        import shlex
+
+        from IPython.core.error import UsageError
+
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise UsageError(f"%pip: {e}") from None
+        quiet = ("-q", "--quiet", "-U", "--upgrade")
+        words = [w for w in words if w not in quiet]
+        if not words or words[0] != "install":
+            raise UsageError(
+                "in a smolvm kernel %pip installs only: %pip install NAME ... (the host "
+                "resolves and fetches binary wheels for this VM, which has no network)"
+            )
+        self._show(self._ask("install", requirements=words[1:]))
+        importlib.invalidate_caches()
 
     def checkpoints_magic(self, line: str) -> None:
         """%checkpoints: this kernel's checkpoints."""

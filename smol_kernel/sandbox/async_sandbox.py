@@ -19,7 +19,7 @@ import base64
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from ..agent_client import AgentError
 from ..checkpoint import Checkpoint, CheckpointError
 from ..egress.log import LOG_INTERVAL as EGRESS_LOG_INTERVAL
 from ..guest import protocol as P
+from ..packages.installer import InstallError, InstallReport
+from ..packages.requirements import RequirementError
 from ..provisioner import SmolVMProvisioner
 from ..settings import KernelOptions, check_network, default_of
 from ..shown import escaped
@@ -232,6 +234,21 @@ class AsyncSandbox:
                 return await self._prov().checkpoint(name, keep)
             except (CheckpointError, VmError) as e:
                 raise SandboxError(str(e)) from None
+
+    async def install(self, requirements: Sequence[str]) -> InstallReport:
+        """Install packages into the sandbox (``["pandas>=2", "pyarrow"]``): the host
+        resolves and fetches binary wheels from the server's index and unpacks them in the
+        VM, which keeps no network (docs/packages.md). Returns what was installed (with
+        dependencies); raises SandboxError with the reason (a refused requirement, an
+        unknown package, no wheel for the guest, a cap). Waits for a running ``run_code``."""
+        if isinstance(requirements, str):
+            requirements = [requirements]
+        async with self._run_lock:
+            await self._session.ready()
+            try:
+                return await self._prov().install_packages(list(requirements))
+            except (RequirementError, InstallError, VmError, AgentError, TimeoutError) as e:
+                raise SandboxError(str(e) or type(e).__name__) from None
 
     async def rewind(self, checkpoint: Checkpoint | str) -> None:
         """Bring the sandbox back to one of its checkpoints (by object or name): same

@@ -8,11 +8,12 @@ blocks on it. Methods may be called from any thread (``interrupt()`` from one th
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checkpoint import Checkpoint
 from ..ioloop import LoopThread
+from ..packages.installer import InstallReport
 from .async_sandbox import AsyncSandbox, CommandResult, EntryInfo, SandboxError, SandboxOptions
 from .execution import Execution, ExecutionError, Result
 
@@ -120,6 +121,10 @@ class Sandbox:
     def checkpoint(self, name: str | None = None, keep: bool = False) -> Checkpoint:
         """See ``AsyncSandbox.checkpoint``."""
         return self._loop.run(self._async.checkpoint(name, keep))
+
+    def install(self, requirements: Sequence[str]) -> InstallReport:
+        """See ``AsyncSandbox.install``."""
+        return self._loop.run(self._async.install(requirements))
 
     def rewind(self, checkpoint: Checkpoint | str) -> None:
         """See ``AsyncSandbox.rewind``."""

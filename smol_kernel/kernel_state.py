@@ -40,6 +40,7 @@ class KernelState:
     cwd: str = "/root"
     connection: dict = field(default_factory=dict)  # what the guest gets of the connection
     restore_from: Checkpoint | None = None  # a fork's source, for its first launch
+    notebook: str | None = None  # the host path of the notebook it serves, if it was said
 
     # What runs the kernel now.
     vm: Vm | None = None

@@ -34,6 +34,7 @@ from traitlets import observe
 
 from . import audit, quota
 from . import checkpoint as store
+from .agent_client import AgentError
 from .checkpoint import Checkpoint
 from .errors import KernelStartError, ReadableStartError
 from .guest import protocol as P
@@ -51,6 +52,8 @@ from .packages.installer import (
     default_index_url,
     guest_python_version,
 )
+from .packages.notebook_deps import notebook_requirements
+from .packages.requirements import RequirementError
 from .paths import RuntimeDirError
 from .planning import KernelPlanner
 from .pool import warm_pool
@@ -131,6 +134,11 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
                                                            kwargs.get("env") or {})  # fmt: skip
         k.guest_argv = list(self.kernel_spec.argv) + extra
         k.shares, k.cwd = self.planner.resolve_shares(kwargs.get("cwd"))
+        # The notebook (jupyter_server and smol-kernel run name it): its folder is the
+        # kernel's working folder on the host, its name the session's.
+        session = str((kwargs.get("env") or {}).get("JPY_SESSION_NAME") or "")
+        k.notebook = (os.path.join(kwargs.get("cwd") or os.getcwd(), os.path.basename(session))
+                      if session.endswith(".ipynb") else None)  # fmt: skip
         self.planner.check_network()
         return kwargs
 
@@ -158,6 +166,7 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
     async def _launch(self) -> KernelConnectionInfo:
         try:
             seconds = await self.launcher.launch(self.connection_info)
+            await self._install_notebook_dependencies()
         except BaseException:
             await self._teardown()
             raise
@@ -204,6 +213,24 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         binary wheels only, unpacked in the guest; the kernel keeps no network
         (docs/packages.md). RequirementError or InstallError say why not."""
         return await on_io_loop(self._install(list(requirements)))
+
+    async def _install_notebook_dependencies(self) -> None:
+        """The notebook's PEP 723 dependencies, installed before it runs a cell."""
+        notebook = self.state.notebook
+        if notebook is None:
+            return
+        try:
+            wanted = await asyncio.to_thread(notebook_requirements, notebook)
+            if not wanted:
+                return
+            report = await self._install(wanted)
+        except (RequirementError, InstallError, VmError, AgentError, TimeoutError) as e:
+            raise KernelStartError(
+                f"the dependencies of {os.path.basename(notebook)!r} (its '# /// script' "
+                f"block) were not installed: {e}"
+            ) from None
+        self.log.info("kernel %s: %s (the notebook's dependencies)", self._shown_id,
+                      report.text)  # fmt: skip
 
     async def _install(self, requirements: list[str]) -> InstallReport:
         agent, vm, plan = self.agent, self.vm, self.plan

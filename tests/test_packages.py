@@ -4,12 +4,14 @@ binary wheels only against a local index, hashes, caps."""
 from __future__ import annotations
 
 import glob
+import json
 import tarfile
 import tempfile
 
 import pytest
 
 from smol_kernel.packages.installer import HostInstaller, InstallError, PackagePolicy
+from smol_kernel.packages.notebook_deps import notebook_requirements
 from smol_kernel.packages.requirements import RequirementError, parse_requirements
 
 from .package_index import make_wheel, serve_index, standard_index, write_index
@@ -182,3 +184,60 @@ async def test_installs_are_rate_limited(index):
     (await installer.install(["smol-dep"])).discard()
     with pytest.raises(InstallError, match="at most 1 installs a minute"):
         await installer.install(["smol-dep"])
+
+
+# ------------------------------------------------------------------ a notebook's own
+
+
+def _notebook(path, *sources: str, raw: bytes | None = None):
+    cells = [{"cell_type": "code", "source": s, "metadata": {}, "outputs": [],
+              "execution_count": None} for s in sources]  # fmt: skip
+    path.write_bytes(raw if raw is not None else json.dumps({"cells": cells}).encode())
+    return str(path)
+
+
+def _cell(source: str) -> bytes:
+    return json.dumps({"cells": [{"cell_type": "code", "source": source}]}).encode()
+
+
+BLOCK = '# /// script\n# dependencies = ["smol-top", "smol-dep>=1"]\n# ///\nimport smol_top\n'
+
+
+def test_a_notebooks_dependencies_are_its_first_code_cells_script_block(tmp_path):
+    nb = _notebook(tmp_path / "a.ipynb", BLOCK, "# /// script\n# dependencies = ['x']\n# ///\n")
+    assert notebook_requirements(nb) == ["smol-top", "smol-dep>=1"]
+    as_lines = _notebook(tmp_path / "b.ipynb", BLOCK.splitlines(keepends=True))  # type: ignore[arg-type]
+    assert notebook_requirements(as_lines) == ["smol-top", "smol-dep>=1"]
+    assert notebook_requirements(_notebook(tmp_path / "c.ipynb", "import os\n")) == []
+    assert notebook_requirements(str(tmp_path / "unsaved.ipynb")) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b'{"cells": 3}', "no list of cells"),
+        (b'{"cells": [{"cell_type": "code", "source": 7}]}', "source is not text"),
+        (json.dumps({"cells": [{"cell_type": "code", "source": BLOCK + BLOCK}]}).encode(),
+         "two '# /// script' blocks"),
+        (_cell("# /// script\n# dependencies = 'x'\n# ///\n"), "list of strings"),
+        (_cell("# /// script\n# dependencies = [\n# ///\n"), "not TOML"),
+    ],
+)  # fmt: skip
+def test_a_notebook_that_a_guest_may_have_written_is_read_strictly(tmp_path, raw, why):
+    with pytest.raises(RequirementError, match=why):
+        notebook_requirements(_notebook(tmp_path / "n.ipynb", raw=raw))
+
+
+def test_a_notebook_is_not_followed_through_a_link_nor_read_unbounded(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"cells": [{"cell_type": "code", "source": BLOCK}]}))
+    link = tmp_path / "link.ipynb"
+    link.symlink_to(secret)
+    with pytest.raises(RequirementError, match="cannot be read"):
+        notebook_requirements(str(link))
+    assert notebook_requirements(str(secret)) == ["smol-top", "smol-dep>=1"]  # the control
+    big = tmp_path / "big.ipynb"
+    big.write_bytes(b" " * ((32 << 20) + 10))
+    with pytest.raises(RequirementError, match="larger than 32 MiB"):
+        notebook_requirements(str(big))

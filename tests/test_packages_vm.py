@@ -5,12 +5,15 @@ imports them; `%pip install` in a cell, Sandbox.install, refusals and caps."""
 from __future__ import annotations
 
 import glob
+import json
 import tempfile
 
 import pytest
 
+from smol_kernel.cli import main
 from smol_kernel.sandbox import AsyncSandbox, SandboxError
 
+from .conftest import install_spec
 from .package_index import serve_index, standard_index
 
 pytestmark = pytest.mark.vm
@@ -108,3 +111,30 @@ async def test_an_assistant_installs_through_the_mcp_tool(index):
             await server.call_tool("install_packages", {"requirements": ["./evil"]})
     finally:
         await sessions.close_all()
+
+
+def _notebook_with(path, dependencies: list[str], code: str) -> str:
+    block = "# /// script\n# dependencies = " + json.dumps(dependencies) + "\n# ///\n"
+    cell = {"cell_type": "code", "source": block + code, "metadata": {}, "outputs": [],
+            "execution_count": None}  # fmt: skip
+    nb = {"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return str(path)
+
+
+def test_a_notebook_runs_with_its_dependencies_block_installed(jupyter_prefix, index, tmp_path,
+                                                               capsys):  # fmt: skip
+    """PEP 723 in the first code cell, as juv writes it: smol-kernel run starts the kernel
+    with those packages installed before the first cell (the VM has no network). One that
+    cannot be installed stops the start and says why."""
+    url, mark = index
+    spec = install_spec(jupyter_prefix, "smolvm-deps", "--package-index-url", url)
+    ok = _notebook_with(tmp_path / "deps.ipynb", ["smol-top"],
+                        "import smol_top\nprint('answer', smol_top.ANSWER)")  # fmt: skip
+    assert main(["run", ok, "--kernel", spec]) == 0
+    assert "answer 42" in capsys.readouterr().out
+    bad = _notebook_with(tmp_path / "sdist.ipynb", ["smol-src"], "print('ran')")
+    assert main(["run", bad, "--kernel", spec]) == 2
+    captured = capsys.readouterr()
+    assert "'sdist.ipynb'" in captured.err and "no binary wheel" in captured.err
+    assert "ran" not in captured.out and not mark.exists()

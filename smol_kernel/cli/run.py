@@ -65,6 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The kernel starts in the notebook's folder, as under Jupyter (matters for share_cwd).
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(args.notebook))}},
     )
+    # Name the notebook as jupyter_server does: its kernel installs its dependencies block.
+    session = os.environ.get("JPY_SESSION_NAME")
+    os.environ["JPY_SESSION_NAME"] = os.path.abspath(args.notebook)
     pool = warm_pool()
     pool.enabled = False  # one kernel, then exit: a pool would only burn CPU
     try:
@@ -76,6 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = 1
     finally:
         pool.enabled = True
+        if session is None:
+            os.environ.pop("JPY_SESSION_NAME", None)
+        else:
+            os.environ["JPY_SESSION_NAME"] = session
     if args.output:
         nbformat.write(nb, args.output)
         print(f"wrote {args.output}")

@@ -377,7 +377,11 @@ class SmolVMProvisioner(KernelSettings, LocalProvisioner):  # type: ignore[misc]
         if self._loaded:
             self._kill_loaded()
         if not restart and self.kernel_id and self.state.launches:
-            for cp in await asyncio.to_thread(store.remove_kernel, self.kernel_id):
+            try:
+                removed = await asyncio.to_thread(store.remove_kernel, self.kernel_id)
+            except RuntimeError:  # no threads any more: a cleanup at interpreter exit
+                removed = store.remove_kernel(self.kernel_id)  # (nbclient's, after a failure)
+            for cp in removed:
                 self.log.info("kernel %s: removed checkpoint %s with its kernel",
                               self._shown_id, escaped(cp.name))  # fmt: skip
         await super().cleanup(restart=restart)

@@ -3,7 +3,9 @@ and uv write it) in its first code cell, read on the host before its kernel runs
 
 The notebook file may have been written by a guest (through a share): it is opened without
 following a link, read up to a bound, parsed as strict JSON, and only the block's
-``dependencies`` list of strings is taken (then checked like any requirement).
+``dependencies`` list of strings is taken (then checked like any requirement). A file that
+is not such a notebook has no dependencies; only a block that is there but wrong is an
+error.
 """
 
 from __future__ import annotations
@@ -26,31 +28,31 @@ _BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)
 
 
 def notebook_requirements(path: str) -> list[str]:
-    """The ``dependencies`` of the notebook's first code cell's ``script`` block ([] if
-    it has none); RequirementError if the file or the block is not what it should be."""
+    """The ``dependencies`` of the notebook's first code cell's ``script`` block. A file
+    that is not a notebook this can read (missing, a link, too large, not JSON, not
+    nbformat 4) has none: the server decides what a notebook is, this only looks for a
+    block. RequirementError for a block that is there but wrong."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return []  # a notebook not saved yet has no dependencies
-    except OSError as e:
-        raise RequirementError(f"the notebook {os.path.basename(path)!r} cannot be read: "
-                               f"{e.strerror}") from None  # fmt: skip
+    except OSError:
+        return []  # not saved yet, or a link: nothing to read
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise RequirementError("the notebook is not a regular file")
+            return []
         data = f.read(MAX_NOTEBOOK_BYTES + 1)
     if len(data) > MAX_NOTEBOOK_BYTES:
-        raise RequirementError(f"the notebook is larger than {MAX_NOTEBOOK_BYTES >> 20} MiB")
+        return []
     try:
         nb = json.loads(data)
     except (ValueError, RecursionError):
-        raise RequirementError("the notebook is not JSON") from None
+        return []
     cells = nb.get("cells") if isinstance(nb, dict) else None
-    if not isinstance(cells, list):
-        raise RequirementError("the notebook has no list of cells")
-    for cell in cells:
+    for cell in cells if isinstance(cells, list) else ():
         if isinstance(cell, dict) and cell.get("cell_type") == "code":
-            return script_dependencies(_source(cell.get("source")))
+            source = cell.get("source")
+            if isinstance(source, list) and all(isinstance(s, str) for s in source):
+                source = "".join(source)
+            return script_dependencies(source) if isinstance(source, str) else []
     return []
 
 
@@ -71,11 +73,3 @@ def script_dependencies(source: str) -> list[str]:
     if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
         raise RequirementError("the script block's dependencies must be a list of strings")
     return deps
-
-
-def _source(source: object) -> str:
-    if isinstance(source, str):
-        return source
-    if isinstance(source, list) and all(isinstance(s, str) for s in source):
-        return "".join(source)
-    raise RequirementError("a code cell's source is not text")

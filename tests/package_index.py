@@ -109,3 +109,13 @@ def standard_index(root: Path, mark: Path) -> Path:
     make_wheel(files, "smol-big", "1.0", {"smol_big/blob.bin": os.urandom(3 << 20)})
     write_index(root)
     return root
+
+
+@contextlib.contextmanager
+def served_standard_index(root: Path):
+    """The suite's index in ``root``, served: yields (its URL, the mark the sdist leaves
+    if anything ever builds it)."""
+    mark = root / "sdist-was-built"
+    standard_index(root, mark)
+    with serve_index(root) as url:
+        yield url, mark

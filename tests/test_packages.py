@@ -14,16 +14,19 @@ from smol_kernel.packages.installer import HostInstaller, InstallError, PackageP
 from smol_kernel.packages.notebook_deps import notebook_requirements
 from smol_kernel.packages.requirements import RequirementError, parse_requirements
 
-from .package_index import make_wheel, serve_index, standard_index, write_index
+from .package_index import (
+    make_wheel,
+    serve_index,
+    served_standard_index,
+    standard_index,
+    write_index,
+)
 
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    mark = root / "sdist-was-built"
-    standard_index(root, mark)
-    with serve_index(root) as url:
-        yield url, root, mark
+    with served_standard_index(tmp_path_factory.mktemp("index")) as served:
+        yield served
 
 
 # ------------------------------------------------------------------ requirements
@@ -100,7 +103,7 @@ def _installer(url: str, **policy) -> HostInstaller:
 
 
 async def test_an_install_brings_its_dependencies_as_a_tree_to_hand_over(index):
-    url, _, _ = index
+    url, _ = index
     done = await _installer(url).install(["smol-top"])
     try:
         assert sorted(done.packages) == [("smol-dep", "1.0"), ("smol-top", "2.0")]
@@ -119,7 +122,7 @@ async def test_an_install_brings_its_dependencies_as_a_tree_to_hand_over(index):
 
 
 async def test_an_sdist_is_never_built(index):
-    url, _, mark = index
+    url, mark = index
     with pytest.raises(InstallError, match="no binary wheel") as caught:
         await _installer(url).install(["smol-src"])
     assert "sdists are never built" in str(caught.value)
@@ -127,7 +130,7 @@ async def test_an_sdist_is_never_built(index):
 
 
 async def test_an_unknown_package_says_so(index):
-    url, _, _ = index
+    url, _ = index
     with pytest.raises(InstallError, match="no such package"):
         await _installer(url).install(["smol-nowhere"])
 
@@ -145,7 +148,7 @@ async def test_a_wheel_that_does_not_match_its_listed_hash_is_refused(tmp_path):
 
 
 async def test_the_size_cap_counts_every_install_of_the_kernel(index):
-    url, _, _ = index
+    url, _ = index
     installer = _installer(url, max_install_mib=4)
     big = await installer.install(["smol-big"])  # 3 MiB
     big.discard()
@@ -156,7 +159,7 @@ async def test_the_size_cap_counts_every_install_of_the_kernel(index):
 
 
 async def test_the_lists_judge_dependencies_too(index):
-    url, _, _ = index
+    url, _ = index
     with pytest.raises(RequirementError, match="'smol-dep' is not a package"):
         await _installer(url, block=("smol-dep",)).install(["smol-top"])
     with pytest.raises(RequirementError, match="'smol-dep' is not a package"):
@@ -179,7 +182,7 @@ async def test_a_wheel_that_unpacks_a_thousandfold_stops_at_the_cap(tmp_path):
 
 
 async def test_installs_are_rate_limited(index):
-    url, _, _ = index
+    url, _ = index
     installer = _installer(url, max_installs_per_minute=1)
     (await installer.install(["smol-dep"])).discard()
     with pytest.raises(InstallError, match="at most 1 installs a minute"):

@@ -14,18 +14,15 @@ from smol_kernel.cli import main
 from smol_kernel.sandbox import AsyncSandbox, SandboxError
 
 from .conftest import install_spec
-from .package_index import serve_index, standard_index
+from .package_index import served_standard_index
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    mark = root / "sdist-was-built"
-    standard_index(root, mark)
-    with serve_index(root) as url:
-        yield url, mark
+    with served_standard_index(tmp_path_factory.mktemp("index")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

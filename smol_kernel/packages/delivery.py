@@ -56,15 +56,13 @@ async def _deliver(request: AgentRequest, installed: Installed) -> str:
     archive = await asyncio.to_thread(installed.archive)
     path = f"/tmp/smol-install-{uuid.uuid4().hex}.tar.gz"
     with open(archive, "rb") as f:
-        offset = 0
-        while True:
+        first = True
+        while True:  # one chunk at least: an empty archive is still a file
             data = await asyncio.to_thread(f.read, P.FILE_CHUNK)
-            if not data and offset:
-                break
             chunk = base64.b64encode(data).decode()
-            await request(P.OP_WRITE_FILE, 30.0, path=path, data=chunk, append=offset > 0)
-            offset += len(data)
-            if not data:
+            await request(P.OP_WRITE_FILE, 30.0, path=path, data=chunk, append=not first)
+            first = False
+            if len(data) < P.FILE_CHUNK:
                 break
     reply = await request(
         P.OP_RUN_COMMAND, UNPACK_TIME_LIMIT + 15,

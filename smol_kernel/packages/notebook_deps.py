@@ -40,8 +40,8 @@ def notebook_requirements(path: str) -> list[str]:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return []
         data = f.read(MAX_NOTEBOOK_BYTES + 1)
-    if len(data) > MAX_NOTEBOOK_BYTES:
-        return []
+    if len(data) > MAX_NOTEBOOK_BYTES or b"# /// script" not in data:
+        return []  # (every start reads the notebook: most have no block, parse none)
     try:
         nb = json.loads(data)
     except (ValueError, RecursionError):
